@@ -1,0 +1,190 @@
+"""Corpus files: reading prompts from .txt, .jsonl and .parquet, with line-numbered errors.
+
+This module owns turning a corpus file into a `Corpus`: an ordered list of prompts, each
+with a dense 0-based `prompt_id` (its index among the kept prompts) and the line (or
+Parquet row, 1-based) it came from, plus a fingerprint that identifies the corpus's
+content in run ids.
+
+Formats:
+    .txt      one prompt per line; blank lines are skipped.
+    .jsonl    one JSON object per line with a string field (default "text"); blank lines
+              are skipped.
+    .parquet  a string column (default "text"); one prompt per row.
+
+A bad record (invalid JSON, a missing or non-string field, invalid UTF-8, an empty text)
+raises `CorpusError` naming the file and line, or is skipped with `on_error="skip"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class CorpusError(ValueError):
+    """A corpus file is missing, empty or malformed; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a corpus: its dense id, its text and the 1-based line it came from."""
+
+    prompt_id: int
+    text: str
+    source_line: int
+
+
+@dataclass
+class Corpus:
+    """The prompts of one corpus file, in file order, and the records that were skipped.
+
+    Attributes:
+        path: the file the prompts came from (a display name for in-memory corpora).
+        prompts: the kept prompts; `prompts[i].prompt_id == i`.
+        skipped: (line, reason) of every record skipped with on_error="skip".
+    """
+
+    path: str
+    prompts: list[Prompt]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def texts(self) -> list[str]:
+        """The prompt texts in prompt_id order."""
+        return [p.text for p in self.prompts]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the prompt texts in order: equal corpora give equal run ids."""
+        digest = hashlib.sha256()
+        for text in self.texts:
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little"))
+            digest.update(encoded)
+        return digest.hexdigest()
+
+    @classmethod
+    def from_texts(cls, texts: list[str], name: str = "<memory>") -> Corpus:
+        """A corpus from in-memory texts (line numbers are 1-based list positions)."""
+        return cls(name, [Prompt(i, t, i + 1) for i, t in enumerate(texts)])
+
+
+def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "fail") -> Corpus:
+    """Read a corpus file (.txt, .jsonl or .parquet) into a `Corpus`.
+
+    Args:
+        path: the corpus file.
+        text_field: the JSON field (.jsonl) or column (.parquet) holding the text.
+        on_error: "fail" raises `CorpusError` at the first bad record; "skip" drops bad
+            records and lists them in `Corpus.skipped`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CorpusError: unsupported suffix, a bad record (with on_error="fail"), or no prompts.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    readers = {".txt": _txt_records, ".jsonl": _jsonl_records, ".parquet": _parquet_records}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise CorpusError(
+            f"{path}: unsupported corpus format {path.suffix!r}; "
+            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    prompts: list[Prompt] = []
+    skipped: list[tuple[int, str]] = []
+    for line, text, problem in reader(path, text_field):
+        if problem is None and not text.strip():
+            problem = "empty text"
+        if problem is None:
+            prompts.append(Prompt(len(prompts), text, line))
+        elif on_error == "skip":
+            skipped.append((line, problem))
+        else:
+            raise CorpusError(f"{path} line {line}: {problem} (use --on-bad-line skip to skip it)")
+    if not prompts:
+        detail = f" ({len(skipped)} bad records skipped)" if skipped else ""
+        raise CorpusError(f"{path}: the corpus has no prompts{detail}")
+    return Corpus(str(path), prompts, skipped)
+
+
+Record = tuple[int, str, "str | None"]
+"""(1-based line, text, problem or None) as the per-format readers yield them."""
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, decoded line without its newline, decode problem) for each line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as err:
+                yield number, None, f"not valid UTF-8 ({err.reason} at byte {err.start})"
+
+
+def _txt_records(path: Path, _text_field: str) -> Iterator[Record]:
+    for number, line, problem in _lines(path):
+        if problem is not None:
+            yield number, "", problem
+        elif line.strip():
+            yield number, line, None
+
+
+def _jsonl_records(path: Path, text_field: str) -> Iterator[Record]:
+    for number, line, problem in _lines(path):
+        if problem is not None:
+            yield number, "", problem
+        elif line.strip():
+            yield (number, *_json_text(line, text_field))
+
+
+def _json_text(line: str, text_field: str) -> tuple[str, str | None]:
+    """(text, problem) of one JSON line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return "", f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict):
+        return "", f"expected a JSON object, got {type(record).__name__}"
+    if text_field not in record:
+        fields = ", ".join(sorted(record)) or "none"
+        return "", f"no {text_field!r} field (fields: {fields}; choose one with --text-field)"
+    text = record[text_field]
+    if not isinstance(text, str):
+        return "", f"field {text_field!r} is {type(text).__name__}, not a string"
+    return text, None
+
+
+def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a non-Parquet file
+        raise CorpusError(f"{path}: not a readable Parquet file ({err})") from err
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise CorpusError(
+            f"{path}: no {text_field!r} column (columns: {', '.join(names)}; "
+            "choose one with --text-field)"
+        )
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=65536):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(value, str):
+                yield row, value, None
+            else:
+                kind = "null" if value is None else type(value).__name__
+                yield row, "", f"column {text_field!r} is {kind}, not a string"

@@ -1,0 +1,97 @@
+"""Generating continuations with HF: batched, left-padded, KV-cached decoding.
+
+Generation only produces token ids; the profiler computes entropies afterwards in one
+teacher-forced forward (the hidden state at a position is the same either way). Prompts
+are grouped by length so that little of each batch is padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from entropy_fast.batching import length_buckets
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How continuations are drawn. Greedy unless do_sample is set.
+
+    Sampled continuations depend on the seed and on batch composition (the random stream
+    is shared by the batch); greedy ones do not.
+    """
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def to_dict(self) -> dict:
+        """Plain dict, for run metadata."""
+        return asdict(self)
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `model.generate` (sampling options only when sampling)."""
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0)
+        else:  # override sampling defaults a checkpoint's generation_config may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def stop_token_ids(model) -> set[int]:
+    """The ids that end a continuation (generation_config's eos, else config's)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: i + 1]  # the stop token was generated: it keeps its row
+    return tokens
+
+
+@torch.no_grad()
+def generate_continuations(model, prompts: Sequence[list[int]], sampling: SamplingConfig,
+                           pad_token_id: int, batch_tokens: int) -> list[list[int]]:
+    """Continuation ids of each prompt (up to and including a stop token).
+
+    Prompts are decoded in length buckets, left-padded, with the model's KV cache.
+    """
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model)
+    results: list[list[int]] = [[] for _ in prompts]
+    lengths = [len(p) + sampling.max_new_tokens for p in prompts]
+    for bucket in length_buckets(lengths, batch_tokens):
+        width = max(len(prompts[i]) for i in bucket)
+        input_ids = torch.full((len(bucket), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(bucket), width), dtype=torch.long)
+        for row, i in enumerate(bucket):
+            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention_mask[row, width - len(prompts[i]):] = 1
+        output = model.generate(input_ids=input_ids.to(device),
+                                attention_mask=attention_mask.to(device),
+                                pad_token_id=pad_token_id, **sampling.generate_kwargs())
+        for row, i in enumerate(bucket):
+            results[i] = _cut_at_stop(output[row, width:].tolist(), stops)
+    return results

@@ -1,0 +1,337 @@
+"""The logit lens: a model's own unembedding, resolved by inspection and verified.
+
+`Lens.from_model(model)` finds the final norm, the optional projection after it (OPT's
+project_out), the output head with its optional bias, and the final-logit transforms
+(Gemma-2/3 soft-capping, Cohere/Granite logit scaling), then checks that the lens applied
+to the last block's pre-norm output reproduces the model's own logits.
+
+`lens.entropy(hidden)` maps pre-norm hidden states (n_rows x d_model) of any layer to
+entropies (n_rows x n_alphas) without ever holding an (n_rows x vocabulary) tensor:
+`backend="torch"` streams over vocabulary chunks (`entropy.OnlineEntropy`),
+`backend="triton"` runs the fused kernel, `"auto"` picks the kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from entropy_fast.entropy import LensStatistics, OnlineEntropy, validate_alphas
+from entropy_fast.hooks import StateTap, find_decoder_layers
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The lens could not be resolved, or does not reproduce the model's logits."""
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """The final norm's math, for kernels that fuse it.
+
+    kind: "layernorm" or "rmsnorm"; weight_offset: 1.0 for Gemma's (1 + weight) RMSNorm.
+    """
+
+    kind: str
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    weight_offset: float = 0.0
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference float32 implementation, used to identify the module's kind."""
+        x = x.float()
+        if self.kind == "layernorm":
+            x = x - x.mean(dim=-1, keepdim=True)
+        y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * (self.weight.float() + self.weight_offset)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+
+
+def _modules_outside(base: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:
+    inside = {id(m) for m in layers.modules()}
+    return [(name, m) for name, m in base.named_modules() if id(m) not in inside]
+
+
+def _find_final_norm(base: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
+    # The final norm is the last norm registered outside the blocks (ln_f, norm,
+    # final_layer_norm, final_layernorm, ...); the self-check confirms the choice.
+    norms = [m for _, m in _modules_outside(base, layers) if _is_norm(m)]
+    return norms[-1] if norms else None
+
+
+def _find_projection(base: nn.Module, layers: nn.ModuleList, head: nn.Module,
+                     hidden_size: int) -> nn.Module | None:
+    if head.weight.shape[1] == hidden_size:
+        return None
+    for name, module in _modules_outside(base, layers):
+        if (isinstance(module, nn.Linear) and module.in_features == hidden_size
+                and module.out_features == head.weight.shape[1] and "out" in name):
+            return module
+    raise UnsupportedArchitectureError(
+        f"the output head takes {head.weight.shape[1]} features but the blocks produce "
+        f"{hidden_size}, and no projection between them was found"
+    )
+
+
+def identify_norm(norm: nn.Module | None, width: int) -> NormSpec | None:
+    """The NormSpec whose math reproduces `norm` on random input, or None if none does."""
+    if norm is None:
+        return None
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    eps = next((float(getattr(norm, k)) for k in ("eps", "variance_epsilon", "epsilon")
+                if isinstance(getattr(norm, k, None), (int, float))), 1e-5)
+    probe = torch.randn(4, width, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    param = weight if weight is not None else bias
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    with torch.no_grad():
+        expected = norm(probe.to(device=device, dtype=dtype)).float()
+        for kind in ("rmsnorm", "layernorm"):
+            for offset in (0.0, 1.0):
+                spec = NormSpec(kind, weight, bias, eps, offset)
+                got = spec.apply(probe.to(device=device, dtype=dtype))
+                if torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max()):
+                    return spec
+    return None
+
+
+class Lens:
+    """The unembedding of one model: final norm, projection, head, logit transforms."""
+
+    def __init__(self, head: nn.Module, norm: nn.Module | None = None,
+                 projection: nn.Module | None = None, softcap: float | None = None,
+                 logit_scale: float = 1.0, name: str = "model") -> None:
+        self.head = head
+        self.norm = norm
+        self.projection = projection
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.name = name
+        self._float_weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_model(cls, model: nn.Module, verify: bool = True) -> Lens:
+        """Resolve the lens of an HF causal LM by inspection; verify it unless told not to."""
+        name = type(model).__name__
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise UnsupportedArchitectureError(
+                f"{name} has no output embedding (lm_head); load it with "
+                "AutoModelForCausalLM, not AutoModel"
+            )
+        config = model.config.get_text_config()
+        base = model.base_model
+        layers = find_decoder_layers(model)
+        lens = cls(
+            head=head,
+            norm=_find_final_norm(base, layers),
+            projection=_find_projection(base, layers, head, config.hidden_size),
+            softcap=getattr(config, "final_logit_softcapping", None) or None,
+            logit_scale=_logit_scale(config),
+            name=name,
+        )
+        if verify:
+            lens.verify(model, layers)
+        return lens
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of rows of the output head."""
+        return int(self.head.weight.shape[0])
+
+    @property
+    def norm_spec(self) -> NormSpec | None:
+        """The final norm's math when a kernel can fuse it, else None."""
+        width = self.head.weight.shape[1] if self.projection is None else None
+        if width is None or self.norm is None:
+            return None
+        return identify_norm(self.norm, width)
+
+    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (and projection) of pre-norm states, in the model's dtype."""
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        if self.projection is not None:
+            hidden = self.projection(hidden)
+        return hidden
+
+    def _transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head bias is already added; apply logit scaling and soft-capping in float32."""
+        logits = logits.float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _matmul_weight(self, device: torch.device) -> torch.Tensor:
+        weight = self.head.weight
+        if device.type == "cpu" and weight.dtype != torch.float32:
+            # No fast bf16/fp16 GEMM on most CPUs: keep one float32 copy of the head.
+            if self._float_weight is None:
+                self._float_weight = weight.detach().float()
+            return self._float_weight
+        return weight.detach()
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """(n_rows x vocabulary) float32 lens logits; for small inputs and references."""
+        normed_hidden = hidden if normed else self.normalize(hidden)
+        weight = self._matmul_weight(normed_hidden.device)
+        logits = normed_hidden.to(weight.dtype) @ weight.T
+        if getattr(self.head, "bias", None) is not None:
+            logits = logits + self.head.bias
+        return self._transform(logits)
+
+    @torch.no_grad()
+    def entropy(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
+                backend: str = "auto", normed: bool = False) -> torch.Tensor:
+        """(n_rows x n_alphas) float32 entropies in nats of pre-norm states (n_rows x d).
+
+        `normed=True` marks states that already went through the final norm (HF's last
+        hidden state). alpha: 0, 1 (Shannon), inf, or any positive order.
+        """
+        return self.statistics(hidden, alphas, backend=backend, normed=normed).entropy
+
+    @torch.no_grad()
+    def statistics(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
+                   backend: str = "auto", normed: bool = False,
+                   targets: torch.Tensor | None = None,
+                   with_top_token: bool = False) -> LensStatistics:
+        """Entropies plus, on request, the argmax token and the targets' surprisal and rank.
+
+        hidden: (n_rows x d); targets: (n_rows,) token ids (e.g. the actual next tokens).
+        """
+        alphas = validate_alphas(alphas)
+        if hidden.ndim != 2:
+            raise ValueError(f"hidden must be (n_rows x d_model), got {tuple(hidden.shape)}")
+        if targets is not None:
+            targets = targets.to(hidden.device, torch.int64)
+        if _pick_backend(backend, hidden.device) == "triton":
+            return self._statistics_triton(hidden, alphas, normed, targets, with_top_token)
+        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token)
+
+    def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,
+                          row_block: int = 1024, vocab_chunk: int = 4096) -> LensStatistics:
+        parts = []
+        for start in range(0, hidden.shape[0], row_block):
+            rows = hidden[start:start + row_block]
+            rows = rows if normed else self.normalize(rows)
+            row_targets = None if targets is None else targets[start:start + row_block]
+            parts.append(self._stream_rows(rows, alphas, row_targets, with_top_token,
+                                           vocab_chunk))
+        return _concat(parts)
+
+    def _stream_rows(self, normed_rows, alphas, targets, with_top_token, vocab_chunk):
+        weight = self._matmul_weight(normed_rows.device)
+        bias = getattr(self.head, "bias", None)
+        rows = normed_rows.to(weight.dtype)
+        estimate = None
+        if targets is not None:
+            estimate = (rows * weight[targets]).sum(dim=1, keepdim=True)
+            estimate = self._transform(estimate if bias is None else estimate + bias[targets, None])
+        online = OnlineEntropy(alphas, targets, None if estimate is None else estimate[:, 0],
+                               track_argmax=with_top_token)
+        for start in range(0, weight.shape[0], vocab_chunk):
+            chunk = rows @ weight[start:start + vocab_chunk].T
+            if bias is not None:
+                chunk = chunk + bias[start:start + vocab_chunk]
+            online.update(self._transform(chunk))
+        return online.finalize()
+
+    def _statistics_triton(self, hidden, alphas, normed, targets, with_top_token):
+        from entropy_fast.kernels.lens_entropy import lens_statistics_triton
+
+        return lens_statistics_triton(self, hidden, alphas, normed=normed, targets=targets,
+                                      with_top_token=with_top_token)
+
+    @torch.no_grad()
+    def verify(self, model: nn.Module, layers: nn.ModuleList | None = None) -> None:
+        """Raise UnsupportedArchitectureError unless the lens reproduces the model's logits."""
+        layers = layers if layers is not None else find_decoder_layers(model)
+        device = self.head.weight.device
+        vocab = model.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+        captured = {}
+        last = len(layers)
+        with StateTap(layers, [last], lambda i, h: captured.setdefault(i, h)):
+            expected = model(input_ids=ids.to(device), use_cache=False).logits[0].float()
+        got = self.logits(captured[last][0])
+        scale = expected.abs().max().item() + 1.0
+        tolerance = (1e-3 if self.head.weight.dtype == torch.float32 else 5e-2) * scale
+        error = (got - expected).abs().max().item()
+        if not error <= tolerance:
+            raise UnsupportedArchitectureError(
+                f"the logit lens resolved for {self.name} (norm: "
+                f"{type(self.norm).__name__ if self.norm is not None else 'none'}, projection: "
+                f"{'yes' if self.projection is not None else 'none'}, head bias: "
+                f"{'yes' if getattr(self.head, 'bias', None) is not None else 'no'}, soft-cap: "
+                f"{self.softcap}) does not reproduce the model's own logits (max abs error "
+                f"{error:.3g} > {tolerance:.3g}); this architecture is not supported yet"
+            )
+
+
+def _logit_scale(config) -> float:
+    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    divisor = getattr(config, "logits_scaling", None)  # Granite divides
+    if isinstance(divisor, (int, float)) and divisor:
+        return 1.0 / float(divisor)
+    return 1.0
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing entropy_fast, or use backend='torch'"
+        )
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from entropy_fast.kernels import lens_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _concat(parts: list[LensStatistics]) -> LensStatistics:
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return LensStatistics(entropy=cat("entropy"), top_token=cat("top_token"),
+                          target_surprisal=cat("target_surprisal"), target_rank=cat("target_rank"))
+
+
+def entropy_in_base(nats: torch.Tensor, base: float | None) -> torch.Tensor:
+    """Convert nats to another logarithm base (2 = bits); None keeps nats."""
+    if base is None or base == math.e:
+        return nats
+    if base <= 0 or base == 1:
+        raise ValueError(f"base must be > 0 and != 1 (2 for bits), got {base}")
+    return nats / math.log(base)

@@ -1,0 +1,172 @@
+"""Result types: one prompt's entropy profile and a collection of them.
+
+An `EntropyProfile` is a (n_tokens x n_layers) float32 matrix: row i holds, at each
+profiled layer, the entropy of the logit-lens distribution that predicts token_ids[i].
+Several Rényi orders computed in one pass travel together in `entropies`; `entropy` is
+the primary order (`alpha`), the one the seed library exposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EntropyProfile:
+    """Per-token, per-layer logit-lens entropy of one sequence.
+
+    Attributes:
+        entropy: (n_tokens x n_layers) float32, entropy at the primary order `alpha`.
+        token_ids: (n_tokens,) int64, the token each row's distribution predicts.
+        layer_indices: the hidden-state index of each column (0 = embeddings, L = last block).
+        alpha: the Rényi order of `entropy` (1.0 = Shannon).
+        model_name: the model's name or path.
+        metadata: free-form run information (prompt, generator, dtype, ...).
+        entropies: {alpha: (n_tokens x n_layers)} for every order computed in the same pass,
+            the primary one included.
+        top_token_ids: optional (n_tokens x n_layers) int64, the lens argmax token.
+        target_surprisal: optional (n_tokens x n_layers) float32, -log p(token_ids[i]).
+        target_rank: optional (n_tokens x n_layers) int64, rank of token_ids[i] (0 = top).
+    """
+
+    entropy: torch.Tensor
+    token_ids: torch.Tensor
+    layer_indices: list[int]
+    alpha: float = 1.0
+    model_name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    entropies: dict[float, torch.Tensor] = field(default_factory=dict)
+    top_token_ids: torch.Tensor | None = None
+    target_surprisal: torch.Tensor | None = None
+    target_rank: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.entropy = torch.as_tensor(self.entropy, dtype=torch.float32)
+        self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.int64)
+        self.layer_indices = [int(i) for i in self.layer_indices]
+        self.alpha = float(self.alpha)
+        if self.entropy.ndim != 2:
+            raise ValueError(
+                f"entropy must be (n_tokens x n_layers), got shape {tuple(self.entropy.shape)}"
+            )
+        if self.entropy.shape[0] != self.token_ids.shape[0]:
+            raise ValueError(
+                f"entropy has {self.entropy.shape[0]} rows but token_ids has "
+                f"{self.token_ids.shape[0]} entries; they must match"
+            )
+        if self.entropy.shape[1] != len(self.layer_indices):
+            raise ValueError(
+                f"entropy has {self.entropy.shape[1]} columns but layer_indices has "
+                f"{len(self.layer_indices)} entries; they must match"
+            )
+        self.entropies = {float(a): torch.as_tensor(e, dtype=torch.float32)
+                          for a, e in self.entropies.items()}
+        self.entropies.setdefault(self.alpha, self.entropy)
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of profiled tokens (rows)."""
+        return int(self.entropy.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        """Number of profiled layers (columns)."""
+        return int(self.entropy.shape[1])
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """Every Rényi order carried by this profile, the primary one first."""
+        return (self.alpha, *(a for a in self.entropies if a != self.alpha))
+
+    def mean_profile(self) -> torch.Tensor:
+        """(n_layers,) mean entropy over tokens at each layer."""
+        return self.entropy.mean(dim=0)
+
+    def std_profile(self) -> torch.Tensor:
+        """(n_layers,) standard deviation over tokens at each layer (0 for one token)."""
+        if self.n_tokens < 2:
+            return torch.zeros(self.n_layers)
+        return self.entropy.std(dim=0)
+
+    def to_numpy(self) -> np.ndarray:
+        """(n_tokens x n_layers) float32 copy of `entropy`."""
+        return self.entropy.detach().cpu().numpy().astype(np.float32)
+
+    def at_alpha(self, alpha: float) -> EntropyProfile:
+        """The same profile with `alpha` as its primary order."""
+        alpha = float(alpha)
+        if alpha not in self.entropies:
+            raise ValueError(
+                f"this profile has no entropy of order {alpha}; it carries {self.alphas}. "
+                "Profile again with that alpha included."
+            )
+        return EntropyProfile(
+            entropy=self.entropies[alpha], token_ids=self.token_ids,
+            layer_indices=self.layer_indices, alpha=alpha, model_name=self.model_name,
+            metadata=self.metadata, entropies=self.entropies,
+            top_token_ids=self.top_token_ids, target_surprisal=self.target_surprisal,
+            target_rank=self.target_rank,
+        )
+
+
+@dataclass
+class AggregatedProfile:
+    """A collection of profiles of one model over many prompts.
+
+    Each prompt weighs the same: `to_matrix()` stacks the per-prompt mean profiles and
+    `mean_profile()` averages them.
+    """
+
+    profiles: list[EntropyProfile]
+    model_name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layer_sets = {tuple(p.layer_indices) for p in self.profiles}
+        if len(layer_sets) > 1:
+            raise ValueError(
+                "all profiles of an AggregatedProfile must share layer_indices; "
+                f"got {len(layer_sets)} different sets"
+            )
+        if not self.model_name and self.profiles:
+            self.model_name = self.profiles[0].model_name
+
+    def __len__(self) -> int:
+        return len(self.profiles)
+
+    def __iter__(self):
+        return iter(self.profiles)
+
+    def __getitem__(self, index: int) -> EntropyProfile:
+        return self.profiles[index]
+
+    @property
+    def layer_indices(self) -> list[int]:
+        """The hidden-state index of each column, shared by every profile."""
+        return self.profiles[0].layer_indices if self.profiles else []
+
+    @property
+    def n_layers(self) -> int:
+        """Number of profiled layers."""
+        return len(self.layer_indices)
+
+    def to_matrix(self) -> torch.Tensor:
+        """(n_profiles x n_layers) matrix of per-prompt mean profiles."""
+        if not self.profiles:
+            raise ValueError("AggregatedProfile is empty: profile at least one prompt first")
+        return torch.stack([p.mean_profile() for p in self.profiles])
+
+    def mean_profile(self) -> torch.Tensor:
+        """(n_layers,) mean of the per-prompt mean profiles."""
+        return self.to_matrix().mean(dim=0)
+
+    def std_profile(self) -> torch.Tensor:
+        """(n_layers,) standard deviation across prompts (0 for one prompt)."""
+        matrix = self.to_matrix()
+        if matrix.shape[0] < 2:
+            return torch.zeros(matrix.shape[1])
+        return matrix.std(dim=0)

@@ -1,0 +1,1 @@
+"""Triton kernels of entropy-fast (installed as `entropy_fast.kernels`)."""

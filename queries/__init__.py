@@ -1,0 +1,1 @@
+"""Named DuckDB queries of entropy-fast (installed as `entropy_fast.queries`)."""

