@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
@@ -67,6 +68,32 @@ def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
         if token in stops:
             return tokens[: i + 1]  # the stop token was generated: it keeps its row
     return tokens
+
+
+class Generator(Protocol):
+    """Anything that turns prompt ids into continuation ids (HF here, vLLM as an extra)."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[list[int]],
+                 sampling: SamplingConfig) -> list[list[int]]: ...
+
+
+class HFGenerator:
+    """HF `generate`: length-bucketed batches, left padding, KV cache."""
+
+    name = "hf"
+
+    def __init__(self, model, pad_token_id: int, batch_tokens: int) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.batch_tokens = batch_tokens
+
+    def generate(self, prompts: Sequence[list[int]],
+                 sampling: SamplingConfig) -> list[list[int]]:
+        """Continuation ids of each prompt (up to and including a stop token)."""
+        return generate_continuations(self.model, prompts, sampling, self.pad_token_id,
+                                      self.batch_tokens)
 
 
 @torch.no_grad()

@@ -167,6 +167,21 @@ def _load_by_name(name: str, dtype: torch.dtype, extra: dict):
     return model, tokenizer
 
 
+def model_source(model, loaded=None) -> str:
+    """A path or hub id another engine (vLLM) can load the same weights from."""
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        return str(_builtin_folder(name)) if name in BUILTIN_MODELS else name
+    path = getattr(getattr(loaded if loaded is not None else model, "config", None),
+                   "name_or_path", "")
+    if path and Path(path).exists():
+        return str(path)
+    raise ValueError(
+        "this model was passed as an object with no folder on disk; save it with "
+        "save_pretrained (and its tokenizer) and pass the folder to use vLLM"
+    )
+
+
 def _tokenizer_for(name: str):
     from transformers import AutoTokenizer
 

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from entropy_fast.batching import length_buckets
 from entropy_fast.entropy import validate_alphas
-from entropy_fast.generation import SamplingConfig, generate_continuations
+from entropy_fast.generation import Generator, HFGenerator, SamplingConfig
 from entropy_fast.hooks import StateTap, find_decoder_layers
 from entropy_fast.lens import BACKENDS, Lens
-from entropy_fast.loading import DEFAULT_MODEL, load_model
+from entropy_fast.loading import DEFAULT_MODEL, load_model, model_source
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
 
 
@@ -73,6 +73,8 @@ class EntropyProfiler:
         base: logarithm base of the entropies; None = nats, 2 = bits.
         top_token, target_stats: also record the lens argmax token, and the surprisal and
             rank of the actual next token, at every layer.
+        generator: who generates continuations: "hf" (batched HF decoding), "vllm" (a vLLM
+            engine, extra "vllm"; created on first use), or a `generation.Generator`.
     """
 
     def __init__(self, model=DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
@@ -80,7 +82,8 @@ class EntropyProfiler:
                  load_in_8bit: bool = False, load_in_4bit: bool = False, *,
                  device: str | torch.device | None = None, tokenizer=None,
                  backend: str = "auto", batch_tokens: int = 8192, base: float | None = None,
-                 top_token: bool = False, target_stats: bool = False) -> None:
+                 top_token: bool = False, target_stats: bool = False,
+                 generator: str | Generator = "hf") -> None:
         self.alphas = validate_alphas(alpha)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -99,6 +102,9 @@ class EntropyProfiler:
         self.base = base
         self.top_token = top_token
         self.target_stats = target_stats
+        self._generator_choice = generator
+        self._generator: Generator | None = None
+        self._source = model
 
     # -- seed-compatible API -------------------------------------------------------------
 
@@ -151,6 +157,10 @@ class EntropyProfiler:
         self.model = None
         self.lens = None
         self.layers = None
+        close = getattr(self._generator, "close", None)
+        if close is not None:
+            close()
+        self._generator = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -214,7 +224,7 @@ class EntropyProfiler:
     def _metadata(self, sampling: SamplingConfig) -> dict:
         return {
             "mode": "generation" if sampling.max_new_tokens else "text",
-            "generator": "hf" if sampling.max_new_tokens else "none",
+            "generator": self.generator.name if sampling.max_new_tokens else "none",
             **sampling.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "layer_stride": self.layer_stride,
@@ -267,8 +277,7 @@ class EntropyProfiler:
             self._check_length(index, len(ids[-1]) + sampling.max_new_tokens, len(ids[-1]),
                                generating)
         if generating:
-            continuations = generate_continuations(self.model, ids, sampling, self._pad_id(),
-                                                   self.batch_tokens)
+            continuations = self.generator.generate(ids, sampling)
             sequences = [_Sequence(i, p + c, len(p), True)
                          for i, p, c in zip(indices, ids, continuations, strict=True)]
         else:
@@ -276,6 +285,25 @@ class EntropyProfiler:
         by_index = dict(zip(indices, texts, strict=True))
         yield from self._profile_sequences(sequences, by_index, self._metadata(sampling),
                                            keep_states, bar)
+
+    @property
+    def generator(self) -> Generator:
+        """The continuation generator, created on first use (a vLLM engine is costly)."""
+        if self._generator is None:
+            self._generator = self._make_generator(self._generator_choice)
+        return self._generator
+
+    def _make_generator(self, choice: str | Generator) -> Generator:
+        if choice == "hf":
+            return HFGenerator(self.model, self._pad_id(), self.batch_tokens)
+        if choice == "vllm":
+            from entropy_fast.vllm_generation import VllmGenerator
+
+            return VllmGenerator(model_source(self._source, self.model),
+                                 dtype=str(self.dtype).removeprefix("torch."))
+        if isinstance(choice, str):
+            raise ValueError(f"generator must be 'hf' or 'vllm', got {choice!r}")
+        return choice
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,

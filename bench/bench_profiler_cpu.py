@@ -1,0 +1,176 @@
+"""CPU benchmark of the profiler against the seed-style baseline and the matmul floor.
+
+Three measurements, each beside its baseline in the same run:
+
+1. seed workload: 16 prompts x 32 new tokens, greedy, all layers. entropy-fast
+   (batched generation + one teacher-forced forward + streamed lens) against the seed
+   library's method (one prompt at a time, `generate` with hidden states at every step,
+   a full float32 softmax per layer and step). The baseline runs on the first
+   `--seed-baseline-prompts` prompts only (it is sequential per prompt; tokens/s is its
+   rate) to keep the run short.
+2. text mode, 8 texts x ~128 tokens: entropy-fast against the same forward pass plus the
+   lens matmuls alone (norm + head GEMMs, no softmax statistics): the floor.
+3. peak memory (max RSS of a fresh process) at two corpus sizes, in text mode.
+
+Usage: python bench/bench_profiler_cpu.py [--models gpt2-124m smollm2-135m] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from entropy_fast import EntropyProfiler
+from entropy_fast.hooks import find_decoder_layers
+from entropy_fast.loading import load_model
+
+SAMPLE = [line for line in open(__file__.replace("bench/bench_profiler_cpu.py",
+                                                 "entropy_fast/data/sample_prompts.txt"))
+          .read().splitlines() if line.strip()]
+
+
+def build(name: str):
+    """(model, tokenizer) for a benchmark model name, float32 on CPU."""
+    smollm2, tokenizer, _ = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    if name == "smollm2-135m":
+        return smollm2, tokenizer
+    config = AutoConfig.for_model("gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                                  vocab_size=50257)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
+@torch.no_grad()
+def seed_style(model, tokenizer, prompts, max_new_tokens) -> int:
+    """The seed library's method; returns the number of profiled tokens."""
+    head = model.get_output_embeddings()
+    from entropy_fast.lens import Lens
+
+    norm = Lens.from_model(model, verify=False).norm
+    n_tokens = 0
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             output_hidden_states=True, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.pad_token_id or 0)
+        for step_states in out.hidden_states:
+            last = len(step_states) - 1
+            for index, hidden in enumerate(step_states):
+                h = hidden[:, -1]
+                logits = head(h if index == last else norm(h)).float()
+                p = torch.softmax(logits, dim=-1)
+                _ = -(p * torch.log(p.clamp_min(1e-45))).sum(-1)
+            n_tokens += 1
+    return n_tokens
+
+
+@torch.no_grad()
+def forward_plus_lens_matmuls(model, batch_ids: list[list[int]], vocab_chunk=4096) -> None:
+    """The floor: forward with hidden states, then norm + head GEMMs only, per state."""
+    from entropy_fast.lens import Lens
+
+    lens = Lens.from_model(model, verify=False)
+    width = max(len(x) for x in batch_ids)
+    ids = torch.zeros((len(batch_ids), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, x in enumerate(batch_ids):
+        ids[row, :len(x)] = torch.tensor(x)
+        mask[row, :len(x)] = 1
+    out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    weight = lens.head.weight
+    for hidden in out.hidden_states:
+        rows = lens.normalize(hidden[mask.bool()])
+        for start in range(0, weight.shape[0], vocab_chunk):
+            _ = rows @ weight[start:start + vocab_chunk].T
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def texts_of(tokenizer, n_texts=8, n_tokens=128) -> list[list[int]]:
+    stream = tokenizer(" ".join(SAMPLE * 4))["input_ids"]
+    return [stream[i * n_tokens:(i + 1) * n_tokens] for i in range(n_texts)]
+
+
+def bench_model(name: str, seed_prompts: int) -> dict:
+    model, tokenizer = build(name)
+    profiler = EntropyProfiler(model, tokenizer=tokenizer)
+    prompts = SAMPLE[:16]
+    row = {"model": name, "n_states": len(find_decoder_layers(model)) + 1,
+           "vocab": model.config.vocab_size, "d_model": model.config.hidden_size}
+    ours_s, batch = timed(lambda: profiler.profile_batch(prompts, max_new_tokens=32))
+    ours_tokens = sum(p.n_tokens for p in batch)
+    base_s, base_tokens = timed(lambda: seed_style(model, tokenizer, prompts[:seed_prompts], 32))
+    row.update(seed_workload_tokens=ours_tokens, seed_workload_s=round(ours_s, 2),
+               seed_workload_tok_s=round(ours_tokens / ours_s, 1),
+               seed_style_tokens=base_tokens, seed_style_s=round(base_s, 2),
+               seed_style_tok_s=round(base_tokens / base_s, 1),
+               speedup_vs_seed_style=round((ours_tokens / ours_s) / (base_tokens / base_s), 1))
+    texts = texts_of(tokenizer)
+    sequences = [(t, []) for t in texts]
+    text_s, _ = timed(lambda: list(profiler.profile_token_ids(sequences)), repeat=2)
+    floor_s, _ = timed(lambda: forward_plus_lens_matmuls(model, texts), repeat=2)
+    row.update(text_tokens=sum(len(t) - 1 for t in texts), text_mode_s=round(text_s, 2),
+               floor_forward_plus_matmuls_s=round(floor_s, 2),
+               text_mode_over_floor=round(text_s / floor_s, 2))
+    return row
+
+
+def peak_rss_mb(name: str, n_texts: int) -> float:
+    """Max RSS of a fresh process that profiles n_texts texts of 128 tokens."""
+    code = (
+        "import sys, resource, torch; sys.argv=['x'];"
+        "import bench.bench_profiler_cpu as b;"
+        f"m,t=b.build({name!r});"
+        "from entropy_fast import EntropyProfiler;"
+        "p=EntropyProfiler(m,tokenizer=t);"
+        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"s=[(x,[]) for x in b.texts_of(t,{n_texts})];"
+        "[0 for _ in p.profile_token_ids(s)];"
+        "print(base/1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    before, after = map(float, out.stdout.split()[-2:])
+    return round(before, 1), round(after, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["gpt2-124m", "smollm2-135m"])
+    parser.add_argument("--seed-baseline-prompts", type=int, default=4)
+    parser.add_argument("--out", default="bench/results_profiler_cpu.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        row = bench_model(name, args.seed_baseline_prompts)
+        for n_texts in (4, 32):
+            before, after = peak_rss_mb(name, n_texts)
+            row[f"rss_mb_{n_texts}x128_loaded"] = before
+            row[f"rss_mb_{n_texts}x128_peak"] = after
+        row["logits_tensor_mb_32x128_if_materialized"] = round(
+            32 * 127 * row["vocab"] * row["n_states"] * 4 / 2**20, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads":
+               torch.get_num_threads(), "torch": torch.__version__}
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

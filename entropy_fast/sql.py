@@ -1,0 +1,246 @@
+"""DuckDB over a profile store: views, macros and the named queries of queries/*.sql.
+
+This module owns `ProfileStore` (a DuckDB connection whose views see the committed files
+of a store only) and `NamedQuery` (a SQL file with declared, typed parameters that are
+always bound, never pasted into the SQL text).
+
+Views: `entropy` (one row per token, layer, alpha), `prompts`, `runs` (one row per run
+shard), `manifest` (committed parts), `prompt_profile` (per-prompt mean profile),
+`model_layers` and `layer_map` (layer matching between models). Macros: `hist_bin`,
+`jsd_term`, `jsd_layers`, `w1_layers` and the sample selectors (queries/_macros.sql).
+
+A named query file starts with comment lines: the first is its description, then one
+``-- @param NAME TYPE [= DEFAULT] [: help]`` per parameter (TYPE one of VARCHAR,
+DOUBLE, INTEGER, VARCHAR[], INTEGER[]; no default = required).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from entropy_fast.store import ENTROPY_SCHEMA, PROMPTS_SCHEMA, Store
+
+_PARAM = re.compile(
+    r"^--\s*@param\s+(?P<name>\w+)\s+(?P<type>[A-Z]+(?:\[\])?)"
+    r"(?:\s*=\s*(?P<default>'[^']*'|[^\s:]+))?\s*(?::\s*(?P<help>.*))?$")
+_SCALARS = {"VARCHAR": str, "DOUBLE": float, "INTEGER": int}
+_DUCK_TYPES = {pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
+               pa.float64(): "DOUBLE", pa.string(): "VARCHAR",
+               pa.list_(pa.int32()): "INTEGER[]"}
+OUTPUTS = ("arrow", "numpy", "pandas")
+
+
+class QueryError(ValueError):
+    """An unknown query or parameter, a bad parameter value, or an error from DuckDB."""
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    """One declared parameter of a named query."""
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    help: str
+
+    def convert(self, value: Any) -> Any:
+        """`value` (a Python value, or a string from the command line) as this type."""
+        if value is None:
+            return None
+        base = _SCALARS[self.type.removesuffix("[]")]
+        if self.type.endswith("[]"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [self._scalar(base, item) for item in items]
+        return self._scalar(base, value)
+
+    def _scalar(self, base: type, value: Any) -> Any:
+        try:
+            return base(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise QueryError(
+                f"parameter {self.name} must be {self.type}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class NamedQuery:
+    """A query of queries/*.sql: name, description, declared parameters and SQL text."""
+
+    name: str
+    description: str
+    params: tuple[QueryParam, ...]
+    sql: str
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> NamedQuery:
+        """Read the header comments (description, @param lines) of a query file."""
+        header = [line for line in text.splitlines() if line.startswith("--")]
+        description = header[0].lstrip("- ").strip() if header else ""
+        params = []
+        for line in header[1:]:
+            match = _PARAM.match(line)
+            if match is None:
+                continue
+            kind, default = match["type"], match["default"]
+            if kind.removesuffix("[]") not in _SCALARS:
+                raise QueryError(f"query {name}: unknown parameter type {kind}")
+            param = QueryParam(match["name"], kind, None, default is None, match["help"] or "")
+            if default not in (None, "NULL"):
+                param = QueryParam(param.name, kind, param.convert(default.strip("'")), False,
+                                   param.help)
+            params.append(param)
+        return cls(name, description, tuple(params), text)
+
+    def bind(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every declared parameter's value: given (converted), else the default."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise QueryError(f"query {self.name} has no parameter {', '.join(unknown)}; "
+                             f"its parameters: {', '.join(known) or 'none'}")
+        missing = [p.name for p in self.params if p.required and values.get(p.name) is None]
+        if missing:
+            raise QueryError(f"query {self.name} needs {', '.join(missing)} "
+                             f"(e.g. --param {missing[0]}=...)")
+        return {p.name: p.convert(values[p.name]) if p.name in values else p.default
+                for p in self.params}
+
+
+@cache
+def named_queries() -> dict[str, NamedQuery]:
+    """The named queries shipped in entropy_fast.queries, by name."""
+    folder = files("entropy_fast.queries")
+    return {
+        entry.name.removesuffix(".sql"): NamedQuery.parse(entry.name.removesuffix(".sql"),
+                                                          entry.read_text(encoding="utf-8"))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".sql") and not entry.name.startswith("_")
+    }
+
+
+def _macros_sql() -> str:
+    return files("entropy_fast.queries").joinpath("_macros.sql").read_text(encoding="utf-8")
+
+
+class ProfileStore:
+    """A DuckDB connection over the committed files of a profile store.
+
+    The views are a snapshot of the manifest taken at open (and at `refresh()`): files
+    committed later, and files that were never committed, are not seen.
+
+    Args:
+        path: the store directory.
+        threads, memory_limit: DuckDB settings (default: DuckDB's own).
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None,
+                 memory_limit: str | None = None) -> None:
+        self.store = Store(path)
+        config: dict[str, Any] = {}
+        if threads:
+            config["threads"] = threads
+        if memory_limit:
+            config["memory_limit"] = memory_limit
+        self.con = duckdb.connect(":memory:", config=config)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)build the views from the store's current manifest and run records."""
+        entries = self.store.manifest()
+        root = self.store.root.resolve()
+        self._file_view("entropy", ENTROPY_SCHEMA, [root / e.entropy_file for e in entries])
+        self._file_view("prompts", PROMPTS_SCHEMA, [root / e.prompts_file for e in entries])
+        self.con.register("runs", _runs_table(self.store))
+        self.con.register("manifest", pa.Table.from_pylist([vars(e) for e in entries],
+                                                           schema=_MANIFEST_SCHEMA))
+        self.con.execute(_macros_sql())
+
+    def _file_view(self, name: str, schema: pa.Schema, paths: list[Path]) -> None:
+        columns = ", ".join(f.name for f in schema)
+        if paths:
+            listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+            source = (f"read_parquet([{listed}], hive_partitioning = true, "
+                      "hive_types = {'model': VARCHAR, 'run': VARCHAR})")
+            select = f"SELECT model, run AS run_id, {columns} FROM {source}"
+        else:
+            typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
+            select = f"SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_id, {typed} WHERE false"
+        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+
+    def sql(self, query: str, params: dict[str, Any] | None = None, *,
+            output: str = "arrow") -> Any:
+        """Run SQL with bound `$name` parameters; a pa.Table (or numpy dict / DataFrame)."""
+        if output not in OUTPUTS:
+            raise QueryError(f"output must be one of {OUTPUTS}, got {output!r}")
+        try:
+            relation = self.con.sql(query, params=params or None)
+            if relation is None:
+                return pa.table({})
+            if output == "numpy":
+                return relation.fetchnumpy()
+            if output == "pandas":
+                return relation.df()
+            return relation.to_arrow_table()
+        except duckdb.Error as err:
+            raise QueryError(str(err).strip().splitlines()[0]) from err
+        except ModuleNotFoundError as err:
+            raise QueryError(f"output={output!r} needs {err.name}: pip install {err.name}") \
+                from err
+
+    def query(self, name: str, *, output: str = "arrow", **params: Any) -> Any:
+        """Run the named query `name` with its parameters (see `named_queries()`)."""
+        queries = named_queries()
+        if name not in queries:
+            raise QueryError(f"unknown query {name!r}; named queries: {', '.join(queries)}")
+        named = queries[name]
+        return self.sql(named.sql, named.bind(params), output=output)
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+    def __enter__(self) -> ProfileStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_RUNS_SCHEMA = pa.schema([
+    ("model", pa.string()), ("run_id", pa.string()), ("shard", pa.int32()),
+    ("n_shards", pa.int32()), ("status", pa.string()), ("corpus", pa.string()),
+    ("corpus_sha256", pa.string()), ("n_prompts", pa.int64()),
+    ("alphas", pa.list_(pa.float64())), ("layer_stride", pa.int32()),
+    ("layer_indices", pa.list_(pa.int16())), ("max_new_tokens", pa.int32()),
+    ("dtype", pa.string()), ("generator", pa.string()), ("revision", pa.string()),
+    ("settings", pa.string()), ("error", pa.string()), ("tool_version", pa.string()),
+    ("schema_version", pa.int32()), ("created_at", pa.string()), ("updated_at", pa.string()),
+])
+"""The `runs` view: one row per run shard; settings as a JSON string."""
+
+_MANIFEST_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("model", pa.string()), ("shard", pa.int32()),
+    ("n_shards", pa.int32()), ("seq", pa.int32()), ("entropy_file", pa.string()),
+    ("prompts_file", pa.string()), ("n_rows", pa.int64()), ("n_prompts", pa.int64()),
+    ("n_tokens", pa.int64()), ("n_nan", pa.int64()), ("n_inf", pa.int64()),
+    ("prompt_ids", pa.list_(pa.int32())), ("committed_at", pa.string()),
+])
+"""The `manifest` view: one row per committed part."""
+
+
+def _runs_table(store: Store) -> pa.Table:
+    records = []
+    for info in store.runs():
+        record = info.to_json()
+        record["settings"] = json.dumps(record["settings"], sort_keys=True)
+        records.append({f.name: record[f.name] for f in _RUNS_SCHEMA})
+    return pa.Table.from_pylist(records, schema=_RUNS_SCHEMA)

@@ -1,0 +1,466 @@
+"""Fused logit lens: final norm -> lm_head -> online softmax -> Rényi entropies, one pass.
+
+Per row r and token v the logit is z = t((x_r . W_v + b_v) * scale), where x_r is the
+normed row, b the head bias and t the soft-cap c * tanh(. / c) (identity without one).
+Nothing of size (rows x vocabulary) is written: each program owns BLOCK_N rows and one
+split of the vocabulary, computes BLOCK_N x BLOCK_V logit tiles with tl.dot (bf16/fp16
+operands, fp32 accumulation; fp32 operands use "ieee" precision, never tf32) and folds
+every tile into per-row fp32 statistics, in base 2 (z2 = z * log2 e, so exp is exp2):
+
+    m  running max of z2            x = z2 - m <= 0,  e = 2^x
+    S  = sum e                      U = sum e x       D_a = sum 2^(a x) - e
+
+When the max moves by s = m_old - m_new <= 0 (r = 2^s) the sums are rescaled:
+
+    S <- r S,   U <- r (U + s S),   D_a <- 2^(a s) D_a + (2^(a s) - r) S.
+
+Near a = 1 (|a - 1| < 1/2) the gap terms are computed as e * expm1((a - 1) x ln 2), so
+orders 0.999 and 1.001 are as accurate as any other; a = 2 uses e * e (no second exp);
+a = 1, inf and 0 need no D at all. Splits are merged in torch (O(rows x splits)) with the
+same rescaling in natural units (entropy.OnlineEntropy), then, with log S in nats:
+
+    H_1 = log S - U/S,   H_a = log S - log1p(D_a / S) / (a - 1),   H_inf = log S,
+    H_0 = log V,   surprisal(t) = log S + m - z_t,   rank(t) = #{v != t : z_v > z_t}.
+
+The final norm (LayerNorm, RMSNorm, Gemma's 1 + w) runs in a one-row-per-program
+prologue in fp32 that writes the normed rows once in the head's dtype (N x d, a few
+percent of the matmul's time at most) and, for targets, their exact logit z_t.
+All statistics and accumulators are fp32; rank and argmax are int32 per split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from entropy_fast.entropy import LensStatistics
+
+# Runtime scalars and constexprs never lead a product with a tensor: the interpreter passes
+# scalars as Python floats, and constexpr * tensor is not a tensor there.
+GAP2 = tl.constexpr(116.0)  # 80 nats in bits: beyond it a token's weight is < 1e-35
+_MAX_TILTED = 4  # D_a slots per launch; more orders take more launches
+_UNUSED, _GENERAL, _NEAR_ONE, _SQUARE = 0, 1, 2, 3
+
+
+@triton.jit
+def _expm1(y):
+    """exp(y) - 1: degree-8 Taylor for |y| < 1/2 (relative error < 1e-8), exp(y) - 1 beyond."""
+    t = 1.0 + y * 0.125
+    for c in tl.static_range(7, 1, -1):
+        t = 1.0 + y * (1.0 / c) * t
+    return tl.where((y < 0.5) & (y > -0.5), y * t, tl.exp(y) - 1.0)
+
+
+@triton.jit
+def _tanh(x):
+    t = tl.exp2(tl.where(x < 0, x, -x) * 2.8853900817779268)  # 2^(-2|x| log2 e)
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _fold_tilted(d, a, x, xc, e, s, r, s_old, KIND: tl.constexpr):
+    """One order's D_a: rescale to the new max, add this tile's sum of 2^(a x) - 2^x."""
+    if KIND == 1:
+        p = tl.exp2(s * a)
+        d = p * d + (p - r) * s_old + tl.sum(tl.exp2(x * a) - e, axis=1)
+    elif KIND == 2:
+        dl = (a - 1.0) * 0.6931471805599453  # (a - 1) ln 2: x is in bits
+        sc = tl.maximum(s, -GAP2)
+        gap = tl.exp2(sc) * _expm1(sc * dl)
+        d = tl.exp2(s * a) * d + gap * s_old + tl.sum(e * _expm1(xc * dl), axis=1)
+    elif KIND == 3:
+        d = r * r * d + (r * r - r) * s_old + tl.sum(e * e - e, axis=1)
+    return d
+
+
+@triton.jit
+def _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V: tl.constexpr):
+    """(BLOCK_K x BLOCK_V) pointers to W[v0:v0+BLOCK_V, 0:BLOCK_K]^T, rows clamped to V - 1."""
+    cols_c = tl.minimum(v0 + tl.arange(0, BLOCK_V), V - 1).to(tl.int64)
+    return W + cols_c[None, :] * stride_wv + ks[:, None]
+
+
+@triton.jit
+def _dot_step(acc, a_ptrs, w_ptrs, ks, k0, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """acc += X[rows, k0:k0+BLOCK_K] @ W[cols, k0:k0+BLOCK_K]^T, fp32 accumulation."""
+    if EVEN_D:
+        a = tl.load(a_ptrs + k0)
+        w = tl.load(w_ptrs + k0)
+    else:
+        a = tl.load(a_ptrs + k0, mask=(k0 + ks)[None, :] < D, other=0.0)
+        w = tl.load(w_ptrs + k0, mask=(k0 + ks)[:, None] < D, other=0.0)
+    if UPCAST:  # the interpreter mis-reads bf16 unless converted right after the load
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(a, w, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _fold_tile(acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2,
+               m, s_sum, u_sum, d0, d1, d2, d3, best, above,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr,
+               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+               WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Epilogue of one BLOCK_N x BLOCK_V logit tile: fold it into the running statistics.
+
+    z2 = t(acc + b) in bits: out_scale * tanh(in_scale * .) with a soft-cap (in_scale =
+    scale / cap, out_scale = cap log2 e), else out_scale * . (out_scale = scale log2 e).
+    """
+    cols = v0 + tl.arange(0, BLOCK_V)
+    z = acc
+    if HAS_BIAS:  # 1. head bias, scale and soft-cap, then base-2 units
+        z += tl.load(HB + tl.minimum(cols, V - 1)).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = _tanh(z * in_scale) * out_scale
+    else:
+        z = z * out_scale
+    if not EVEN_V:  # 2. columns past V: 2^-inf = 0 contributes nothing anywhere
+        z = tl.where((cols < V)[None, :], z, float("-inf"))
+    m_tile = tl.max(z, axis=1)
+    if WITH_ARGMAX:  # strict >: the first maximal token wins, as torch.argmax
+        best = tl.where(m_tile > m, tl.argmax(z, axis=1).to(tl.int32) + v0, best)
+    if HAS_TARGETS:
+        hit = (z > est2[:, None]) & (cols[None, :] != tgt[:, None])
+        above += tl.sum(hit.to(tl.int32), axis=1)
+    m_new = tl.maximum(m, m_tile)  # 3. online rescaling (module docstring)
+    s = m - m_new
+    r = tl.exp2(s)
+    x = z - m_new[:, None]
+    e = tl.exp2(x)
+    xc = tl.maximum(x, -GAP2)  # finite where x = -inf, so e * xc = 0, not nan
+    d0 = _fold_tilted(d0, a0, x, xc, e, s, r, s_sum, K0)
+    d1 = _fold_tilted(d1, a1, x, xc, e, s, r, s_sum, K1)
+    d2 = _fold_tilted(d2, a2, x, xc, e, s, r, s_sum, K2)
+    d3 = _fold_tilted(d3, a3, x, xc, e, s, r, s_sum, K3)
+    u_sum = r * (u_sum + s * s_sum) + tl.sum(e * xc, axis=1)
+    s_sum = r * s_sum + tl.sum(e, axis=1)
+    return m_new, s_sum, u_sum, d0, d1, d2, d3, best, above
+
+
+@triton.jit
+def _lens_entropy_kernel(
+    X, W, HB, TGT, EST, PF, PI, N, V, D, stride_xn, stride_wv, tiles_per_split, n_splits,
+    in_scale, out_scale, a0, a1, a2, a3,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr,
+    EVEN_D: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    K3: tl.constexpr, WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial statistics of BLOCK_N rows over one vocabulary split.
+
+    X (N x D) normed rows, W (V x D) head, HB (V,) head bias, TGT (N,) int64 targets and
+    EST (N,) fp32 target logits in nats; writes PF (n_splits x 7 x N) fp32 = m (bits), S,
+    U (bits), D_a x 4 and PI (n_splits x 2 x N) int32 = argmax, rank count.
+    """
+    # Grouped order: GROUP_N row blocks x all splits run together, so the head tiles of a
+    # split and the rows of a group stay in L2.
+    pid = tl.program_id(0)
+    group = GROUP_N * n_splits
+    first = (pid // group) * GROUP_N
+    group_rows = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP_N)
+    row_block = first + (pid % group) % group_rows
+    split = (pid % group) // group_rows
+
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # clamped: no row masks in the main loop
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = X + rows_c[:, None] * stride_xn + ks[None, :]
+    v_first = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
+
+    m = tl.full([BLOCK_N], -1e30, tl.float32)  # finite, so the first rescale is 0 * finite
+    s_sum = tl.zeros([BLOCK_N], tl.float32)
+    u_sum = tl.zeros([BLOCK_N], tl.float32)
+    d0 = tl.zeros([BLOCK_N], tl.float32)
+    d1 = tl.zeros([BLOCK_N], tl.float32)
+    d2 = tl.zeros([BLOCK_N], tl.float32)
+    d3 = tl.zeros([BLOCK_N], tl.float32)
+    best = tl.zeros([BLOCK_N], tl.int32)
+    above = tl.zeros([BLOCK_N], tl.int32)
+    tgt = tl.zeros([BLOCK_N], tl.int64)
+    est2 = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_TARGETS:
+        tgt = tl.load(TGT + rows_c)
+        est2 = tl.load(EST + rows_c) * 1.4426950408889634
+    k_steps = tl.cdiv(D, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if FLAT:  # one loop over (tile, k step): the load pipeline runs across tile boundaries
+        for it in range(0, tl.cdiv(v_end - v_first, BLOCK_V) * k_steps):
+            tile = it // k_steps
+            ki = it - tile * k_steps
+            v0 = v_first + tile * BLOCK_V
+            w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V)
+            acc = _dot_step(acc, a_ptrs, w_ptrs, ks, ki * BLOCK_K, D, EVEN_D, UPCAST, PRECISION)
+            if ki == k_steps - 1:
+                m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
+                    acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
+                    d0, d1, d2, d3, best, above, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
+                    K0, K1, K2, K3, WITH_ARGMAX, HAS_TARGETS, BLOCK_V)
+                acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    else:
+        for v0 in range(v_first, v_end, BLOCK_V):
+            w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V)
+            for ki in range(0, k_steps):
+                acc = _dot_step(acc, a_ptrs, w_ptrs, ks, ki * BLOCK_K, D, EVEN_D, UPCAST,
+                                PRECISION)
+            m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
+                acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
+                d0, d1, d2, d3, best, above, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
+                K0, K1, K2, K3, WITH_ARGMAX, HAS_TARGETS, BLOCK_V)
+            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+
+    ok = rows < N
+    pf = PF + split.to(tl.int64) * 7 * N + rows
+    tl.store(pf, m, mask=ok)
+    tl.store(pf + N, s_sum, mask=ok)
+    tl.store(pf + 2 * N, u_sum, mask=ok)
+    tl.store(pf + 3 * N, d0, mask=ok)
+    tl.store(pf + 4 * N, d1, mask=ok)
+    tl.store(pf + 5 * N, d2, mask=ok)
+    tl.store(pf + 6 * N, d3, mask=ok)
+    pi = PI + split.to(tl.int64) * 2 * N + rows
+    tl.store(pi, best, mask=ok)
+    tl.store(pi + N, above, mask=ok)
+
+
+@triton.jit
+def _lens_prologue_kernel(
+    X, Y, NW, NB, W, HB, TGT, EST, V, D, stride_xn, stride_yn, stride_wv,
+    eps, w_offset, scale, softcap,
+    NORM: tl.constexpr, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, WRITE_Y: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One row: fp32 final norm (NORM 0 none, 1 LayerNorm, 2 RMSNorm), written in Y's dtype
+    (the head's); with targets, EST = the target's logit in nats from the rounded row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    ok = cols < D
+    x = tl.load(X + row * stride_xn + cols, mask=ok, other=0.0).to(tl.float32)
+    if NORM == 1:
+        x = tl.where(ok, x - tl.sum(x, axis=0) / D, 0.0)
+    if NORM != 0:
+        x = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        if HAS_NW:
+            x = x * (tl.load(NW + cols, mask=ok, other=0.0).to(tl.float32) + w_offset)
+        if HAS_NB:
+            x = x + tl.load(NB + cols, mask=ok, other=0.0).to(tl.float32)
+    y = x.to(Y.dtype.element_ty)
+    if WRITE_Y:
+        tl.store(Y + row * stride_yn + cols, y, mask=ok)
+    if HAS_TARGETS:
+        t = tl.minimum(tl.maximum(tl.load(TGT + row), 0), V - 1)
+        w = tl.load(W + t * stride_wv + cols, mask=ok, other=0.0).to(tl.float32)
+        z = tl.sum(y.to(tl.float32) * w, axis=0)
+        if HAS_BIAS:
+            z += tl.load(HB + t).to(tl.float32)
+        z = z * scale
+        if HAS_SOFTCAP:
+            z = _tanh(z / softcap) * softcap
+        tl.store(EST + row, z)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles and launch options; fixed and measured (bench/bench_kernel.py), never autotuned.
+
+    n_splits: vocabulary splits per row block (None: enough programs to fill the GPU).
+    flat: one (tile, k) loop instead of nested loops (pipelines across tile boundaries).
+    """
+
+    block_n: int = 128
+    block_v: int = 256
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    group_n: int = 8
+    n_splits: int | None = None
+    flat: bool = False
+
+
+def default_config(device: torch.device, dtype: torch.dtype) -> KernelConfig:
+    """The measured default for a device and operand dtype (interpreter: few large tiles)."""
+    if device.type != "cuda":
+        return KernelConfig(block_n=64, block_v=256, block_k=64, num_warps=4, num_stages=1,
+                            n_splits=2)
+    if dtype == torch.float32:  # "ieee" fp32 dot: smaller tiles fit shared memory
+        return KernelConfig(block_n=64, block_v=128, block_k=32, num_warps=4, num_stages=2)
+    return KernelConfig()
+
+
+_NORM_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SM_COUNT: dict[int, int] = {}
+
+
+def _norm_spec(lens):
+    """lens.norm_spec, identified once per lens (identification runs the module on a probe)."""
+    cached = _NORM_SPECS.get(lens)
+    if cached is None or cached[0] is not lens.norm:
+        cached = _NORM_SPECS[lens] = (lens.norm, lens.norm_spec)
+    return cached[1]
+
+
+def _n_splits(cfg: KernelConfig, device: torch.device, n_row_blocks: int, n_tiles: int) -> int:
+    want = cfg.n_splits
+    if want is None:
+        if device.index not in _SM_COUNT:
+            _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _SM_COUNT[device.index]
+        want = max(triton.cdiv(sms, min(cfg.group_n, n_row_blocks)),
+                   triton.cdiv(2 * sms, n_row_blocks))
+    per_split = triton.cdiv(n_tiles, max(1, min(want, n_tiles)))
+    return triton.cdiv(n_tiles, per_split)  # every split holds >= 1 tile
+
+
+def _kind(a: float) -> int:
+    return _SQUARE if a == 2.0 else _NEAR_ONE if abs(a - 1.0) < 0.5 else _GENERAL
+
+
+def _gap(x: torch.Tensor, a: float) -> torch.Tensor:
+    """exp(a x) - exp(x) for x <= 0, accurate near a = 1 (as entropy.py's tilted gap)."""
+    if abs(a - 1.0) < 0.5:
+        x = x.clamp(min=-80.0)
+        return torch.exp(x) * torch.expm1((a - 1.0) * x)
+    return torch.exp(a * x) - torch.exp(x)
+
+
+def _merge(pf: torch.Tensor, tilted: list[float]):
+    """Combine per-split partials (float64, O(rows x splits)): max in bits, S, U, {a: D_a}."""
+    pf = pf.double()
+    top, where = pf[:, 0].max(dim=0)  # first maximal split: lowest token index on ties
+    shift = (pf[:, 0] - top) * math.log(2.0)
+    r = torch.exp(shift)
+    s_part = pf[:, 1]
+    s_tot = (r * s_part).sum(0)
+    u_tot = (r * (pf[:, 2] * math.log(2.0) + shift * s_part)).sum(0)
+    d = {a: (torch.exp(a * shift) * pf[:, 3 + j] + _gap(shift, a) * s_part).sum(0)
+         for j, a in enumerate(tilted)}
+    return top, where, s_tot, u_tot, d
+
+
+def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...], *,
+                           normed: bool = False, targets: torch.Tensor | None = None,
+                           with_top_token: bool = False,
+                           config: KernelConfig | None = None) -> LensStatistics:
+    """Entropies (n x len(alphas)) of the lens distributions of hidden (n x d), one pass.
+
+    hidden: pre-norm rows (normed=True: already normed and projected). targets: (n,) int64
+    token ids in [0, V) (others give nan surprisal and rank -1). Orders must be validated
+    (entropy.validate_alphas); more than four orders other than 0, 1 and inf take one
+    extra pass per four.
+    """
+    weight = lens.head.weight.detach()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    bias = getattr(lens.head, "bias", None)
+    spec = None
+    if not normed:
+        spec = _norm_spec(lens) if lens.projection is None else None
+        if spec is None:  # projection or unrecognized norm: the module itself, in torch
+            hidden = lens.normalize(hidden)
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    if d != weight.shape[1] or hidden.device != weight.device:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} on {hidden.device} do not fit "
+                         f"the head {tuple(weight.shape)} on {weight.device}")
+    device = hidden.device
+    cfg = config or default_config(device, weight.dtype)
+    interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    softcap = float(lens.softcap) if lens.softcap else 0.0
+    if n == 0:
+        empty = torch.empty(0, device=device)
+        return LensStatistics(torch.empty(0, len(alphas), device=device),
+                              empty.long() if with_top_token else None,
+                              None if targets is None else empty,
+                              None if targets is None else empty.long())
+    if targets is not None:
+        targets = targets.to(device=device, dtype=torch.int64).contiguous()
+
+    # 1. prologue: norm (and cast) written once; the targets' exact logits
+    write_y = spec is not None or hidden.dtype != weight.dtype or hidden.stride(1) != 1
+    x = torch.empty((n, d), device=device, dtype=weight.dtype) if write_y else hidden
+    est = torch.empty(n, device=device, dtype=torch.float32)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if write_y or targets is not None:
+            block_d = triton.next_power_of_2(d)
+            _lens_prologue_kernel[(n,)](
+                hidden, x, _ptr(spec, "weight", x), _ptr(spec, "bias", x), weight,
+                x if bias is None else bias, x if targets is None else targets, est,
+                vocab, d, hidden.stride(0), x.stride(0), weight.stride(0),
+                float(spec.eps) if spec else 0.0, float(spec.weight_offset) if spec else 0.0,
+                float(lens.logit_scale), softcap,
+                NORM=0 if spec is None else 1 if spec.kind == "layernorm" else 2,
+                HAS_NW=spec is not None and spec.weight is not None,
+                HAS_NB=spec is not None and spec.bias is not None, HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap > 0, WRITE_Y=write_y, HAS_TARGETS=targets is not None,
+                BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 512)))
+
+        # 2. main pass(es): partial statistics per (row block, vocabulary split)
+        n_row_blocks = triton.cdiv(n, cfg.block_n)
+        n_tiles = triton.cdiv(vocab, cfg.block_v)
+        n_splits = _n_splits(cfg, device, n_row_blocks, n_tiles)
+        pf = torch.empty((n_splits, 7, n), device=device, dtype=torch.float32)
+        pi = torch.empty((n_splits, 2, n), device=device, dtype=torch.int32)
+        log2e = 1.0 / math.log(2.0)
+        in_scale = float(lens.logit_scale) / softcap if softcap else 1.0
+        out_scale = softcap * log2e if softcap else float(lens.logit_scale) * log2e
+        tilted = [a for a in alphas if a not in (0.0, 1.0) and not math.isinf(a)]
+        groups = [tilted[i:i + _MAX_TILTED] for i in range(0, len(tilted), _MAX_TILTED)] or [[]]
+        gaps: dict[float, torch.Tensor] = {}
+        for g, orders in enumerate(groups):
+            slots = orders + [0.0] * (_MAX_TILTED - len(orders))
+            kinds = [_kind(a) for a in orders] + [_UNUSED] * (_MAX_TILTED - len(orders))
+            _lens_entropy_kernel[(n_row_blocks * n_splits,)](
+                x, weight, weight if bias is None else bias,
+                pi if targets is None else targets, est, pf, pi, n, vocab, d,
+                x.stride(0), weight.stride(0), triton.cdiv(n_tiles, n_splits), n_splits,
+                in_scale, out_scale, *slots,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+                EVEN_V=vocab % cfg.block_v == 0, EVEN_D=d % cfg.block_k == 0,
+                K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3],
+                WITH_ARGMAX=with_top_token and g == 0, HAS_TARGETS=targets is not None and g == 0,
+                UPCAST=interpret, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+                FLAT=cfg.flat, GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            top, where, s_tot, u_tot, d_tot = _merge(pf, orders)
+            gaps.update({a: dv / s_tot for a, dv in d_tot.items()})
+            if g == 0:
+                first = (top, where, s_tot, u_tot, pi.clone() if len(groups) > 1 else pi)
+
+    # 3. entropies from the merged sums (module docstring), in nats
+    top, where, s_tot, u_tot, pi = first
+    log_s = torch.log(s_tot)
+    columns = []
+    for a in alphas:
+        if a == 1.0:
+            columns.append(log_s - u_tot / s_tot)
+        elif math.isinf(a):
+            columns.append(log_s)
+        elif a == 0.0:
+            columns.append(torch.full_like(log_s, math.log(vocab)))
+        else:
+            columns.append(log_s - torch.log1p(gaps[a]) / (a - 1.0))
+    stats = LensStatistics(entropy=torch.stack(columns, dim=1).float())
+    if with_top_token:
+        stats.top_token = pi[:, 0].gather(0, where[None])[0].long()
+    if targets is not None:
+        valid = (targets >= 0) & (targets < vocab)
+        surprisal = (log_s + top * math.log(2.0)) - est.double()
+        stats.target_surprisal = torch.where(valid, surprisal, math.nan).float()
+        stats.target_rank = torch.where(valid, pi[:, 1].sum(0).long(), -1)
+    return stats
+
+
+def _ptr(spec, name: str, dummy: torch.Tensor) -> torch.Tensor:
+    value = None if spec is None else getattr(spec, name)
+    return dummy if value is None else value.detach()
+

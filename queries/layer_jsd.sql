@@ -1,0 +1,14 @@
+-- Histogram Jensen-Shannon divergence per layer between the per-token entropies of two groups (a model, narrowed to a run and/or prompt ids); layers matched as in the layer_map view. jsd in nats (0 .. ln 2), js_distance = sqrt(jsd) as scipy's jensenshannon.
+-- @param model_a VARCHAR : model of group A
+-- @param run_a VARCHAR = NULL : only this run in group A
+-- @param prompts_a INTEGER[] = NULL : only these prompt ids in group A
+-- @param model_b VARCHAR = NULL : model of group B (default: model_a)
+-- @param run_b VARCHAR = NULL : only this run in group B
+-- @param prompts_b INTEGER[] = NULL : only these prompt ids in group B
+-- @param alpha DOUBLE = 1.0 : Rényi order
+-- @param n_bins INTEGER = 50 : equal-width histogram bins over both groups' range
+SELECT layer_a, layer_b, n_a, n_b, jsd, sqrt(greatest(jsd, 0)) AS js_distance
+FROM jsd_layers(false, $model_a::VARCHAR, $run_a::VARCHAR, $prompts_a::INTEGER[],
+                coalesce($model_b::VARCHAR, $model_a::VARCHAR), $run_b::VARCHAR,
+                $prompts_b::INTEGER[], $alpha::DOUBLE, NULL::VARCHAR[], $n_bins::INTEGER)
+ORDER BY layer_a;

