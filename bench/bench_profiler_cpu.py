@@ -28,12 +28,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from entropy_fast import EntropyProfiler
+from entropy_fast.data import sample_prompts
 from entropy_fast.hooks import find_decoder_layers
 from entropy_fast.loading import load_model
 
-SAMPLE = [line for line in open(__file__.replace("bench/bench_profiler_cpu.py",
-                                                 "entropy_fast/data/sample_prompts.txt"))
-          .read().splitlines() if line.strip()]
+SAMPLE = sample_prompts()
 
 
 def build(name: str):
@@ -101,7 +100,7 @@ def timed(fn, repeat=1):
 
 
 def texts_of(tokenizer, n_texts=8, n_tokens=128) -> list[list[int]]:
-    stream = tokenizer(" ".join(SAMPLE * 4))["input_ids"]
+    stream = tokenizer(" ".join(SAMPLE * (1 + n_texts * n_tokens // 300)))["input_ids"]
     return [stream[i * n_tokens:(i + 1) * n_tokens] for i in range(n_texts)]
 
 
@@ -142,8 +141,9 @@ def peak_rss_mb(name: str, n_texts: int) -> float:
         "[0 for _ in p.profile_token_ids(s)];"
         "print(base/1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
     before, after = map(float, out.stdout.split()[-2:])
     return round(before, 1), round(after, 1)
 
@@ -158,6 +158,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         row = bench_model(name, args.seed_baseline_prompts)
+        print(json.dumps(row), flush=True)
         for n_texts in (4, 32):
             before, after = peak_rss_mb(name, n_texts)
             row[f"rss_mb_{n_texts}x128_loaded"] = before

@@ -104,6 +104,7 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
             f"{path}: unsupported corpus format {path.suffix!r}; "
             f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
+    unit = "row" if reader is _parquet_records else "line"
     prompts: list[Prompt] = []
     skipped: list[tuple[int, str]] = []
     for line, text, problem in reader(path, text_field):
@@ -114,15 +115,16 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
         elif on_error == "skip":
             skipped.append((line, problem))
         else:
-            raise CorpusError(f"{path} line {line}: {problem} (use --on-bad-line skip to skip it)")
+            raise CorpusError(f"{path} {unit} {line}: {problem} "
+                              "(use --on-bad-line skip to skip it)")
     if not prompts:
         detail = f" ({len(skipped)} bad records skipped)" if skipped else ""
         raise CorpusError(f"{path}: the corpus has no prompts{detail}")
     return Corpus(str(path), prompts, skipped)
 
 
-Record = tuple[int, str, "str | None"]
-"""(1-based line, text, problem or None) as the per-format readers yield them."""
+Record = tuple[int, str, str | None]
+"""(1-based line or row, text, problem or None) as the per-format readers yield them."""
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:

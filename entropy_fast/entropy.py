@@ -83,13 +83,13 @@ def renyi_entropy(probs: torch.Tensor, alpha: float, dim: int = -1) -> torch.Ten
     return torch.log(p.pow(alpha).sum(dim=dim)) / (1.0 - alpha)
 
 
-def _tilted_gap(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """exp(alpha x) - exp(x) for x <= 0, accurate for alpha near 1."""
+def _tilted_gap(x: torch.Tensor, alpha: float, exp_x: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(alpha x) - exp(x) for x <= 0, accurate for alpha near 1 (exp_x: exp(x) if known)."""
+    exp_x = torch.exp(x) if exp_x is None else exp_x
     delta = alpha - 1.0
     if abs(delta) < _EXPM1_BAND:
-        x = x.clamp(min=-_NEGLIGIBLE_LOGIT_GAP)
-        return torch.exp(x) * torch.expm1(delta * x)
-    return torch.exp(alpha * x) - torch.exp(x)
+        return exp_x * torch.expm1(delta * x.clamp(min=-_NEGLIGIBLE_LOGIT_GAP))
+    return torch.exp(alpha * x) - exp_x
 
 
 @dataclass
@@ -136,14 +136,18 @@ class OnlineEntropy:
         self.m: torch.Tensor | None = None
 
     def update(self, logits: torch.Tensor) -> None:
-        """Fold one (n_rows x chunk) block of float32 logits into the statistics."""
+        """Fold one (n_rows x chunk) block of float32 logits into the statistics.
+
+        The block is consumed: it is overwritten in place to save memory traffic.
+        """
         m_chunk, argmax_chunk = logits.max(dim=1)
         m_new = m_chunk if self.m is None else torch.maximum(self.m, m_chunk)
-        x = logits - m_new[:, None]
+        self._track_tokens(logits, m_chunk, argmax_chunk)
+        x = logits.sub_(m_new[:, None])
         e = torch.exp(x)
         s_chunk = e.sum(dim=1)
-        u_chunk = (e * x).sum(dim=1)
-        d_chunk = [_tilted_gap(x, a).sum(dim=1) for a in self._tilted]
+        u_chunk = torch.linalg.vecdot(e, x)
+        d_chunk = [_tilted_gap(x, a, e).sum(dim=1) for a in self._tilted]
         if self.m is None:
             self.s, self.u, self.d = s_chunk, u_chunk, d_chunk
         else:
@@ -155,7 +159,6 @@ class OnlineEntropy:
             ]
             self.u = scale * (self.u + shift * self.s) + u_chunk
             self.s = scale * self.s + s_chunk
-        self._track_tokens(logits, m_chunk, argmax_chunk)
         self.m = m_new
         self._offset += logits.shape[1]
 

@@ -121,16 +121,21 @@ def load_model(model, tokenizer=None, dtype: str | torch.dtype | None = None,
     """Return (model in eval mode on `device`, tokenizer, display name).
 
     `model` is a built-in alias, a .gguf file, a local HF folder, a hub id, or a loaded
-    `PreTrainedModel` (then pass its `tokenizer`, or it is loaded from model.name_or_path).
+    `PreTrainedModel` (then pass its `tokenizer`, or it is loaded from model.name_or_path);
+    an object is moved to `device`, and cast only when `dtype` is given.
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    if isinstance(model, torch.nn.Module) and (load_in_8bit or load_in_4bit):
+        raise ValueError("load_in_8bit/load_in_4bit apply when loading by name or path; "
+                         "a model object is used as it is")
     extra = _quantization(load_in_8bit, load_in_4bit)
     if isinstance(model, torch.nn.Module):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(name)
-        loaded = model if extra else model.to(device)
-        return loaded.eval(), tokenizer, name
+        if dtype is not None and dtype != "auto":  # an object keeps its dtype unless told
+            model = model.to(resolve_dtype(dtype, device))
+        return model.to(device).eval(), tokenizer, name
+    dtype = resolve_dtype(dtype, device)
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a name, a path or a PreTrainedModel, got {type(model)}")
     name = str(model)

@@ -26,6 +26,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from entropy_fast.store import ENTROPY_SCHEMA, PROMPTS_SCHEMA, Store
 
@@ -204,6 +205,24 @@ class ProfileStore:
         named = queries[name]
         return self.sql(named.sql, named.bind(params), output=output)
 
+    def check(self) -> tuple[list[str], list[str]]:
+        """Validate the store: (problems, notes), each a list of one-line messages.
+
+        Problems: committed files missing, unreadable or with other row counts than the
+        manifest says, parts without a run record, a prompt committed twice, and every
+        failed check of the `integrity` query. Notes: uncommitted files (harmless; the next
+        writer of that shard removes them) and runs that are not complete.
+        """
+        problems = _check_files(self.store)
+        notes = _uncommitted_notes(self.store)
+        notes += [f"run {r.run_id} shard {r.shard_key} ({r.model}) is {r.status}"
+                  + (f" ({r.error})" if r.error else "") + "; run it again to finish it"
+                  for r in self.store.runs() if r.status != "complete"]
+        if not problems:
+            problems += [_integrity_problem(row) for row in self.query("integrity").to_pylist()
+                         if not row["ok"]]
+        return problems, notes
+
     def close(self) -> None:
         """Close the DuckDB connection."""
         self.con.close()
@@ -244,3 +263,66 @@ def _runs_table(store: Store) -> pa.Table:
         record["settings"] = json.dumps(record["settings"], sort_keys=True)
         records.append({f.name: record[f.name] for f in _RUNS_SCHEMA})
     return pa.Table.from_pylist(records, schema=_RUNS_SCHEMA)
+
+
+def _check_files(store: Store) -> list[str]:
+    """Manifest against files: existence, readability, row counts, run records, overlaps."""
+    problems = []
+    shards = {(r.run_id, r.shard) for r in store.runs()}
+    seen: dict[tuple[str, int], str] = {}
+    for entry in store.manifest():
+        if (entry.run_id, entry.shard) not in shards:
+            problems.append(f"part {entry.entropy_file} has no run record "
+                            f"(runs/{entry.run_id}.s{entry.shard}of{entry.n_shards}.json)")
+        for relative, expected in ((entry.entropy_file, entry.n_rows),
+                                   (entry.prompts_file, entry.n_prompts)):
+            problem = _file_problem(store.root / relative, expected)
+            if problem:
+                problems.append(f"{relative}: {problem}")
+        for prompt_id in entry.prompt_ids:
+            first = seen.setdefault((entry.run_id, prompt_id), entry.entropy_file)
+            if first != entry.entropy_file:
+                problems.append(f"run {entry.run_id}: prompt {prompt_id} is committed in both "
+                                f"{first} and {entry.entropy_file}")
+    return problems
+
+
+def _file_problem(path: Path, expected_rows: int) -> str | None:
+    if not path.is_file():
+        return "committed in the manifest but missing"
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as err:
+        return f"unreadable ({err})"
+    return None if rows == expected_rows else f"{rows} rows, the manifest says {expected_rows}"
+
+
+def _uncommitted_notes(store: Store) -> list[str]:
+    committed = {e.entropy_file for e in store.manifest()} | {e.prompts_file
+                                                              for e in store.manifest()}
+    stray = [p for folder in ("entropy", "prompts") for p in (store.root / folder).rglob("*")
+             if p.is_file() and str(p.relative_to(store.root)) not in committed]
+    if not stray:
+        return []
+    return [f"{len(stray)} uncommitted file(s), e.g. {stray[0].relative_to(store.root)}: left "
+            "by an interrupted writer; readers ignore them and the next run of that shard "
+            "deletes them"]
+
+
+def _integrity_problem(row: dict[str, Any]) -> str:
+    """One line naming what the integrity query found wrong with a run."""
+    checks = [
+        (row["n_rows"] != row["expected_rows"],
+         f"{row['n_rows']} rows where its {row['n_tokens']} tokens imply "
+         f"{row['expected_rows']}"),
+        (row["n_duplicates"], f"{row['n_duplicates']} duplicate (prompt, pos, layer, alpha)"),
+        (row["n_duplicate_prompts"], f"{row['n_duplicate_prompts']} prompts stored twice"),
+        (row["complete"] and row["n_missing_prompts"],
+         f"{row['n_missing_prompts']} corpus prompts missing"),
+        (row["n_prompts_with_wrong_rows"],
+         f"{row['n_prompts_with_wrong_rows']} prompts with a wrong number of rows"),
+        (row["n_nan"], f"{row['n_nan']} NaN entropies"),
+        (row["n_inf"], f"{row['n_inf']} infinite entropies"),
+        (row["n_negative"], f"{row['n_negative']} negative entropies"),
+    ]
+    return f"run {row['run_id']} ({row['model']}): " + "; ".join(t for bad, t in checks if bad)

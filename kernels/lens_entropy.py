@@ -66,6 +66,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 rounded to the nearest bf16 (ties to even), still fp32; the interpreter's own
+    fp32 -> bf16 cast truncates, a GPU's rounds: this makes both round the same way."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fold_tilted(d, a, x, xc, e, s, r, s_old, KIND: tl.constexpr):
     """One order's D_a: rescale to the new max, add this tile's sum of 2^(a x) - 2^x."""
     if KIND == 1:
@@ -239,7 +248,7 @@ def _lens_prologue_kernel(
     eps, w_offset, scale, softcap,
     NORM: tl.constexpr, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, WRITE_Y: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One row: fp32 final norm (NORM 0 none, 1 LayerNorm, 2 RMSNorm), written in Y's dtype
     (the head's); with targets, EST = the target's logit in nats from the rounded row."""
@@ -255,6 +264,8 @@ def _lens_prologue_kernel(
             x = x * (tl.load(NW + cols, mask=ok, other=0.0).to(tl.float32) + w_offset)
         if HAS_NB:
             x = x + tl.load(NB + cols, mask=ok, other=0.0).to(tl.float32)
+    if ROUND_BF16:
+        x = _round_bf16(x)
     y = x.to(Y.dtype.element_ty)
     if WRITE_Y:
         tl.store(Y + row * stride_yn + cols, y, mask=ok)
@@ -402,6 +413,7 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
                 HAS_NW=spec is not None and spec.weight is not None,
                 HAS_NB=spec is not None and spec.bias is not None, HAS_BIAS=bias is not None,
                 HAS_SOFTCAP=softcap > 0, WRITE_Y=write_y, HAS_TARGETS=targets is not None,
+                ROUND_BF16=x.dtype == torch.bfloat16,
                 BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 512)))
 
         # 2. main pass(es): partial statistics per (row block, vocabulary split)

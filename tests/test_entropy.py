@@ -15,7 +15,7 @@ VOCAB = 1013
 def streamed(logits: torch.Tensor, alphas=ALPHAS, chunk: int = 97, **kwargs):
     online = OnlineEntropy(alphas, **kwargs)
     for block in logits.float().split(chunk, dim=1):
-        online.update(block)
+        online.update(block.clone())  # update consumes its input
     return online.finalize()
 
 

@@ -1,0 +1,87 @@
+"""Corpus files: .txt, .jsonl, .parquet, and every kind of bad input with its line number."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from entropy_fast.corpus import Corpus, CorpusError, read_corpus
+
+TEXTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+
+
+def test_txt_skips_blank_lines_and_keeps_line_numbers(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(f"{TEXTS[0]}\n\n{TEXTS[1]}\r\n   \n{TEXTS[2]}")
+    corpus = read_corpus(path)
+    assert corpus.texts == TEXTS
+    assert [p.prompt_id for p in corpus.prompts] == [0, 1, 2]
+    assert [p.source_line for p in corpus.prompts] == [1, 3, 5]
+
+
+def test_formats_agree_and_fingerprint_follows_content(tmp_path):
+    (tmp_path / "c.txt").write_text("\n".join(TEXTS))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": t, "n": 1}) for t in TEXTS))
+    pq.write_table(pa.table({"body": TEXTS}), tmp_path / "c.parquet")
+    corpora = [read_corpus(tmp_path / "c.txt"),
+               read_corpus(tmp_path / "c.jsonl", text_field="body"),
+               read_corpus(tmp_path / "c.parquet", text_field="body")]
+    assert all(c.texts == TEXTS for c in corpora)
+    assert len({c.fingerprint for c in corpora}) == 1
+    assert Corpus.from_texts(TEXTS[:2]).fingerprint != corpora[0].fingerprint
+    # no ambiguity from concatenation: ["ab", "c"] vs ["a", "bc"]
+    assert Corpus.from_texts(["ab", "c"]).fingerprint != Corpus.from_texts(["a", "bc"]).fingerprint
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"text": "ok", ', "line 2: not valid JSON"),
+    ('{"other": "x"}', "line 2: no 'text' field (fields: other"),
+    ('{"text": 3}', "line 2: field 'text' is int"),
+    ('["a"]', "line 2: expected a JSON object"),
+    ('{"text": "  "}', "line 2: empty text"),
+])
+def test_bad_jsonl_line_is_named(tmp_path, line, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + '\n{"text": "also fine"}\n')
+    with pytest.raises(CorpusError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        read_corpus(path)
+    skipped = read_corpus(path, on_error="skip")
+    assert skipped.texts == ["fine", "also fine"]
+    assert [p.prompt_id for p in skipped.prompts] == [0, 1]
+    assert skipped.skipped[0][0] == 2
+
+
+def test_invalid_utf8_is_named(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"good\nbad \xff\xfe\n")
+    with pytest.raises(CorpusError, match="line 2: not valid UTF-8"):
+        read_corpus(path)
+
+
+def test_parquet_problems(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), path)
+    with pytest.raises(CorpusError, match="row 2: column 'text' is null"):
+        read_corpus(path)
+    with pytest.raises(CorpusError, match="no 'prompt' column"):
+        read_corpus(path, text_field="prompt")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(CorpusError, match="not a readable Parquet file"):
+        read_corpus(tmp_path / "junk.parquet")
+
+
+def test_missing_empty_and_unsupported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+        read_corpus(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(CorpusError, match="has no prompts"):
+        read_corpus(tmp_path / "empty.txt")
+    (tmp_path / "c.csv").write_text("text\na\n")
+    with pytest.raises(CorpusError, match="unsupported corpus format '.csv'"):
+        read_corpus(tmp_path / "c.csv")
+    (tmp_path / "bad.jsonl").write_text("{\n")
+    with pytest.raises(CorpusError, match=r"no prompts \(1 bad records skipped\)"):
+        read_corpus(tmp_path / "bad.jsonl", on_error="skip")

@@ -1,0 +1,247 @@
+"""The Parquet profile store: layout, round trip, commit protocol, resume, locking, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from entropy_fast.corpus import Corpus
+from entropy_fast.profile import EntropyProfile
+from entropy_fast.sql import ProfileStore
+from entropy_fast.store import MARKER, RunInfo, Store, StoreError
+
+ALPHAS = (2.0, 1.0, float("inf"))  # primary first, and not the smallest
+
+
+def random_profile(rng: np.random.Generator, n_tokens: int, layers: list[int],
+                   alphas=ALPHAS, scale: float = 5.0, extras: bool = False) -> EntropyProfile:
+    """A profile with random float32 entropies for every alpha (and optional statistics)."""
+    entropies = {a: torch.from_numpy(rng.random((n_tokens, len(layers)), dtype=np.float32)
+                                     * scale) for a in alphas}
+    shape = (n_tokens, len(layers))
+    stats = {}
+    if extras:
+        stats = {"top_token_ids": torch.from_numpy(rng.integers(0, 500, shape)),
+                 "target_surprisal": torch.from_numpy(rng.random(shape, dtype=np.float32)),
+                 "target_rank": torch.from_numpy(rng.integers(0, 50, shape))}
+    return EntropyProfile(
+        entropy=entropies[alphas[0]], token_ids=torch.from_numpy(rng.integers(0, 1000, n_tokens)),
+        layer_indices=layers, alpha=alphas[0], model_name="m",
+        metadata={"prompt_token_ids": [int(t) for t in rng.integers(0, 1000, 3)]},
+        entropies=entropies, **stats)
+
+
+def run_info(model: str, corpus: Corpus, alphas=ALPHAS, **kw) -> RunInfo:
+    return RunInfo.new(model, corpus.path, corpus.fingerprint, len(corpus), alphas=alphas,
+                       layer_stride=1, max_new_tokens=0, dtype="float32", generator="hf", **kw)
+
+
+def fill(store: Store, info: RunInfo, corpus: Corpus, profiles: dict[int, EntropyProfile],
+         **writer_options) -> None:
+    with store.writer(info, **writer_options) as writer:
+        for prompt_id in writer.pending:
+            writer.add(corpus.prompts[prompt_id], profiles[prompt_id])
+
+
+@pytest.fixture
+def corpus() -> Corpus:
+    return Corpus.from_texts([f"prompt number {i}" for i in range(12)])
+
+
+@pytest.fixture
+def profiles(corpus) -> dict[int, EntropyProfile]:
+    rng = np.random.default_rng(0)
+    lengths = [5, 0, 1, 7, 3, 3, 9, 2, 4, 6, 1, 8]  # a prompt with no rows included
+    return {p.prompt_id: random_profile(rng, lengths[p.prompt_id], [0, 2, 4, 5], extras=True)
+            for p in corpus.prompts}
+
+
+def test_round_trip_is_exact(tmp_path, corpus, profiles):
+    store = Store(tmp_path / "s", create=True)
+    info = run_info("org/model name", corpus)
+    fill(store, info, corpus, profiles, rows_per_part=100)
+    back = dict(store.read_profiles("org/model name"))
+    assert sorted(back) == list(range(len(corpus)))
+    for prompt_id, profile in back.items():
+        original = profiles[prompt_id]
+        assert profile.alpha == 2.0 and profile.alphas == ALPHAS
+        assert profile.layer_indices == [0, 2, 4, 5]
+        for alpha in ALPHAS:
+            assert torch.equal(profile.entropies[alpha], original.entropies[alpha])
+        assert torch.equal(profile.token_ids, original.token_ids)
+        assert profile.metadata["prompt"] == corpus.prompts[prompt_id].text
+        assert profile.metadata["prompt_token_ids"] == original.metadata["prompt_token_ids"]
+        if original.n_tokens:
+            assert torch.equal(profile.top_token_ids, original.top_token_ids)
+            assert torch.equal(profile.target_surprisal, original.target_surprisal)
+            assert torch.equal(profile.target_rank, original.target_rank)
+    aggregated = store.aggregated("org/model name", alpha=1.0)
+    assert [p.alpha for p in aggregated] == [1.0] * len(corpus)
+
+
+def test_parquet_layout(tmp_path, corpus, profiles):
+    store = Store(tmp_path / "s", create=True)
+    info = run_info("org/m", corpus)
+    fill(store, info, corpus, profiles, rows_per_part=200)
+    entries = store.manifest()
+    assert len(entries) > 1
+    for entry in entries:
+        assert f"model=org%2Fm/run={info.run_id}/" in entry.entropy_file
+        meta = pq.ParquetFile(store.root / entry.entropy_file).metadata
+        assert meta.num_row_groups == 1 and meta.num_rows == entry.n_rows
+        assert meta.metadata[b"entropy_fast.schema_version"] == b"1"
+        columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
+                   for i in range(meta.num_columns)}
+        assert "model" not in columns and "run" not in columns  # hive folders carry them
+        assert all(c.compression == "ZSTD" for c in columns.values())
+        assert "BYTE_STREAM_SPLIT" in columns["entropy"].encodings
+        assert columns["layer"].has_dictionary_page
+        # whole prompts per part; a part closes once it reaches rows_per_part
+        assert entry.n_rows == sum(3 * 4 * profiles[i].n_tokens for i in entry.prompt_ids)
+    assert all(e.n_rows >= 200 for e in entries[:-1])
+    assert sorted(i for e in entries for i in e.prompt_ids) == list(range(len(corpus)))
+
+
+def test_run_ids_are_deterministic(corpus):
+    a, b = run_info("m", corpus), run_info("m", corpus)
+    assert a.run_id == b.run_id and len(a.run_id) == 16
+    assert run_info("m", corpus, alphas=(1.0,)).run_id != a.run_id
+    assert run_info("other", corpus).run_id != a.run_id
+    assert run_info("m", Corpus.from_texts(["x"])).run_id != a.run_id
+    assert run_info("m", corpus, run_id="mine").run_id == "mine"
+    with pytest.raises(StoreError, match="run id"):
+        run_info("m", corpus, run_id="../escape")
+
+
+def test_resume_skips_committed_and_removes_uncommitted(tmp_path, corpus, profiles):
+    store = Store(tmp_path / "s", create=True)
+    info = run_info("m", corpus)
+    writer = store.writer(info, rows_per_part=10**9, flush_seconds=10**9)
+    for prompt_id in range(5):
+        writer.add(corpus.prompts[prompt_id], profiles[prompt_id])
+    writer.commit()
+    for prompt_id in range(5, 8):  # buffered, then "killed": never committed
+        writer.add(corpus.prompts[prompt_id], profiles[prompt_id])
+    os.close(writer._lock)  # what the kernel does when the process dies
+    # a part renamed into place but not recorded, and a temp file: a kill between steps
+    entropy, _ = store.part_paths(info, 2)
+    orphan = entropy.parent / entropy.name
+    orphan.write_bytes(b"junk")
+    temp = entropy.parent / f".{entropy.name}.123.tmp"
+    temp.write_bytes(b"junk")
+    with ProfileStore(store.root) as db:  # readers see committed rows only
+        assert db.sql("SELECT count(DISTINCT prompt_id) AS n FROM entropy")["n"][0].as_py() == 4
+    resumed = store.writer(run_info("m", corpus))
+    assert resumed.done == {0, 1, 2, 3, 4}
+    assert not orphan.exists() and not temp.exists()
+    for prompt_id in resumed.pending:
+        resumed.add(corpus.prompts[prompt_id], profiles[prompt_id])
+    resumed.close()
+    assert store.run(info.run_id).status == "complete"
+    ids = [i for e in store.manifest() for i in e.prompt_ids]
+    assert sorted(ids) == list(range(len(corpus)))  # nothing twice, nothing lost
+    with ProfileStore(store.root) as db:
+        problems, _ = db.check()
+    assert problems == []
+
+
+def test_a_second_writer_of_the_same_shard_is_refused(tmp_path, corpus):
+    store = Store(tmp_path / "s", create=True)
+    info = run_info("m", corpus)
+    with store.writer(info), pytest.raises(StoreError, match="another process"):
+        store.writer(run_info("m", corpus))
+    store.writer(run_info("m", corpus)).close()  # released
+
+
+def test_explicit_run_id_with_other_settings_is_refused(tmp_path, corpus):
+    store = Store(tmp_path / "s", create=True)
+    store.writer(run_info("m", corpus, run_id="r1")).close()
+    with pytest.raises(StoreError, match="already exists .* with other settings"):
+        store.writer(run_info("m", corpus, alphas=(1.0,), run_id="r1"))
+    with pytest.raises(StoreError, match="shards"):
+        store.writer(run_info("m", corpus, run_id="r1", shard=0, n_shards=2))
+
+
+def test_shards_split_the_corpus(tmp_path, corpus, profiles):
+    store = Store(tmp_path / "s", create=True)
+    for shard in range(3):
+        info = run_info("m", corpus, shard=shard, n_shards=3)
+        assert list(info.prompt_ids) == list(range(shard, len(corpus), 3))
+        fill(store, info, corpus, profiles)
+    assert len({r.run_id for r in store.runs()}) == 1 and len(store.runs()) == 3
+    assert sorted(i for e in store.manifest() for i in e.prompt_ids) == list(range(len(corpus)))
+
+
+def test_store_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Store(tmp_path / "none")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "data.csv").write_text("x")
+    with pytest.raises(StoreError, match="not an entropy-fast store"):
+        Store(tmp_path / "plain")
+    with pytest.raises(StoreError, match="not empty and is not an entropy-fast store"):
+        Store(tmp_path / "plain", create=True)
+    Store(tmp_path / "new", create=True)
+    marker = tmp_path / "new" / MARKER
+    payload = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**payload, "schema_version": 99}))
+    with pytest.raises(StoreError, match="schema version 99.*upgrade entropy-fast"):
+        Store(tmp_path / "new")
+
+
+def test_profile_lacking_an_alpha_or_with_other_layers_is_refused(tmp_path, corpus):
+    store = Store(tmp_path / "s", create=True)
+    rng = np.random.default_rng(1)
+    with store.writer(run_info("m", corpus)) as writer:
+        with pytest.raises(StoreError, match="lacks alphas"):
+            writer.add(corpus.prompts[0], random_profile(rng, 2, [0, 1], alphas=(1.0,)))
+        writer.add(corpus.prompts[0], random_profile(rng, 2, [0, 1]))
+        with pytest.raises(StoreError, match="has layers"):
+            writer.add(corpus.prompts[1], random_profile(rng, 2, [0, 2]))
+        with pytest.raises(StoreError, match="already committed"):
+            writer.commit()
+            writer.add(corpus.prompts[0], random_profile(rng, 2, [0, 1]))
+
+
+WRITER_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from tests.test_store import random_profile, run_info
+    from entropy_fast.corpus import Corpus
+    from entropy_fast.store import Store
+
+    model = sys.argv[2]
+    corpus = Corpus.from_texts([f"p{i}" for i in range(300)])
+    rng = np.random.default_rng(len(model))
+    store = Store(sys.argv[1], create=True)
+    with store.writer(run_info(model, corpus), rows_per_part=500) as writer:
+        for prompt in corpus.prompts:
+            writer.add(prompt, random_profile(rng, 4, [0, 1, 2, 3]))
+""")
+
+
+def test_two_processes_write_one_store(tmp_path):
+    """Different models written at the same time by two processes (a new store included)."""
+    root = str(tmp_path / "shared")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, root, model], env=env,
+                              stderr=subprocess.PIPE, text=True)
+             for model in ("model-a", "model-b")]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    store = Store(root)
+    assert sorted(r.model for r in store.runs()) == ["model-a", "model-b"]
+    assert all(r.status == "complete" for r in store.runs())
+    with ProfileStore(root) as db:
+        problems, _ = db.check()
+        counts = db.sql("SELECT model, count(*) AS n FROM entropy GROUP BY ALL").to_pydict()
+    assert problems == []
+    assert counts["n"] == [300 * 4 * 4 * 3] * 2
