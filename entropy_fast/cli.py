@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from entropy_fast.corpus import Corpus, read_corpus
-from entropy_fast.sql import ProfileStore, QueryError, named_queries
+from entropy_fast.sql import ProfileStore, QueryError, check_store, named_queries
 from entropy_fast.store import SCHEMA_VERSION, RunInfo, Store, StoreError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -463,7 +463,8 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="Rényi order to compare")
     p.add_argument("--metric", choices=("jsd", "wasserstein"), default="jsd",
                    help="per-layer distance, averaged over matched layers")
-    p.add_argument("--n-bins", type=int, default=50, help="histogram bins (jsd)")
+    p.add_argument("--bin-width", type=float, default=0.25,
+                   help="histogram bin width in nats (jsd; bins anchored at 0)")
     p.add_argument("--plot", metavar="PATH", default="compare.png",
                    help="PNG of the models' mean profiles (default: compare.png)")
     p.add_argument("--no-plot", action="store_true", help="draw no plot")
@@ -485,7 +486,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if len(corpora) > 1:
             print("note: these runs profiled different corpora", file=sys.stderr)
         rows = db.query("model_distances", alpha=args.alpha, metric=args.metric,
-                        n_bins=args.n_bins, runs=[r.run_id for r in runs]).to_pylist()
+                        bin_width=args.bin_width, runs=[r.run_id for r in runs]).to_pylist()
         models = sorted({r.model for r in runs})
         print(f"{args.metric} distance, alpha={_fmt_alpha(args.alpha)}, mean over matched "
               f"layers; runs: {', '.join(f'{r.model}={r.run_id}' for r in runs)}")
@@ -556,8 +557,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     Exit status 0 when the store is sound, 1 when a problem was found.
     """
-    with ProfileStore(args.store) as db:
-        problems, notes = db.check()
+    problems, notes = check_store(args.store)
     for note in notes:
         print(f"note: {note}")
     for problem in problems:

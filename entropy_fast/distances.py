@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ SRVF_KNOT_GRID = 8
 
 # Working-set bound (float64 elements) of one block in the pairwise loops.
 _BLOCK_ELEMENTS = 1 << 22
+# Largest (profiles x bins) count table of the JSD.
+_MAX_HISTOGRAM_CELLS = 1 << 28
 
 Profiles = Sequence[EntropyProfile] | AggregatedProfile
 
@@ -121,53 +124,108 @@ def _aggregate(per_layer: torch.Tensor, aggregation: str) -> torch.Tensor:
     return per_layer.sum(dim=-1)
 
 
+# -- grouping by token count ----------------------------------------------------------
+
+
+def _token_count_order(values: Sequence[torch.Tensor]) -> tuple[np.ndarray, list[slice]]:
+    """Permutation that sorts profiles by token count, and the slice of each count."""
+    counts = np.array([v.shape[0] for v in values])
+    order = np.argsort(counts, kind="stable")
+    bounds = np.flatnonzero(np.diff(counts[order])) + 1
+    edges = [0, *bounds.tolist(), len(values)]
+    return order, [slice(a, b) for a, b in pairwise(edges)]
+
+
+class _Accumulator:
+    """Running mean / max / sum over layers of (N x N) blocks, filled block by block."""
+
+    def __init__(self, n: int, n_layers: int, aggregation: str) -> None:
+        self.aggregation, self.n_layers = aggregation, n_layers
+        fill = -np.inf if aggregation == "max" else 0.0
+        self.out = np.full((n, n), fill)
+
+    def add(self, rows: slice, cols: slice, block: np.ndarray) -> None:
+        """Fold in (r x c) values of one layer, or (n_layers x r x c) of all layers."""
+        if block.ndim == 3:
+            block = block.max(axis=0) if self.aggregation == "max" else block.sum(axis=0)
+        target = self.out[rows, cols]
+        if self.aggregation == "max":
+            np.maximum(target, block, out=target)
+        else:
+            target += block
+
+    def result(self, order: np.ndarray) -> np.ndarray:
+        out = self.out / self.n_layers if self.aggregation == "mean" else self.out
+        out = np.triu(out, 1)
+        out = out + out.T
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return out[np.ix_(inverse, inverse)]
+
+
 # -- Jensen-Shannon divergence on fixed-width bins --------------------------------------
 
 
-def _histograms(values: Sequence[torch.Tensor], bin_width: float,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Histograms of every profile at every layer on the bins floor(v / bin_width).
+def _bin_counts(values: Sequence[torch.Tensor], bin_width: float,
+                ) -> tuple[torch.Tensor, list[slice]]:
+    """Token counts of every profile in the bins floor(v / bin_width) of every layer.
 
-    values: per profile (n_tokens_i x n_layers) float64.
-    Returns H (n_profiles x F) float64, the frequencies of all layers side by side, and
-    the (F x n_layers) 0/1 matrix telling which layer each column belongs to. Layer l
-    owns the columns of the bins from the smallest to the largest occupied one.
+    values: per profile (n_tokens_i x n_layers) float64. Returns C (n_profiles x F) int64,
+    the counts of all layers side by side (layer l owns the columns of the bins from the
+    smallest to the largest occupied one in the collection), and each layer's columns.
     """
-    n_layers = values[0].shape[1]
     stacked = torch.cat(list(values))                                 # (sum n_i x L)
     owner = torch.repeat_interleave(torch.arange(len(values)),
                                     torch.tensor([v.shape[0] for v in values]))
-    weight = 1.0 / torch.tensor([float(v.shape[0]) for v in values], dtype=torch.float64)
     bins = torch.floor(stacked / bin_width).to(torch.int64)
     lowest, highest = bins.amin(dim=0), bins.amax(dim=0)
     widths = highest - lowest + 1
-    offsets = torch.cumsum(widths, 0) - widths
     n_columns = int(widths.sum())
-    columns = offsets + (bins - lowest)
-    flat = owner[:, None] * n_columns + columns
-    hist = torch.zeros(len(values) * n_columns, dtype=torch.float64)
-    hist.index_add_(0, flat.reshape(-1), weight[owner][:, None].expand_as(flat).reshape(-1))
-    layer_of = torch.repeat_interleave(torch.arange(n_layers), widths)
-    indicator = torch.nn.functional.one_hot(layer_of, n_layers).to(torch.float64)
-    return hist.view(len(values), n_columns), indicator
+    if len(values) * n_columns > _MAX_HISTOGRAM_CELLS:
+        raise ValueError(f"bin_width={bin_width} gives {n_columns} bins over all layers, too "
+                         f"many for {len(values)} profiles: use a larger bin_width")
+    offsets = torch.cumsum(widths, 0) - widths
+    flat = owner[:, None] * n_columns + offsets + (bins - lowest)
+    counts = torch.bincount(flat.reshape(-1), minlength=len(values) * n_columns)
+    ends = torch.cumsum(widths, 0).tolist()
+    layers = [slice(e - w, e) for e, w in zip(ends, widths.tolist(), strict=True)]
+    return counts.view(len(values), n_columns), layers
 
 
-def _xlogx(x: torch.Tensor) -> torch.Tensor:
-    return torch.special.xlogy(x, x)
+def _jsd_gain(u: torch.Tensor, n_u: int, v: torch.Tensor, n_v: int) -> torch.Tensor:
+    """f(p, q) = (p + q) ln(p + q) - p ln p - q ln q at p = u / n_u, q = v / n_v."""
+    p, q = u / n_u, v / n_v
+    return torch.special.xlogy(p + q, p + q) - torch.special.xlogy(p, p) - torch.special.xlogy(q, q)
 
 
-def _jsd_block(h_rows: torch.Tensor, h_cols: torch.Tensor, s_rows: torch.Tensor,
-               s_cols: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
-    """Per-layer JSD (n_rows x n_cols x n_layers) between two sets of histograms.
+def _jsd_blocks(values: Sequence[torch.Tensor], bin_width: float):
+    """Yield (layer, rows, cols, JSD block) over the profiles sorted by token count.
 
-    Uses JSD = ln 2 + (S_p + S_q - sum_k (p_k + q_k) ln(p_k + q_k)) / 2 with
-    S_p = sum_k p_k ln p_k, which follows from m = (p + q) / 2 and sum_k m_k = 1.
+    Uses JSD = ln 2 - 1/2 sum_k f(P_k, Q_k) with f as in _jsd_gain, which follows from
+    M = (P + Q) / 2 and sum P = sum Q = 1; f vanishes unless both bins are occupied. P_k is
+    a count u over n tokens, so sum_k f(P_k, Q_k) = E_a @ B_b^T with E_a the one-hot
+    encoding of the counts u = 1..U of group a and B_b[j, (k, u)] = f(u / n_a, c_jk / n_b):
+    one GEMM per layer and pair of token-count groups.
     """
-    both = h_rows[:, None, :] + h_cols[None, :, :]                    # (r x c x F)
-    torch.special.xlogy(both, both, out=both)
-    mixed = (both.view(-1, both.shape[-1]) @ indicator).view(*both.shape[:2], -1)
-    jsd = math.log(2.0) + 0.5 * (s_rows[:, None, :] + s_cols[None, :, :] - mixed)
-    return jsd.clamp_(0.0, math.log(2.0))
+    order, groups = _token_count_order(values)
+    counts, layers = _bin_counts([values[k] for k in order], bin_width)
+    sizes = [values[order[g.start]].shape[0] for g in groups]
+    for layer, columns in enumerate(layers):
+        c = counts[:, columns]
+        for ga, rows in enumerate(groups):
+            c_rows = c[rows]
+            u_max = int(c_rows.max())
+            onehot = torch.nn.functional.one_hot(c_rows, u_max + 1)[..., 1:]
+            onehot = onehot.reshape(c_rows.shape[0], -1).to(torch.float64)
+            u = torch.arange(1, u_max + 1, dtype=torch.float64)[:, None]
+            for gb in range(ga, len(groups)):
+                cols = groups[gb]
+                c_cols = c[cols]
+                v = torch.arange(int(c_cols.max()) + 1, dtype=torch.float64)[None, :]
+                table = _jsd_gain(u, sizes[ga], v, sizes[gb])             # (U_a x U_b + 1)
+                gains = table[:, c_cols].permute(1, 2, 0).reshape(c_cols.shape[0], -1)
+                jsd = (math.log(2.0) - 0.5 * (onehot @ gains.T)).clamp_(0.0, math.log(2.0))
+                yield layer, rows, cols, jsd
 
 
 def jsd_layer(p1: EntropyProfile, p2: EntropyProfile,
@@ -187,23 +245,27 @@ def jsd_layer(p1: EntropyProfile, p2: EntropyProfile,
     does not depend on what it is compared with.
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
-    hist, indicator = _histograms([_values(p1), _values(p2)], _check_bin_width(bin_width))
-    s = _xlogx(hist) @ indicator
-    return _jsd_block(hist[:1], hist[1:], s[:1], s[1:], indicator)[0, 0].numpy()
+    return _jsd_columns(_values(p1), _values(p2), _check_bin_width(bin_width)).numpy()
+
+
+def _jsd_columns(x: torch.Tensor, y: torch.Tensor, bin_width: float) -> torch.Tensor:
+    """(n_layers,) JSD between the columns of x (n1 x L) and y (n2 x L), as in jsd_layer."""
+    per_layer = torch.zeros(x.shape[1], dtype=torch.float64)
+    for layer, rows, cols, block in _jsd_blocks([x, y], bin_width):
+        if rows != cols:                       # two token-count groups: the one pair
+            per_layer[layer] = block[0, 0]
+        elif block.shape[0] == 2:              # one group: x and y are its two members
+            per_layer[layer] = block[0, 1]
+    return per_layer
 
 
 def _pairwise_jsd(values: list[torch.Tensor], bin_width: float, aggregation: str,
                   ) -> np.ndarray:
-    hist, indicator = _histograms(values, bin_width)
-    s = _xlogx(hist) @ indicator
-    n, n_columns = hist.shape
-    out = np.zeros((n, n))
-    rows = max(1, _BLOCK_ELEMENTS // (n * n_columns))
-    for i0 in range(0, n, rows):
-        i1 = min(i0 + rows, n)
-        block = _jsd_block(hist[i0:i1], hist[i0:], s[i0:i1], s[i0:], indicator)
-        out[i0:i1, i0:] = _aggregate(block, aggregation).numpy()
-    return out
+    order, _ = _token_count_order(values)
+    acc = _Accumulator(len(values), values[0].shape[1], aggregation)
+    for _, rows, cols, block in _jsd_blocks(values, bin_width):
+        acc.add(rows, cols, block.numpy())
+    return acc.result(order)
 
 
 # -- Wasserstein-1 ----------------------------------------------------------------------
@@ -255,25 +317,19 @@ def wasserstein_layer(p1: EntropyProfile, p2: EntropyProfile) -> np.ndarray:
 
 
 def _pairwise_wasserstein(values: list[torch.Tensor], aggregation: str) -> np.ndarray:
-    groups: dict[int, list[int]] = {}
-    for k, v in enumerate(values):
-        groups.setdefault(v.shape[0], []).append(k)
-    sorted_groups = {t: torch.stack([_sorted_layers(values[k]) for k in idx])
-                     for t, idx in groups.items()}
-    keys = sorted(groups)
-    n, n_layers = len(values), values[0].shape[1]
-    out = np.zeros((n, n))
-    for ga, t_a in enumerate(keys):
-        a_all, ia = sorted_groups[t_a], np.asarray(groups[t_a])
-        for t_b in keys[ga:]:
-            b, ib = sorted_groups[t_b], np.asarray(groups[t_b])
-            rows = max(1, _BLOCK_ELEMENTS // (len(ib) * n_layers * max(t_a, t_b)))
-            for r0 in range(0, len(ia), rows):
-                block = _aggregate(_w1_block(a_all[r0:r0 + rows], b).permute(1, 2, 0),
-                                   aggregation).numpy()
-                out[np.ix_(ia[r0:r0 + rows], ib)] = block
-                out[np.ix_(ib, ia[r0:r0 + rows])] = block.T
-    return out
+    order, groups = _token_count_order(values)
+    n_layers = values[0].shape[1]
+    acc = _Accumulator(len(values), n_layers, aggregation)
+    stacks = [torch.stack([_sorted_layers(values[k]) for k in order[g]]) for g in groups]
+    for ga, rows in enumerate(groups):
+        for gb in range(ga, len(groups)):
+            cols = groups[gb]
+            step = max(1, _BLOCK_ELEMENTS // (n_layers * (cols.stop - cols.start)))
+            for r0 in range(rows.start, rows.stop, step):
+                r1 = min(r0 + step, rows.stop)
+                block = _w1_block(stacks[ga][r0 - rows.start:r1 - rows.start], stacks[gb])
+                acc.add(slice(r0, r1), cols, block.numpy())
+    return acc.result(order)
 
 
 # -- Fisher-Rao between mean profiles ---------------------------------------------------
@@ -421,7 +477,8 @@ def _pairwise_srvf(curves: torch.Tensor) -> np.ndarray:
     for i0 in range(0, n, rows):
         i1 = min(i0 + rows, n)
         out[i0:i1, i0:] = _srvf_block(roots[i0:i1], roots[i0:]).numpy()
-    return out
+    out = np.triu(out, 1)
+    return out + out.T
 
 
 # -- entry points -----------------------------------------------------------------------
@@ -466,12 +523,9 @@ def pairwise_distances(profiles: Profiles, metric: str = "jsd", aggregation: str
         profiles = profiles.profiles
     values = [_values(p) for p in _check_profiles(profiles)]
     if metric == "jsd":
-        out = _pairwise_jsd(values, _check_bin_width(bin_width), aggregation)
-    elif metric == "wasserstein":
+        return _pairwise_jsd(values, _check_bin_width(bin_width), aggregation)
+    if metric == "wasserstein":
         return _pairwise_wasserstein(values, aggregation)
-    elif metric == "fisher_rao":
+    if metric == "fisher_rao":
         return _pairwise_fisher_rao(_mean_profiles(values))
-    else:
-        out = _pairwise_srvf(_mean_profiles(values))
-    out = np.triu(out, 1)
-    return out + out.T
+    return _pairwise_srvf(_mean_profiles(values))

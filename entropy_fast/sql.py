@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from entropy_fast.store import ENTROPY_SCHEMA, PROMPTS_SCHEMA, Store
+from entropy_fast.store import ENTROPY_SCHEMA, PROMPTS_SCHEMA, Store, StoreError
 
 _PARAM = re.compile(
     r"^--\s*@param\s+(?P<name>\w+)\s+(?P<type>[A-Z]+(?:\[\])?)"
@@ -175,7 +175,12 @@ class ProfileStore:
         else:
             typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
             select = f"SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_id, {typed} WHERE false"
-        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+        try:
+            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+        except duckdb.IOException as err:
+            raise StoreError(f"{self.store.root}: a committed file is missing or unreadable "
+                             f"({str(err).splitlines()[0]}); run `entropy-fast check` on it"
+                             ) from err
 
     def sql(self, query: str, params: dict[str, Any] | None = None, *,
             output: str = "arrow") -> Any:
@@ -204,24 +209,6 @@ class ProfileStore:
             raise QueryError(f"unknown query {name!r}; named queries: {', '.join(queries)}")
         named = queries[name]
         return self.sql(named.sql, named.bind(params), output=output)
-
-    def check(self) -> tuple[list[str], list[str]]:
-        """Validate the store: (problems, notes), each a list of one-line messages.
-
-        Problems: committed files missing, unreadable or with other row counts than the
-        manifest says, parts without a run record, a prompt committed twice, and every
-        failed check of the `integrity` query. Notes: uncommitted files (harmless; the next
-        writer of that shard removes them) and runs that are not complete.
-        """
-        problems = _check_files(self.store)
-        notes = _uncommitted_notes(self.store)
-        notes += [f"run {r.run_id} shard {r.shard_key} ({r.model}) is {r.status}"
-                  + (f" ({r.error})" if r.error else "") + "; run it again to finish it"
-                  for r in self.store.runs() if r.status != "complete"]
-        if not problems:
-            problems += [_integrity_problem(row) for row in self.query("integrity").to_pylist()
-                         if not row["ok"]]
-        return problems, notes
 
     def close(self) -> None:
         """Close the DuckDB connection."""
@@ -263,6 +250,27 @@ def _runs_table(store: Store) -> pa.Table:
         record["settings"] = json.dumps(record["settings"], sort_keys=True)
         records.append({f.name: record[f.name] for f in _RUNS_SCHEMA})
     return pa.Table.from_pylist(records, schema=_RUNS_SCHEMA)
+
+
+def check_store(path: str | Path) -> tuple[list[str], list[str]]:
+    """Validate a store: (problems, notes), each a list of one-line messages.
+
+    Problems: committed files missing, unreadable or with other row counts than the
+    manifest says, parts without a run record, a prompt committed twice, and (when the
+    files are sound) every failed check of the `integrity` query. Notes: uncommitted files
+    (harmless; the next writer of that shard removes them) and runs not complete.
+    """
+    store = Store(path)
+    problems = _check_files(store)
+    notes = _uncommitted_notes(store)
+    notes += [f"run {r.run_id} shard {r.shard_key} ({r.model}) is {r.status}"
+              + (f" ({r.error})" if r.error else "") + "; run it again to finish it"
+              for r in store.runs() if r.status != "complete"]
+    if not problems:
+        with ProfileStore(path) as db:
+            problems = [_integrity_problem(row) for row in db.query("integrity").to_pylist()
+                        if not row["ok"]]
+    return problems, notes
 
 
 def _check_files(store: Store) -> list[str]:

@@ -548,6 +548,8 @@ class RunWriter:
         """Write the buffered prompts as one part and record it in the manifest."""
         if not self._prompts:
             return
+        if self._recorded != (self.info.layer_indices, self.info.revision):
+            self._write_record()  # readers need the layers before the first part
         self._seq += 1
         entropy_path, prompts_path = self.store.part_paths(self.info, self._seq)
         rows = pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA)
@@ -575,9 +577,9 @@ class RunWriter:
         _write_json_atomic(folder / f"{self.info.shard_key}-{self._seq:06d}.json",
                            asdict(entry))
         self.done.update(ids)
-        self._write_record()
 
     def _write_record(self) -> None:
+        self._recorded = (self.info.layer_indices, self.info.revision)
         self.info.updated_at = _now()
         path = self.store.run_path(self.info.run_id, self.info.shard_key)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from entropy_fast.kernels.lens_prologue import _tanh, prepare_rows
 
 from entropy_fast.entropy import LensStatistics
 
@@ -56,22 +56,6 @@ def _expm1(y):
     for c in tl.static_range(7, 1, -1):
         t = 1.0 + y * (1.0 / c) * t
     return tl.where((y < 0.5) & (y > -0.5), y * t, tl.exp(y) - 1.0)
-
-
-@triton.jit
-def _tanh(x):
-    t = tl.exp2(tl.where(x < 0, x, -x) * 2.8853900817779268)  # 2^(-2|x| log2 e)
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _round_bf16(x):
-    """fp32 rounded to the nearest bf16 (ties to even), still fp32; the interpreter's own
-    fp32 -> bf16 cast truncates, a GPU's rounds: this makes both round the same way."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -121,20 +105,23 @@ def _fold_tile(acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2,
                WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Epilogue of one BLOCK_N x BLOCK_V logit tile: fold it into the running statistics.
 
-    z2 = t(acc + b) in bits: out_scale * tanh(in_scale * .) with a soft-cap (in_scale =
-    scale / cap, out_scale = cap log2 e), else out_scale * . (out_scale = scale log2 e).
+    Logits in bits: out_scale * tanh(in_scale * (acc + b)) with a soft-cap (in_scale =
+    scale / cap, out_scale = cap log2 e), else out_scale * (acc + b) (out_scale = scale
+    log2 e > 0), whose scaling is deferred to one FMA (x = z out_scale - m): a positive
+    scale commutes with max, argmax and comparisons (est2 comes in z's units).
     """
     cols = v0 + tl.arange(0, BLOCK_V)
     z = acc
-    if HAS_BIAS:  # 1. head bias, scale and soft-cap, then base-2 units
+    if HAS_BIAS:  # 1. head bias and soft-cap
         z += tl.load(HB + tl.minimum(cols, V - 1)).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         z = _tanh(z * in_scale) * out_scale
-    else:
-        z = z * out_scale
     if not EVEN_V:  # 2. columns past V: 2^-inf = 0 contributes nothing anywhere
         z = tl.where((cols < V)[None, :], z, float("-inf"))
-    m_tile = tl.max(z, axis=1)
+    if HAS_SOFTCAP:  # noqa: SIM108 (constexpr branch)
+        m_tile = tl.max(z, axis=1)
+    else:
+        m_tile = tl.max(z, axis=1) * out_scale
     if WITH_ARGMAX:  # strict >: the first maximal token wins, as torch.argmax
         best = tl.where(m_tile > m, tl.argmax(z, axis=1).to(tl.int32) + v0, best)
     if HAS_TARGETS:
@@ -143,14 +130,21 @@ def _fold_tile(acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2,
     m_new = tl.maximum(m, m_tile)  # 3. online rescaling (module docstring)
     s = m - m_new
     r = tl.exp2(s)
-    x = z - m_new[:, None]
+    if HAS_SOFTCAP:  # noqa: SIM108 (constexpr branch)
+        x = z - m_new[:, None]
+    else:
+        x = z * out_scale - m_new[:, None]
     e = tl.exp2(x)
     xc = tl.maximum(x, -GAP2)  # finite where x = -inf, so e * xc = 0, not nan
+    if EVEN_V:  # noqa: SIM108 (constexpr branches, not ternaries): no -inf anywhere: U needs no clamp
+        xc_u = x
+    else:
+        xc_u = xc
     d0 = _fold_tilted(d0, a0, x, xc, e, s, r, s_sum, K0)
     d1 = _fold_tilted(d1, a1, x, xc, e, s, r, s_sum, K1)
     d2 = _fold_tilted(d2, a2, x, xc, e, s, r, s_sum, K2)
     d3 = _fold_tilted(d3, a3, x, xc, e, s, r, s_sum, K3)
-    u_sum = r * (u_sum + s * s_sum) + tl.sum(e * xc, axis=1)
+    u_sum = r * (u_sum + s * s_sum) + tl.sum(e * xc_u, axis=1)
     s_sum = r * s_sum + tl.sum(e, axis=1)
     return m_new, s_sum, u_sum, d0, d1, d2, d3, best, above
 
@@ -200,7 +194,9 @@ def _lens_entropy_kernel(
     est2 = tl.zeros([BLOCK_N], tl.float32)
     if HAS_TARGETS:
         tgt = tl.load(TGT + rows_c)
-        est2 = tl.load(EST + rows_c) * 1.4426950408889634
+        est2 = tl.load(EST + rows_c) * 1.4426950408889634  # bits, then z's units
+        if not HAS_SOFTCAP:
+            est2 = est2 / out_scale
     k_steps = tl.cdiv(D, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if FLAT:  # one loop over (tile, k step): the load pipeline runs across tile boundaries
@@ -242,45 +238,6 @@ def _lens_entropy_kernel(
     tl.store(pi + N, above, mask=ok)
 
 
-@triton.jit
-def _lens_prologue_kernel(
-    X, Y, NW, NB, W, HB, TGT, EST, V, D, stride_xn, stride_yn, stride_wv,
-    eps, w_offset, scale, softcap,
-    NORM: tl.constexpr, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, WRITE_Y: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    ROUND_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One row: fp32 final norm (NORM 0 none, 1 LayerNorm, 2 RMSNorm), written in Y's dtype
-    (the head's); with targets, EST = the target's logit in nats from the rounded row."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    ok = cols < D
-    x = tl.load(X + row * stride_xn + cols, mask=ok, other=0.0).to(tl.float32)
-    if NORM == 1:
-        x = tl.where(ok, x - tl.sum(x, axis=0) / D, 0.0)
-    if NORM != 0:
-        x = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        if HAS_NW:
-            x = x * (tl.load(NW + cols, mask=ok, other=0.0).to(tl.float32) + w_offset)
-        if HAS_NB:
-            x = x + tl.load(NB + cols, mask=ok, other=0.0).to(tl.float32)
-    if ROUND_BF16:
-        x = _round_bf16(x)
-    y = x.to(Y.dtype.element_ty)
-    if WRITE_Y:
-        tl.store(Y + row * stride_yn + cols, y, mask=ok)
-    if HAS_TARGETS:
-        t = tl.minimum(tl.maximum(tl.load(TGT + row), 0), V - 1)
-        w = tl.load(W + t * stride_wv + cols, mask=ok, other=0.0).to(tl.float32)
-        z = tl.sum(y.to(tl.float32) * w, axis=0)
-        if HAS_BIAS:
-            z += tl.load(HB + t).to(tl.float32)
-        z = z * scale
-        if HAS_SOFTCAP:
-            z = _tanh(z / softcap) * softcap
-        tl.store(EST + row, z)
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     """Tiles and launch options; fixed and measured (bench/bench_kernel.py), never autotuned.
@@ -309,16 +266,7 @@ def default_config(device: torch.device, dtype: torch.dtype) -> KernelConfig:
     return KernelConfig()
 
 
-_NORM_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SM_COUNT: dict[int, int] = {}
-
-
-def _norm_spec(lens):
-    """lens.norm_spec, identified once per lens (identification runs the module on a probe)."""
-    cached = _NORM_SPECS.get(lens)
-    if cached is None or cached[0] is not lens.norm:
-        cached = _NORM_SPECS[lens] = (lens.norm, lens.norm_spec)
-    return cached[1]
 
 
 def _n_splits(cfg: KernelConfig, device: torch.device, n_row_blocks: int, n_tiles: int) -> int:
@@ -373,48 +321,26 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
     weight = lens.head.weight.detach()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     bias = getattr(lens.head, "bias", None)
-    spec = None
-    if not normed:
-        spec = _norm_spec(lens) if lens.projection is None else None
-        if spec is None:  # projection or unrecognized norm: the module itself, in torch
-            hidden = lens.normalize(hidden)
-    n, d = hidden.shape
-    vocab = weight.shape[0]
-    if d != weight.shape[1] or hidden.device != weight.device:
-        raise ValueError(f"hidden states {tuple(hidden.shape)} on {hidden.device} do not fit "
-                         f"the head {tuple(weight.shape)} on {weight.device}")
+    n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     cfg = config or default_config(device, weight.dtype)
     interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     softcap = float(lens.softcap) if lens.softcap else 0.0
+    if not lens.logit_scale > 0 or softcap < 0:
+        raise ValueError(f"the kernel needs logit_scale > 0 and softcap >= 0, got "
+                         f"{lens.logit_scale} and {softcap}; use backend='torch'")
+    if targets is not None:
+        targets = targets.to(device=device, dtype=torch.int64).contiguous()
     if n == 0:
         empty = torch.empty(0, device=device)
         return LensStatistics(torch.empty(0, len(alphas), device=device),
                               empty.long() if with_top_token else None,
                               None if targets is None else empty,
                               None if targets is None else empty.long())
-    if targets is not None:
-        targets = targets.to(device=device, dtype=torch.int64).contiguous()
-
-    # 1. prologue: norm (and cast) written once; the targets' exact logits
-    write_y = spec is not None or hidden.dtype != weight.dtype or hidden.stride(1) != 1
-    x = torch.empty((n, d), device=device, dtype=weight.dtype) if write_y else hidden
-    est = torch.empty(n, device=device, dtype=torch.float32)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if write_y or targets is not None:
-            block_d = triton.next_power_of_2(d)
-            _lens_prologue_kernel[(n,)](
-                hidden, x, _ptr(spec, "weight", x), _ptr(spec, "bias", x), weight,
-                x if bias is None else bias, x if targets is None else targets, est,
-                vocab, d, hidden.stride(0), x.stride(0), weight.stride(0),
-                float(spec.eps) if spec else 0.0, float(spec.weight_offset) if spec else 0.0,
-                float(lens.logit_scale), softcap,
-                NORM=0 if spec is None else 1 if spec.kind == "layernorm" else 2,
-                HAS_NW=spec is not None and spec.weight is not None,
-                HAS_NB=spec is not None and spec.bias is not None, HAS_BIAS=bias is not None,
-                HAS_SOFTCAP=softcap > 0, WRITE_Y=write_y, HAS_TARGETS=targets is not None,
-                ROUND_BF16=x.dtype == torch.bfloat16,
-                BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 512)))
+        # 1. prologue: the final norm applied once, rows in the head's dtype; target logits
+        x, est = prepare_rows(lens, hidden, weight, normed, targets)
+        d = x.shape[1]
 
         # 2. main pass(es): partial statistics per (row block, vocabulary split)
         n_row_blocks = triton.cdiv(n, cfg.block_n)
@@ -470,9 +396,4 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
         stats.target_surprisal = torch.where(valid, surprisal, math.nan).float()
         stats.target_rank = torch.where(valid, pi[:, 1].sum(0).long(), -1)
     return stats
-
-
-def _ptr(spec, name: str, dummy: torch.Tensor) -> torch.Tensor:
-    value = None if spec is None else getattr(spec, name)
-    return dummy if value is None else value.detach()
 

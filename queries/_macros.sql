@@ -1,11 +1,10 @@
 -- Macros and derived views installed by entropy_fast.sql.ProfileStore on every connection.
 -- They hold the math that several named queries share, so each definition exists once.
 
--- Bin of x among n_bins equal-width bins over [lo, hi]; the last bin is closed (as in
--- numpy.histogram). A degenerate range (hi <= lo) puts everything in bin 0.
-CREATE OR REPLACE MACRO hist_bin(x, lo, hi, n_bins) AS
-    CASE WHEN hi <= lo THEN 0
-         ELSE least(CAST(floor((x - lo) / (hi - lo) * n_bins) AS INTEGER), n_bins - 1) END;
+-- Histogram bin of x for bins of width w anchored at 0: bin k = [k w, (k + 1) w).
+-- Fixed bins (as distances.jsd_layer): a group's histogram does not depend on what it is
+-- compared with.
+CREATE OR REPLACE MACRO hist_bin(x, w) AS CAST(floor(x / w) AS BIGINT);
 
 -- One bin's contribution to the Jensen-Shannon divergence (nats) of probabilities p, q:
 -- (p ln(p/m) + q ln(q/m)) / 2 with m = (p + q) / 2 and 0 ln 0 = 0.
@@ -38,10 +37,11 @@ CREATE OR REPLACE VIEW layer_map AS
         JOIN model_layers s ON s.model = o.short
         JOIN model_layers l ON l.model = o.long
         GROUP BY ALL)
-    SELECT short AS model_a, long AS model_b, short_layer AS layer_a, long_layer AS layer_b,
-           short_layer AS key FROM matched
-    UNION
-    SELECT long, short, long_layer, short_layer, short_layer FROM matched;
+    SELECT *, row_number() OVER (ORDER BY model_a, model_b, key) AS part FROM (
+        SELECT short AS model_a, long AS model_b, short_layer AS layer_a,
+               long_layer AS layer_b, short_layer AS key FROM matched
+        UNION
+        SELECT long, short, long_layer, short_layer, short_layer FROM matched);
 
 -- Per prompt mean profile: the mean entropy over a prompt's tokens at each layer.
 CREATE OR REPLACE VIEW prompt_profile AS
@@ -49,35 +49,34 @@ CREATE OR REPLACE VIEW prompt_profile AS
            avg(entropy) AS mean_entropy
     FROM entropy GROUP BY ALL;
 
--- Samples for the distance macros: one row per token entropy x, tagged with the pair
--- (a, b) it is compared in, the matched layers (key, layer_a, layer_b; see layer_map)
--- and its side g (0 = a, 1 = b).
--- Two groups: group A = rows of p_model_a [in run p_run_a] [among prompts p_prompts_a],
--- group B likewise; a and b are the model names.
+-- Samples for the distance macros: one row per token entropy x, tagged with the
+-- layer_map row it is compared in (part: the pair of models and the matched layers) and
+-- its side g (0 = model_a's, 1 = model_b's). Rows stay narrow: sorting them is the cost.
+-- Two groups: side 0 = rows of p_model_a [in run p_run_a] [among prompts p_prompts_a],
+-- side 1 likewise from the p_*_b arguments.
 CREATE OR REPLACE MACRO group_samples(p_model_a, p_run_a, p_prompts_a,
                                       p_model_b, p_run_b, p_prompts_b, p_alpha) AS TABLE
     WITH pairs AS (SELECT * FROM layer_map WHERE model_a = p_model_a AND model_b = p_model_b)
-    SELECT p.model_a AS a, p.model_b AS b, p.key, p.layer_a, p.layer_b, 0 AS g,
-           e.entropy::DOUBLE AS x
+    SELECT p.part, 0 AS g, e.entropy::DOUBLE AS x
     FROM pairs p JOIN entropy e ON e.model = p.model_a AND e.layer = p.layer_a
     WHERE e.alpha = p_alpha AND (p_run_a IS NULL OR e.run_id = p_run_a)
       AND (p_prompts_a IS NULL OR list_contains(p_prompts_a, e.prompt_id))
     UNION ALL
-    SELECT p.model_a, p.model_b, p.key, p.layer_a, p.layer_b, 1, e.entropy::DOUBLE
+    SELECT p.part, 1, e.entropy::DOUBLE
     FROM pairs p JOIN entropy e ON e.model = p.model_b AND e.layer = p.layer_b
     WHERE e.alpha = p_alpha AND (p_run_b IS NULL OR e.run_id = p_run_b)
       AND (p_prompts_b IS NULL OR list_contains(p_prompts_b, e.prompt_id));
 
--- Every unordered pair of models (a < b), each model pooled over the runs in p_runs
--- (NULL: all runs).
+-- Every unordered pair of models (model_a < model_b), each model pooled over the runs in
+-- p_runs (NULL: all runs).
 CREATE OR REPLACE MACRO model_pair_samples(p_alpha, p_runs) AS TABLE
     WITH pairs AS (SELECT * FROM layer_map WHERE model_a < model_b),
     sel AS (SELECT model, layer, entropy::DOUBLE AS x FROM entropy
             WHERE alpha = p_alpha AND (p_runs IS NULL OR list_contains(p_runs, run_id)))
-    SELECT p.model_a AS a, p.model_b AS b, p.key, p.layer_a, p.layer_b, 0 AS g, s.x
+    SELECT p.part, 0 AS g, s.x
     FROM pairs p JOIN sel s ON s.model = p.model_a AND s.layer = p.layer_a
     UNION ALL
-    SELECT p.model_a, p.model_b, p.key, p.layer_a, p.layer_b, 1, s.x
+    SELECT p.part, 1, s.x
     FROM pairs p JOIN sel s ON s.model = p.model_b AND s.layer = p.layer_b;
 
 -- Either of the two above: p_all_pairs = true selects model_pair_samples.
@@ -89,44 +88,43 @@ CREATE OR REPLACE MACRO distance_samples(p_all_pairs, p_model_a, p_run_a, p_prom
     UNION ALL
     SELECT * FROM model_pair_samples(p_alpha, p_runs) WHERE p_all_pairs;
 
--- Histogram JSD per matched layer (the definition of distances.jsd_layer):
--- bins = p_n_bins equal-width bins over [min, max] of both sides' values at that layer;
--- p, q = the two sides' bin frequencies; jsd = sum over bins of jsd_term(p, q), nats.
+-- Histogram JSD per matched layer (the definition of distances.jsd_layer): bins of width
+-- p_bin_width nats anchored at 0 (hist_bin); p, q = the two sides' bin frequencies;
+-- jsd = sum over bins of jsd_term(p, q), in nats, within [0, ln 2].
+-- Output: model_a, model_b, key, layer_a, layer_b, n_a, n_b, jsd.
 CREATE OR REPLACE MACRO jsd_layers(p_all_pairs, p_model_a, p_run_a, p_prompts_a,
                                    p_model_b, p_run_b, p_prompts_b, p_alpha, p_runs,
-                                   p_n_bins) AS TABLE
-    WITH s AS (SELECT * FROM distance_samples(p_all_pairs, p_model_a, p_run_a, p_prompts_a,
-                                              p_model_b, p_run_b, p_prompts_b, p_alpha,
-                                              p_runs)),
-    r AS (SELECT a, b, key, min(x) AS lo, max(x) AS hi FROM s GROUP BY ALL
-          HAVING min(g) = 0 AND max(g) = 1),
-    c AS (SELECT s.a, s.b, s.key, s.layer_a, s.layer_b,
-                 hist_bin(s.x, r.lo, r.hi, p_n_bins) AS bin,
-                 count(*) FILTER (WHERE s.g = 0) AS ca, count(*) FILTER (WHERE s.g = 1) AS cb
-          FROM s JOIN r USING (a, b, key) GROUP BY ALL),
-    t AS (SELECT a, b, key, sum(ca) AS n_a, sum(cb) AS n_b FROM c GROUP BY ALL)
-    SELECT c.a, c.b, c.key, c.layer_a, c.layer_b, any_value(t.n_a)::BIGINT AS n_a,
-           any_value(t.n_b)::BIGINT AS n_b, sum(jsd_term(c.ca / t.n_a, c.cb / t.n_b)) AS jsd
-    FROM c JOIN t USING (a, b, key) GROUP BY ALL;
+                                   p_bin_width) AS TABLE
+    WITH c AS (SELECT part, hist_bin(x, p_bin_width) AS bin,
+                      count(*) FILTER (WHERE g = 0) AS ca, count(*) FILTER (WHERE g = 1) AS cb
+               FROM distance_samples(p_all_pairs, p_model_a, p_run_a, p_prompts_a, p_model_b,
+                                     p_run_b, p_prompts_b, p_alpha, p_runs)
+               GROUP BY ALL),
+    t AS (SELECT part, sum(ca)::BIGINT AS n_a, sum(cb)::BIGINT AS n_b FROM c GROUP BY ALL
+          HAVING n_a > 0 AND n_b > 0),
+    d AS (SELECT part, sum(jsd_term(c.ca / t.n_a, c.cb / t.n_b)) AS jsd
+          FROM c JOIN t USING (part) GROUP BY ALL)
+    SELECT m.model_a, m.model_b, m.key, m.layer_a, m.layer_b, t.n_a, t.n_b, d.jsd
+    FROM d JOIN t USING (part) JOIN layer_map m USING (part);
 
 -- Exact Wasserstein-1 per matched layer (the definition of distances.wasserstein_layer,
 -- equal to scipy.stats.wasserstein_distance): the integral of |F_a(x) - F_b(x)| dx over
 -- the sorted union of both sides' values, F the empirical CDFs. Each value weighs
--- +1/n_a (side a) or -1/n_b (side b); the running sum over the union (peers included)
--- is F_a - F_b on the gap to the next value.
+-- +1/n_a (side 0) or -1/n_b (side 1); the running sum over the union (peers included:
+-- the default RANGE frame) is F_a - F_b on the gap to the next value.
+-- Output: model_a, model_b, key, layer_a, layer_b, n_a, n_b, wasserstein.
 CREATE OR REPLACE MACRO w1_layers(p_all_pairs, p_model_a, p_run_a, p_prompts_a,
                                   p_model_b, p_run_b, p_prompts_b, p_alpha, p_runs) AS TABLE
     WITH s AS (SELECT * FROM distance_samples(p_all_pairs, p_model_a, p_run_a, p_prompts_a,
                                               p_model_b, p_run_b, p_prompts_b, p_alpha,
                                               p_runs)),
-    n AS (SELECT a, b, key, count(*) FILTER (WHERE g = 0) AS n_a,
+    t AS (SELECT part, count(*) FILTER (WHERE g = 0) AS n_a,
                  count(*) FILTER (WHERE g = 1) AS n_b
           FROM s GROUP BY ALL HAVING n_a > 0 AND n_b > 0),
-    w AS (SELECT s.*, n.n_a, n.n_b,
-                 CASE WHEN s.g = 0 THEN 1.0::DOUBLE / n.n_a ELSE -1.0::DOUBLE / n.n_b END AS w
-          FROM s JOIN n USING (a, b, key)),
-    cdf AS (SELECT a, b, key, layer_a, layer_b, n_a, n_b, sum(w) OVER win AS d,
-                   lead(x) OVER win - x AS dx
-            FROM w WINDOW win AS (PARTITION BY a, b, key ORDER BY x))
-    SELECT a, b, key, layer_a, layer_b, n_a, n_b, coalesce(sum(abs(d) * dx), 0) AS wasserstein
-    FROM cdf GROUP BY ALL;
+    w AS (SELECT part, x, CASE WHEN g = 0 THEN 1.0::DOUBLE / n_a ELSE -1.0::DOUBLE / n_b END AS w
+          FROM s JOIN t USING (part)),
+    cdf AS (SELECT part, sum(w) OVER win AS d, lead(x) OVER win - x AS dx
+            FROM w WINDOW win AS (PARTITION BY part ORDER BY x)),
+    d AS (SELECT part, coalesce(sum(abs(d) * dx), 0) AS wasserstein FROM cdf GROUP BY ALL)
+    SELECT m.model_a, m.model_b, m.key, m.layer_a, m.layer_b, t.n_a, t.n_b, d.wasserstein
+    FROM d JOIN t USING (part) JOIN layer_map m USING (part);

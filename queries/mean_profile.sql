@@ -7,7 +7,7 @@ SELECT model, run_id, alpha, layer, n, mean, std, min,
 FROM (
     SELECT model, run_id, alpha, layer, count(*) AS n, avg(entropy) AS mean,
            stddev_samp(entropy) AS std, min(entropy) AS min, max(entropy) AS max,
-           quantile_cont(entropy, [0.05, 0.25, 0.5, 0.75, 0.95]) AS q
+           quantile_cont(entropy::DOUBLE, [0.05, 0.25, 0.5, 0.75, 0.95]) AS q
     FROM entropy
     WHERE ($model::VARCHAR IS NULL OR model = $model)
       AND ($run_id::VARCHAR IS NULL OR run_id = $run_id)

@@ -1,18 +1,18 @@
--- Model x model distance matrix (long form, both orders and the zero diagonal): the mean over matched layers (layer_map) of the per-layer distance between the models' pooled per-token entropies; metric 'jsd' (histogram JSD, nats) or 'wasserstein' (exact W1).
+-- Model x model distance matrix (long form, both orders and the zero diagonal): the mean over matched layers (layer_map) of the per-layer distance between the models' pooled per-token entropies; metric 'jsd' (histogram JSD in nats, as distances.jsd_layer) or 'wasserstein' (exact W1, as distances.wasserstein_layer); for models with equal layers this is distances.profile_distance(..., aggregation='mean') of the pooled profiles.
 -- @param alpha DOUBLE = 1.0 : Rényi order
 -- @param metric VARCHAR = 'jsd' : 'jsd' or 'wasserstein'
--- @param n_bins INTEGER = 50 : histogram bins (jsd)
+-- @param bin_width DOUBLE = 0.25 : histogram bin width in nats (jsd)
 -- @param runs VARCHAR[] = NULL : only these run ids (NULL: all runs, pooled per model)
 WITH checked AS (
     SELECT CASE WHEN $metric::VARCHAR IN ('jsd', 'wasserstein') THEN $metric::VARCHAR
                 ELSE error('metric must be ''jsd'' or ''wasserstein''') END AS metric),
 per_layer AS (
-    SELECT a, b, jsd AS d
+    SELECT model_a AS a, model_b AS b, jsd AS d
     FROM jsd_layers(true, NULL, NULL, NULL, NULL, NULL, NULL, $alpha::DOUBLE,
-                    $runs::VARCHAR[], $n_bins::INTEGER)
+                    $runs::VARCHAR[], $bin_width::DOUBLE)
     WHERE $metric::VARCHAR = 'jsd'
     UNION ALL
-    SELECT a, b, wasserstein
+    SELECT model_a, model_b, wasserstein
     FROM w1_layers(true, NULL, NULL, NULL, NULL, NULL, NULL, $alpha::DOUBLE, $runs::VARCHAR[])
     WHERE $metric::VARCHAR = 'wasserstein'),
 pairs AS (SELECT a, b, count(*) AS n_layers, avg(d) AS distance FROM per_layer GROUP BY ALL),

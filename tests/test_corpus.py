@@ -80,7 +80,7 @@ def test_missing_empty_and_unsupported(tmp_path):
     with pytest.raises(CorpusError, match="has no prompts"):
         read_corpus(tmp_path / "empty.txt")
     (tmp_path / "c.csv").write_text("text\na\n")
-    with pytest.raises(CorpusError, match="unsupported corpus format '.csv'"):
+    with pytest.raises(CorpusError, match=r"unsupported corpus format '\.csv'"):
         read_corpus(tmp_path / "c.csv")
     (tmp_path / "bad.jsonl").write_text("{\n")
     with pytest.raises(CorpusError, match=r"no prompts \(1 bad records skipped\)"):

@@ -17,11 +17,11 @@ import math
 
 import pytest
 import torch
-from tests.tiny_models import ARCHITECTURES, tiny_model
+from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
 from torch import nn
 
 from entropy_fast.lens import Lens
-from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
+from tests.tiny_models import ARCHITECTURES, tiny_model
 
 ALPHAS = (0.0, 0.5, 0.999, 1.0, 1.001, 2.0, math.inf)
 
@@ -273,7 +273,7 @@ def test_models_triton_torch_float64(kind):
 def test_bf16_models_match_torch_backend(kind):
     model = tiny_model(kind, dtype=torch.bfloat16)
     lens = Lens.from_model(model)
-    ids, states = model_rows(model)
+    _, states = model_rows(model)
     rows = torch.cat([s[0] for s in states[:-1]])
     truth = reference(lens, float64_rows(lens, rows, False))
     got = lens.statistics(rows, ALPHAS, backend="triton")

@@ -15,7 +15,7 @@ import torch
 
 from entropy_fast.corpus import Corpus
 from entropy_fast.profile import EntropyProfile
-from entropy_fast.sql import ProfileStore
+from entropy_fast.sql import ProfileStore, check_store
 from entropy_fast.store import MARKER, RunInfo, Store, StoreError
 
 ALPHAS = (2.0, 1.0, float("inf"))  # primary first, and not the smallest
@@ -148,8 +148,7 @@ def test_resume_skips_committed_and_removes_uncommitted(tmp_path, corpus, profil
     assert store.run(info.run_id).status == "complete"
     ids = [i for e in store.manifest() for i in e.prompt_ids]
     assert sorted(ids) == list(range(len(corpus)))  # nothing twice, nothing lost
-    with ProfileStore(store.root) as db:
-        problems, _ = db.check()
+    problems, _ = check_store(store.root)
     assert problems == []
 
 
@@ -164,7 +163,7 @@ def test_a_second_writer_of_the_same_shard_is_refused(tmp_path, corpus):
 def test_explicit_run_id_with_other_settings_is_refused(tmp_path, corpus):
     store = Store(tmp_path / "s", create=True)
     store.writer(run_info("m", corpus, run_id="r1")).close()
-    with pytest.raises(StoreError, match="already exists .* with other settings"):
+    with pytest.raises(StoreError, match=r"already exists .* with other settings"):
         store.writer(run_info("m", corpus, alphas=(1.0,), run_id="r1"))
     with pytest.raises(StoreError, match="shards"):
         store.writer(run_info("m", corpus, run_id="r1", shard=0, n_shards=2))
@@ -193,7 +192,7 @@ def test_store_errors(tmp_path):
     marker = tmp_path / "new" / MARKER
     payload = json.loads(marker.read_text())
     marker.write_text(json.dumps({**payload, "schema_version": 99}))
-    with pytest.raises(StoreError, match="schema version 99.*upgrade entropy-fast"):
+    with pytest.raises(StoreError, match=r"schema version 99.*upgrade entropy-fast"):
         Store(tmp_path / "new")
 
 
@@ -219,10 +218,10 @@ WRITER_SCRIPT = textwrap.dedent("""
     from entropy_fast.store import Store
 
     model = sys.argv[2]
-    corpus = Corpus.from_texts([f"p{i}" for i in range(300)])
+    corpus = Corpus.from_texts([f"p{i}" for i in range(100)])
     rng = np.random.default_rng(len(model))
     store = Store(sys.argv[1], create=True)
-    with store.writer(run_info(model, corpus), rows_per_part=500) as writer:
+    with store.writer(run_info(model, corpus), rows_per_part=400) as writer:
         for prompt in corpus.prompts:
             writer.add(prompt, random_profile(rng, 4, [0, 1, 2, 3]))
 """)
@@ -240,8 +239,8 @@ def test_two_processes_write_one_store(tmp_path):
     store = Store(root)
     assert sorted(r.model for r in store.runs()) == ["model-a", "model-b"]
     assert all(r.status == "complete" for r in store.runs())
+    problems, _ = check_store(root)
     with ProfileStore(root) as db:
-        problems, _ = db.check()
         counts = db.sql("SELECT model, count(*) AS n FROM entropy GROUP BY ALL").to_pydict()
     assert problems == []
-    assert counts["n"] == [300 * 4 * 4 * 3] * 2
+    assert counts["n"] == [100 * 4 * 4 * 3] * 2

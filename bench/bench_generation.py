@@ -1,0 +1,120 @@
+"""Generation throughput: HF batched left-padded decoding vs a vLLM engine, same prompts.
+
+Both generate greedy continuations of the same token ids with the same weights (the
+built-in SmolLM2-135M-Instruct by default) on this machine; throughput is generated tokens
+per second of the `generate` call (engine start and HF model load are reported apart).
+Each generator gets one untimed warm-up call on a few prompts first.
+
+Needs vLLM, so run it with the vLLM venv's python (see .ci/vllm_tests.sh):
+
+    .venv-vllm/bin/python bench/bench_generation.py --prompts 128 --max-new-tokens 64
+    .venv-vllm/bin/python bench/bench_generation.py --out bench/results_generation.jsonl
+
+Every run prints one JSON row per generator (machine, versions, settings, timings) and
+appends it to --out when given. VLLM_CPU_NUM_OF_RESERVED_CPU=0 lets vLLM's worker use all
+cores (by default it leaves one to its scheduler process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _machine() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"device": device, "torch_threads": torch.get_num_threads(), "load1": load1,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    from entropy_fast.data import sample_prompts
+
+    texts = sample_prompts()
+    return [list(tokenizer(texts[i % len(texts)])["input_ids"]) for i in range(n)]
+
+
+def _timed(fn, *args) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - started, result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompts", type=int, default=128, help="number of prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=8192,
+                        help="HF token budget per padded batch (prompt + new tokens)")
+    parser.add_argument("--skip", choices=("hf", "vllm"), action="append", default=[])
+    parser.add_argument("--out", help="append the JSON rows to this file")
+    args = parser.parse_args(argv)
+
+    import torch
+    import vllm
+
+    from entropy_fast.generation import SamplingConfig, generate_continuations
+    from entropy_fast.loading import load_model, model_source
+    from entropy_fast.vllm_generation import VllmGenerator
+
+    load_s, (model, tokenizer, name) = _timed(load_model, args.model, None, args.dtype)
+    prompts = _prompt_ids(tokenizer, args.prompts)
+    sampling = SamplingConfig(args.max_new_tokens)
+    common = {"model": name, "dtype": args.dtype, "n_prompts": len(prompts),
+              "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
+              "torch": torch.__version__, "vllm": vllm.__version__, **_machine()}
+    rows, outputs = [], {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    if "hf" not in args.skip:
+        def hf(ids):
+            return generate_continuations(model, ids, sampling, pad, args.batch_tokens)
+
+        hf(prompts[:4])  # warm-up
+        seconds, outputs["hf"] = _timed(hf, prompts)
+        rows.append({"generator": "hf", "startup_s": load_s, "batch_tokens": args.batch_tokens,
+                     "generate_s": seconds, **common})
+
+    if "vllm" not in args.skip:
+        reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+        start_s, engine = _timed(VllmGenerator, model_source(args.model, model), args.dtype)
+        try:
+            engine.generate(prompts[:4], sampling)  # warm-up
+            seconds, outputs["vllm"] = _timed(engine.generate, prompts, sampling)
+        finally:
+            engine.close()
+        rows.append({"generator": "vllm", "startup_s": start_s, "generate_s": seconds,
+                     "vllm_reserved_cpus": reserved, **common})
+
+    for row in rows:
+        tokens = sum(map(len, outputs[row["generator"]]))
+        row.update(generated_tokens=tokens, tokens_per_s=tokens / row["generate_s"])
+    if len(outputs) == 2:
+        same = sum(a == b for a, b in zip(outputs["hf"], outputs["vllm"], strict=True))
+        for row in rows:
+            row["identical_continuations"] = f"{same}/{len(prompts)}"
+    for row in rows:
+        print(json.dumps(row))
+    if args.out:
+        with open(args.out, "a") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""CPU tuning of the streaming torch lens path, and CPU accuracy of both lens paths.
+
+Tuning (default): for each shape (random weights; rows spanning flat to peaked
+distributions) it times `Lens._statistics_torch` over a grid of (row_block, vocab_chunk),
+beside the floor (the same chunked matmuls with no statistics) and, for the matmul dtype
+choice, one float32 and one bfloat16 GEMM of the same size. Prints markdown tables;
+--out writes JSON too.
+
+Accuracy (--accuracy): max abs error in nats against float64 of the Triton kernel (run
+by the interpreter) and of the torch path, fp32 and bf16 inputs, at real shapes: the real
+SmolLM2-135M (every layer's states on sample text) and GPT-2-124M / Llama-1B shapes with
+random weights and rows that span flat to nearly one-hot distributions.
+
+Usage: python bench/bench_lens_cpu.py [--rows 1024] [--reps 2] [--out FILE]
+       [--row-blocks 512 1024] [--vocab-chunks 4096 8192] [--accuracy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+if "--accuracy" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # the kernel on CPU, set before triton is imported
+
+import torch
+from torch import nn
+
+from entropy_fast.lens import Lens
+
+SHAPES = {"smollm2-135m (d=576, V=49152)": (576, 49152),
+          "gpt2-124m (d=768, V=50257)": (768, 50257)}
+ROW_BLOCKS = (256, 512, 1024, 2048)
+VOCAB_CHUNKS = (1024, 2048, 4096, 8192, 16384)
+
+
+def best_of(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def make(d: int, vocab: int, rows: int):
+    torch.manual_seed(0)
+    head = nn.Linear(d, vocab, bias=False)
+    nn.init.normal_(head.weight, std=0.02)
+    lens = Lens(head, nn.RMSNorm(d, eps=1e-6))
+    hidden = torch.randn(rows, d)
+    picks = torch.randint(0, vocab, (rows,))
+    hidden += torch.rand(rows, 1) ** 2 * 40.0 * head.weight[picks].detach() / 0.02 / d**0.5
+    return lens, hidden
+
+
+@torch.no_grad()
+def floor(lens: Lens, hidden: torch.Tensor, chunk: int) -> None:
+    rows = lens.normalize(hidden)
+    for start in range(0, lens.vocab_size, chunk):
+        _ = rows @ lens.head.weight[start:start + chunk].T
+
+
+ALPHAS = (0.0, 0.5, 0.999, 1.0, 1.001, 2.0, math.inf)
+
+
+def float64_entropy(lens: Lens, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
+    """Textbook entropies in float64: the lens's own modules in float64, softmax, sums."""
+    rows = hidden.double()
+    if not normed:
+        for module in (lens.norm, lens.projection):
+            if module is not None:
+                rows = copy.deepcopy(module).double()(rows)
+    z = rows @ lens.head.weight.double().T
+    if getattr(lens.head, "bias", None) is not None:
+        z = z + lens.head.bias.double()
+    logp = torch.log_softmax(z * lens.logit_scale, 1)
+    cols = []
+    for a in ALPHAS:
+        if a == 1.0:
+            cols.append(-(logp.exp() * logp).sum(1))
+        elif math.isinf(a):
+            cols.append(-logp.max(1).values)
+        elif a == 0.0:
+            cols.append(torch.full_like(logp[:, 0], math.log(z.shape[1])))
+        else:
+            cols.append(torch.logsumexp(a * logp, 1) / (1.0 - a))
+    return torch.stack(cols, 1)
+
+
+def smollm2_rows(dtype: torch.dtype, per_state: int = 4):
+    """The real SmolLM2-135M lens and rows of every state (pre-norm; the last one normed)."""
+    from entropy_fast.loading import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m", dtype=dtype, device="cpu")
+    with open(os.path.join(os.path.dirname(__file__), "..", "entropy_fast", "data",
+                           "sample_prompts.txt")) as f:
+        text = f.read()
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :64]
+    states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    pick = torch.linspace(4, ids.shape[1] - 1, per_state).long()
+    pre = torch.cat([s[0, pick] for s in states[:-1]])
+    return Lens.from_model(model), [(pre, False), (states[-1][0, pick], True)]
+
+
+def synthetic_rows(d: int, vocab: int, dtype: torch.dtype, n: int = 32):
+    lens, hidden = make(d, vocab, n)
+    for module in (lens.head, lens.norm):
+        module.to(dtype)
+    return lens, [(hidden.to(dtype), False)]
+
+
+@torch.no_grad()
+def accuracy(out: str | None) -> None:
+    results = {}
+    cases = {"smollm2-135m real (d=576, V=49152)": smollm2_rows,
+             "gpt2-124m shape (d=768, V=50257)": lambda dt: synthetic_rows(768, 50257, dt),
+             "llama-1b shape (d=2048, V=128256)": lambda dt: synthetic_rows(2048, 128256, dt)}
+    for name, build in cases.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            lens, parts = build(dtype)
+            errors = {}
+            for backend in ("triton", "torch"):
+                worst = torch.zeros(len(ALPHAS), dtype=torch.float64)
+                for hidden, normed in parts:
+                    truth = float64_entropy(lens, hidden, normed)
+                    got = lens.statistics(hidden, ALPHAS, backend=backend, normed=normed).entropy
+                    worst = torch.maximum(worst, (got.double() - truth).abs().amax(0))
+                errors[backend] = dict(zip(map(str, ALPHAS), worst.tolist(), strict=True))
+            rows = sum(len(h) for h, _ in parts)
+            key = f"{name} {str(dtype).removeprefix('torch.')}"
+            results[key] = {"rows": rows, **errors}
+            print(f"| {key} | {rows} | " + " | ".join(
+                f"{max(errors[b].values()):.1e}" for b in ("triton", "torch")) + " | "
+                + ", ".join(f"{a}: {errors['triton'][a]:.0e}/{errors['torch'][a]:.0e}"
+                            for a in map(str, ALPHAS)) + " |", flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--row-blocks", type=int, nargs="*", default=list(ROW_BLOCKS))
+    parser.add_argument("--vocab-chunks", type=int, nargs="*", default=list(VOCAB_CHUNKS))
+    parser.add_argument("--accuracy", action="store_true",
+                        help="accuracy of both lens paths against float64 instead of tuning")
+    args = parser.parse_args(argv)
+    if args.accuracy:
+        print("| case | rows | kernel max err | torch max err | per order kernel/torch |")
+        print("|---|---|---|---|---|")
+        return accuracy(args.out)
+    results = {"cpu": platform.processor() or platform.machine(), "threads":
+               torch.get_num_threads(), "torch": torch.__version__, "rows": args.rows,
+               "shapes": {}}
+    for name, (d, vocab) in SHAPES.items():
+        lens, hidden = make(d, vocab, args.rows)
+        gflop = 2 * args.rows * d * vocab / 1e9
+        row = {"gflop": gflop, "grid_s": {}}
+        w = lens.head.weight.detach()
+        row["matmul_fp32_s"] = best_of(lambda w=w, h=hidden: h @ w.T, args.reps)
+        wb, hb = w.bfloat16(), hidden.bfloat16()
+        row["matmul_bf16_s"] = best_of(lambda wb=wb, hb=hb: hb @ wb.T, args.reps)
+        row["floor_s"] = best_of(lambda lens=lens, h=hidden: floor(lens, h, 4096), args.reps)
+        for rb in args.row_blocks:
+            for vc in args.vocab_chunks:
+                t = best_of(lambda lens=lens, h=hidden, rb=rb, vc=vc: lens._statistics_torch(
+                    h, (1.0,), False, None, False, row_block=rb, vocab_chunk=vc), args.reps)
+                row["grid_s"][f"{rb}x{vc}"] = t
+                print(f"{name} row_block={rb} vocab_chunk={vc}: {t:.3f}s "
+                      f"({gflop / t:.0f} GFLOP/s)", flush=True)
+        best = min(row["grid_s"], key=row["grid_s"].get)
+        rb, vc = (int(v) for v in best.split("x"))
+        row["best"] = best
+        row["default_s"] = row["grid_s"].get("1024x4096", float("nan"))
+        row["best_3_orders_all_stats_s"] = best_of(
+            lambda lens=lens, h=hidden, rb=rb, vc=vc: lens._statistics_torch(
+                h, (1.0, 2.0, float("inf")), False, torch.zeros(len(h), dtype=torch.long), True,
+                row_block=rb, vocab_chunk=vc), args.reps)
+        results["shapes"][name] = row
+    print(f"\n{results['threads']} threads, {args.rows} rows, best of {args.reps}, seconds\n")
+    print("| shape | matmul fp32 | matmul bf16 | floor (norm + chunked GEMMs) | default "
+          "1024x4096 | best | best, 3 orders + argmax + targets |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results["shapes"].items():
+        print(f"| {name} | {r['matmul_fp32_s']:.3f} | {r['matmul_bf16_s']:.3f} | "
+              f"{r['floor_s']:.3f} | {r['default_s']:.3f} | {r['grid_s'][r['best']]:.3f} "
+              f"({r['best']}) | {r['best_3_orders_all_stats_s']:.3f} |")
+    print("\nrow_block x vocab_chunk grid (s):\n")
+    for name, r in results["shapes"].items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["grid_s"].items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Matplotlib plots of profiles, collections of profiles and layer analyses.
+
+Owns every plot of the package. Each function draws on the Axes it is given (a new
+figure's otherwise), labels its axes, adds a legend or colorbar where one is needed, and
+returns the Axes. Layers are placed at their hidden-state index (0 = embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
+
+from entropy_fast.distances import DEFAULT_BIN_WIDTH, pairwise_distances
+from entropy_fast.profile import AggregatedProfile, EntropyProfile
+
+CLUSTER_METHODS = ("pca", "tsne", "umap")
+CLUSTER_FEATURES = ("mean", "distance")
+LAYER_LABEL = "layer (hidden-state index)"
+_METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+# Up to this many points exact t-SNE is faster than Barnes-Hut (and deterministic).
+_EXACT_TSNE_MAX = 300
+
+
+def _axes(ax: Axes | None) -> Axes:
+    return ax if ax is not None else plt.subplots(figsize=(7, 4.2))[1]
+
+
+def _unit(profile: EntropyProfile) -> str:
+    base = profile.metadata.get("base")
+    if base is None:
+        return "nats"
+    return "bits" if base == 2 else f"log base {base:g}"
+
+
+def _entropy_label(profile: EntropyProfile, what: str = "entropy") -> str:
+    order = "Shannon" if profile.alpha == 1.0 else f"Rényi α={profile.alpha:g}"
+    return f"{what} ({order}, {_unit(profile)})"
+
+
+def _profile_list(profiles: Sequence[EntropyProfile] | AggregatedProfile) -> list[EntropyProfile]:
+    profiles = profiles.profiles if isinstance(profiles, AggregatedProfile) else list(profiles)
+    if not profiles:
+        raise ValueError("no profiles to plot: pass at least one EntropyProfile")
+    return profiles
+
+
+def plot_profile(profile: EntropyProfile, ax: Axes | None = None, label: str | None = None,
+                 color: Any = None, show_std: bool = True) -> Axes:
+    """Mean entropy over tokens at each layer, with a ±1 std band over tokens."""
+    if profile.n_tokens == 0:
+        raise ValueError("the profile is empty (0 tokens): nothing to plot")
+    ax = _axes(ax)
+    x = np.asarray(profile.layer_indices)
+    mean = profile.mean_profile().double().numpy()
+    line = ax.plot(x, mean, marker="o", markersize=3, color=color,
+                   label=label or profile.model_name or "mean")[0]
+    if show_std:
+        std = profile.std_profile().double().numpy()
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2,
+                        label="±1 std over tokens")
+    ax.set_xlabel(LAYER_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(_entropy_label(profile))
+    ax.set_title(f"Entropy profile ({profile.n_tokens} tokens)")
+    ax.legend(loc="best")
+    return ax
+
+
+def plot_profiles(profiles: Sequence[EntropyProfile] | AggregatedProfile,
+                  labels: Sequence[str] | None = None, ax: Axes | None = None,
+                  show_std: bool = False) -> Axes:
+    """Mean profiles of several profiles on one Axes, one labelled line each."""
+    profiles = _profile_list(profiles)
+    if labels is not None and len(labels) != len(profiles):
+        raise ValueError(f"got {len(labels)} labels for {len(profiles)} profiles")
+    labels = labels or [p.model_name or f"profile {k}" for k, p in enumerate(profiles)]
+    ax = _axes(ax)
+    for profile, label in zip(profiles, labels, strict=True):
+        x = np.asarray(profile.layer_indices)
+        mean = profile.mean_profile().double().numpy()
+        line = ax.plot(x, mean, marker="o", markersize=3, label=label)[0]
+        if show_std:
+            std = profile.std_profile().double().numpy()
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(LAYER_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(_entropy_label(profiles[0], "mean entropy"))
+    ax.set_title("Entropy profiles")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_heatmap(profile: EntropyProfile, ax: Axes | None = None, cmap: str = "viridis",
+                 token_labels: Sequence[str] | None = None) -> Axes:
+    """Token x layer entropy matrix as an image, with a colorbar.
+
+    token_labels: optional text of each row (e.g. the decoded tokens), shown on the y axis.
+    """
+    if profile.n_tokens == 0:
+        raise ValueError("the profile is empty (0 tokens): nothing to plot")
+    if token_labels is not None and len(token_labels) != profile.n_tokens:
+        raise ValueError(f"got {len(token_labels)} token labels for {profile.n_tokens} tokens")
+    ax = _axes(ax)
+    image = ax.imshow(profile.to_numpy(), aspect="auto", cmap=cmap, interpolation="nearest")
+    ticks = np.unique(np.linspace(0, profile.n_layers - 1, min(profile.n_layers, 12)).round())
+    ax.set_xticks(ticks, [str(profile.layer_indices[int(t)]) for t in ticks])
+    if token_labels is not None:
+        ax.set_yticks(range(profile.n_tokens), list(token_labels), fontsize="x-small")
+    ax.set_xlabel(LAYER_LABEL)
+    ax.set_ylabel("token position (row)")
+    ax.set_title("Entropy per token and layer")
+    ax.figure.colorbar(image, ax=ax, label=_entropy_label(profile))
+    return ax
+
+
+def plot_aggregated(agg: AggregatedProfile, ax: Axes | None = None,
+                    show_prompts: bool = True) -> Axes:
+    """Mean over prompts of the per-prompt mean profiles, ±1 std over prompts.
+
+    show_prompts: also draw each prompt's mean profile as a thin line.
+    """
+    profiles = _profile_list(agg)
+    ax = _axes(ax)
+    x = np.asarray(agg.layer_indices)
+    matrix = agg.to_matrix().double().numpy()
+    if show_prompts:
+        for k, row in enumerate(matrix):
+            ax.plot(x, row, color="grey", alpha=0.3, linewidth=0.7,
+                    label="single prompts" if k == 0 else None)
+    mean, std = agg.mean_profile().double().numpy(), agg.std_profile().double().numpy()
+    ax.plot(x, mean, color="C0", marker="o", markersize=3, label=f"mean of {len(agg)} prompts")
+    ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.2, label="±1 std over prompts")
+    ax.set_xlabel(LAYER_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(_entropy_label(profiles[0], "mean entropy"))
+    ax.set_title(f"Aggregated profile{f' of {agg.model_name}' if agg.model_name else ''}")
+    ax.legend(loc="best")
+    return ax
+
+
+def _classical_mds(distances: np.ndarray) -> np.ndarray:
+    """(n x 2) classical MDS: top-2 principal coordinates of the double-centred D^2."""
+    n = distances.shape[0]
+    centring = np.eye(n) - 1.0 / n
+    gram = -0.5 * centring @ (distances ** 2) @ centring
+    values, vectors = np.linalg.eigh(gram)
+    top = np.argsort(values)[::-1][:2]
+    return vectors[:, top] * np.sqrt(np.clip(values[top], 0.0, None))
+
+
+def _embed(profiles: list[EntropyProfile], method: str, feature: str, metric: str,
+           bin_width: float, random_state: int) -> np.ndarray:
+    n = len(profiles)
+    if feature == "mean":
+        data = torch.stack([p.mean_profile().double() for p in profiles]).numpy()
+    else:
+        data = pairwise_distances(profiles, metric, bin_width=bin_width)
+    if method == "pca":
+        if feature == "distance":
+            return _classical_mds(data)
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2).fit_transform(data)
+    precomputed = "precomputed" if feature == "distance" else "euclidean"
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3.0), metric=precomputed,
+                    init="random" if feature == "distance" else "pca",
+                    method="exact" if n <= _EXACT_TSNE_MAX else "barnes_hut",
+                    random_state=random_state)
+        return tsne.fit_transform(data)
+    try:
+        import umap
+    except ImportError as error:
+        raise ValueError("method='umap' needs the umap-learn package (pip install "
+                         "umap-learn); use method='pca' or 'tsne' instead") from error
+    reducer = umap.UMAP(n_components=2, metric=precomputed, n_neighbors=min(15, n - 1),
+                        random_state=random_state)
+    return reducer.fit_transform(data)
+
+
+def plot_cluster(profiles: Sequence[EntropyProfile] | AggregatedProfile,
+                 labels: Sequence[str] | None = None, method: str = "pca",
+                 feature: str = "mean", metric: str = "wasserstein", ax: Axes | None = None,
+                 bin_width: float = DEFAULT_BIN_WIDTH, random_state: int = 0) -> Axes:
+    """2-D embedding of many profiles, one point each, coloured by label.
+
+    feature="mean": embed the (n_layers,) mean profiles; feature="distance": embed the
+    pairwise_distances(profiles, metric) matrix (pca then means classical MDS).
+    method: "pca", "tsne" (scikit-learn) or "umap" (umap-learn, when installed).
+    labels: a group name per profile (legend); default: the model names.
+    """
+    profiles = _profile_list(profiles)
+    if method not in CLUSTER_METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {CLUSTER_METHODS}")
+    if feature not in CLUSTER_FEATURES:
+        raise ValueError(f"unknown feature {feature!r}: use one of {CLUSTER_FEATURES}")
+    if len(profiles) < 3:
+        raise ValueError(f"plot_cluster needs at least 3 profiles, got {len(profiles)}")
+    if labels is not None and len(labels) != len(profiles):
+        raise ValueError(f"got {len(labels)} labels for {len(profiles)} profiles")
+    labels = list(labels) if labels is not None else [p.model_name or "profiles"
+                                                      for p in profiles]
+    points = _embed(profiles, method, feature, metric, bin_width, random_state)
+    ax = _axes(ax)
+    for group in dict.fromkeys(labels):
+        mask = np.array([label == group for label in labels])
+        ax.scatter(points[mask, 0], points[mask, 1], s=18, alpha=0.8, label=str(group))
+    what = "mean profiles" if feature == "mean" else f"{metric} distances"
+    name = "MDS" if (method, feature) == ("pca", "distance") else _METHOD_NAMES[method]
+    ax.set_xlabel(f"{name} 1")
+    ax.set_ylabel(f"{name} 2")
+    ax.set_title(f"{name} of {len(profiles)} profiles ({what})")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_layer_importance(importance: Mapping[str, np.ndarray] | Any,
+                          layer_indices: Sequence[int] | None = None,
+                          ax: Axes | None = None) -> Axes:
+    """Layer-importance curves on one Axes, each scaled to [0, 1] by its own range.
+
+    importance: LayerAnalyzer.layer_importance()'s dict, or a LayerAnalyzer (then its
+    layer_indices are used). The legend gives each metric's range before scaling.
+    """
+    if hasattr(importance, "layer_importance"):
+        layer_indices = layer_indices or importance.layer_indices
+        importance = importance.layer_importance()
+    if not importance:
+        raise ValueError("no metrics to plot: pass LayerAnalyzer.layer_importance()")
+    n_layers = len(next(iter(importance.values())))
+    x = np.asarray(layer_indices if layer_indices is not None else range(n_layers))
+    ax = _axes(ax)
+    for name, values in importance.items():
+        values = np.asarray(values, dtype=np.float64)
+        lo, hi = values.min(), values.max()
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        ax.plot(x, scaled, marker="o", markersize=3, label=f"{name} [{lo:.3g}, {hi:.3g}]")
+    ax.set_xlabel(LAYER_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("metric scaled to [0, 1]")
+    ax.set_title("Layer importance")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def _depth_trajectory(ax: Axes, x: np.ndarray, y: np.ndarray, layers: Sequence[int]) -> None:
+    """Line through the layers in depth order, points coloured by layer, with a colorbar."""
+    ax.plot(x, y, color="grey", linewidth=0.8, zorder=1)
+    points = ax.scatter(x, y, c=np.asarray(layers), cmap="viridis", s=30, zorder=2)
+    bar = ax.figure.colorbar(points, ax=ax, label=LAYER_LABEL)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    ax.annotate("first", (x[0], y[0]), textcoords="offset points", xytext=(5, 5))
+    ax.annotate("output", (x[-1], y[-1]), textcoords="offset points", xytext=(5, 5))
+
+
+def plot_information_plane(analyzer: Any, method: str = "cka", ax: Axes | None = None) -> Axes:
+    """Each layer as a point (mean entropy, dependence on the output layer's states).
+
+    analyzer: a LayerAnalyzer with hidden states; method as in LayerAnalyzer.layer_mi.
+    """
+    entropy, dependence = analyzer.layer_entropy(), analyzer.layer_mi(method)
+    ax = _axes(ax)
+    _depth_trajectory(ax, entropy, dependence, analyzer.layer_indices)
+    ax.set_xlabel(_entropy_label(analyzer.profile, "mean entropy"))
+    ax.set_ylabel("linear CKA with output layer" if method == "cka"
+                  else "Rényi MI with output layer (nats)")
+    ax.set_title("Information plane")
+    return ax
+
+
+def plot_velocity_entropy(analyzer: Any, ax: Axes | None = None) -> Axes:
+    """Each layer as a point (mean entropy, information velocity into that layer)."""
+    entropy, velocity = analyzer.layer_entropy(), analyzer.information_velocity()
+    ax = _axes(ax)
+    _depth_trajectory(ax, entropy, velocity, analyzer.layer_indices)
+    ax.set_xlabel(_entropy_label(analyzer.profile, "mean entropy"))
+    ax.set_ylabel(f"velocity: W1 from previous layer ({_unit(analyzer.profile)})")
+    ax.set_title("Velocity vs entropy")
+    return ax

@@ -1,0 +1,191 @@
+"""The entropy-fast CLI, in-process through main(argv), and resume after a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from entropy_fast.cli import main
+from entropy_fast.sql import ProfileStore, check_store
+from entropy_fast.store import Store
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
+           "1, 2, 3, 4,", "Why is the sky blue?"]
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """Tiny random Llama and GPT-2 saved with a tokenizer, loadable by path."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for kind, seed in (("llama", 0), ("gpt2", 1)):
+        folder = root / f"tiny-{kind}"
+        tiny_model(kind, seed=seed).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        paths[kind] = str(folder)
+    return paths
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_profile_store_and_every_command(models, corpus, tmp_path, capsys):
+    store, plot = str(tmp_path / "store"), tmp_path / "profile.png"
+    argv = ["profile", models["llama"], models["gpt2"], "--prompts", corpus, "--out", store,
+            "--max-new-tokens", "3", "--alpha", "1", "--alpha", "2", "--plot", str(plot),
+            "--no-progress"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert out.count("| 5 prompts, ") == 2 and "alpha=1 (nats) | 4 layers" in out
+    assert "layer    mean     std" in out
+    assert plot.read_bytes()[:4] == PNG
+    code, out, _ = run_cli(capsys, *argv)  # complete: nothing redone
+    assert code == 0 and out.count("nothing to do") == 2
+
+    with ProfileStore(store) as db:
+        rows = db.sql("SELECT model, count(DISTINCT prompt_id) AS n FROM entropy "
+                      "GROUP BY ALL ORDER BY model").to_pylist()
+    assert [r["n"] for r in rows] == [5, 5]
+    stored = dict(Store(store).read_profiles(models["llama"]))
+    from entropy_fast.profiler import EntropyProfiler
+
+    direct = EntropyProfiler(models["llama"], alpha=(1.0, 2.0)).profile_text(PROMPTS[2], 3)
+    torch.testing.assert_close(stored[2].entropies[2.0], direct.entropies[2.0],
+                               atol=1e-4, rtol=1e-4)
+    assert stored[2].token_ids.tolist() == direct.token_ids.tolist()
+
+    code, out, _ = run_cli(capsys, "info", store)
+    assert code == 0 and out.count("complete") == 2 and "5/5" in out
+    code, out, _ = run_cli(capsys, "check", store)
+    assert code == 0 and out.strip().endswith("OK")
+    code, out, _ = run_cli(capsys, "query", store, "mean_profile", "--param", "alpha=2",
+                           "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 8 and {r["alpha"] for r in rows} == {2.0}
+    code, out, _ = run_cli(capsys, "query", store, "SELECT count(*) AS n FROM entropy "
+                           "WHERE layer = $layer", "--param", "layer=0", "--format", "csv")
+    assert code == 0 and out.splitlines()[0] == "n"
+    target = tmp_path / "jsd.parquet"
+    code, _, _ = run_cli(capsys, "query", store, "layer_jsd", "--param",
+                         f"model_a={models['llama']}", "--param", f"model_b={models['gpt2']}",
+                         "--format", "parquet", "--output", str(target))
+    assert code == 0 and pq.read_table(target).num_rows == 4
+    code, out, _ = run_cli(capsys, "compare", store, "--metric", "wasserstein", "--plot",
+                           str(tmp_path / "compare.png"))
+    assert code == 0 and "wasserstein distance" in out and out.count("0.0000") == 2
+    assert (tmp_path / "compare.png").read_bytes()[:4] == PNG
+    code, out, _ = run_cli(capsys, "queries")
+    assert code == 0 and "layer_wasserstein:" in out and "model_a (VARCHAR, required)" in out
+
+
+def test_profile_without_a_store(models, corpus, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "profile", models["gpt2"], "--prompts", corpus,
+                             "--max-new-tokens", "0", "--no-plot", "--layer-stride", "2")
+    assert code == 0, err
+    assert "(text mode)" in out and "| 3 layers |" in out and "store:" not in out
+
+
+@pytest.mark.parametrize("command", ["profile", "query", "compare", "info", "check",
+                                     "queries"])
+def test_help(command, capsys):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and "usage: entropy-fast" in out
+
+
+def user_errors(models, tmp_path) -> list[tuple[list[str], str]]:
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("x")
+    Store(tmp_path / "store", create=True)
+    llama = models["llama"]
+    return [
+        (["profile", llama, "--prompts", str(tmp_path / "none.txt")], "corpus file not found"),
+        (["profile", llama, "--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
+        (["profile", llama, "--prompts", str(tmp_path / "bad.jsonl")], "line 2: not valid JSON"),
+        (["profile", str(tmp_path / "no-model"), "--max-new-tokens", "0"], "not found"),
+        (["profile", llama, "--shard", "3/2"], "--shard 3/2"),
+        (["profile", llama, "--alpha", "-1"], "alpha"),
+        (["profile", llama, "--out", str(tmp_path / "plain")], "not an entropy-fast store"),
+        (["query", str(tmp_path / "plain"), "mean_profile"], "not an entropy-fast store"),
+        (["query", str(tmp_path / "store"), "no_such_query"], "unknown query"),
+        (["query", str(tmp_path / "store"), "mean_profile", "--param", "x=1"], "no parameter x"),
+        (["query", str(tmp_path / "store"), "mean_profile", "--param", "alpha=high"],
+         "alpha must be DOUBLE"),
+        (["query", str(tmp_path / "store"), "SELECT * FROM nowhere"], "nowhere"),
+        (["query", str(tmp_path / "store"), "mean_profile", "--format", "parquet"],
+         "needs --output"),
+        (["info", str(tmp_path / "nothing")], "does not exist"),
+        (["check", str(tmp_path / "plain")], "not an entropy-fast store"),
+        (["compare", str(tmp_path / "store")], "no runs to compare"),
+    ]
+
+
+def test_user_errors_are_one_line(models, tmp_path, capsys):
+    for argv, message in user_errors(models, tmp_path):
+        code, out, err = run_cli(capsys, *argv, *(["--no-plot"] if argv[0] == "profile" else []))
+        assert code != 0, argv
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert message in err, (argv, err)
+    assert not any((tmp_path / "plain").glob("*.json"))  # nothing written into a non-store
+
+
+def test_vllm_generator_without_vllm_is_a_clear_error(models, corpus, capsys):
+    if "vllm" in sys.modules or __import__("importlib").util.find_spec("vllm"):
+        pytest.skip("vllm is installed here")
+    code, _, err = run_cli(capsys, "profile", models["llama"], "--prompts", corpus,
+                           "--generator", "vllm")
+    assert code == 1 and "pip install 'entropy-fast[vllm]'" in err
+
+
+def test_resume_after_sigkill(models, tmp_path, capsys):
+    """A run killed with SIGKILL mid-way resumes without duplicates, gaps or redone work."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n".join(f"{PROMPTS[i % 5]} number {i}" for i in range(80)))
+    store = tmp_path / "store"
+    argv = ["profile", models["llama"], "--prompts", str(corpus), "--out", str(store),
+            "--max-new-tokens", "0", "--batch-tokens", "400", "--part-rows", "1",
+            "--flush-seconds", "0", "--no-plot", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "entropy_fast.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(store.glob("manifest/*/*.json"))) < 5 and proc.poll() is None:
+        assert time.monotonic() < deadline, "no part committed in time"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    before = {e.entropy_file: (store / e.entropy_file).stat().st_mtime_ns
+              for e in Store(store).manifest()}
+    done_before = sum(e.n_prompts for e in Store(store).manifest())
+    assert 5 <= done_before < 80
+
+    code, out, err = run_cli(capsys, *argv)  # the same command again, in-process
+    assert code == 0, err
+    assert f"{done_before} prompts already committed" in out
+    entries = Store(store).manifest()
+    assert all((store / f).stat().st_mtime_ns == t for f, t in before.items())  # not redone
+    assert sorted(i for e in entries for i in e.prompt_ids) == list(range(80))
+    assert check_store(store)[0] == []
+    assert Store(store).runs()[0].status == "complete"

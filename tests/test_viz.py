@@ -1,0 +1,110 @@
+"""Every plot renders to PNG (Agg), returns what it drew on, labels its axes and has a
+legend or colorbar where it needs one; bad input raises ValueError."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from entropy_fast import viz
+from entropy_fast.analysis import LayerAnalyzer
+from entropy_fast.profile import AggregatedProfile
+from tests._analysis_fixtures import make_profile, tiny_run
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return AggregatedProfile([make_profile(6 + k, seed=k, shift=0.4 * (k % 3))
+                              for k in range(9)])
+
+
+def check(ax, tmp_path, name: str, legend: bool = True, colorbar: bool = False):
+    assert isinstance(ax, matplotlib.axes.Axes)
+    assert ax.get_xlabel() and ax.get_ylabel()
+    if legend:
+        assert ax.get_legend() is not None and ax.get_legend().get_texts()
+    if colorbar:
+        assert len(ax.figure.axes) == 2
+    ax.figure.savefig(tmp_path / f"{name}.png", dpi=50)
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_profile_plots(synthetic, tmp_path):
+    profile = synthetic[0]
+    check(viz.plot_profile(profile), tmp_path, "profile")
+    check(viz.plot_profiles(synthetic, labels=[f"p{k}" for k in range(9)]), tmp_path, "profiles")
+    check(viz.plot_heatmap(profile, token_labels=[f"t{k}" for k in range(profile.n_tokens)]),
+          tmp_path, "heatmap", legend=False, colorbar=True)
+    check(viz.plot_aggregated(synthetic), tmp_path, "aggregated")
+
+
+def test_plots_draw_on_the_given_axes(synthetic):
+    _, axes = plt.subplots(1, 3)
+    assert viz.plot_profile(synthetic[0], ax=axes[0]) is axes[0]
+    assert viz.plot_aggregated(synthetic, ax=axes[1]) is axes[1]
+    assert viz.plot_cluster(synthetic, ax=axes[2]) is axes[2]
+    lines = axes[0].get_lines()
+    np.testing.assert_allclose(lines[0].get_ydata(), synthetic[0].mean_profile().double())
+
+
+@pytest.mark.parametrize(("method", "feature", "metric"), [
+    ("pca", "mean", "wasserstein"), ("pca", "distance", "jsd"), ("tsne", "distance", "srvf")])
+def test_plot_cluster(synthetic, tmp_path, method, feature, metric):
+    labels = ["a", "b", "c"] * 3
+    ax = viz.plot_cluster(synthetic, labels=labels, method=method, feature=feature,
+                          metric=metric)
+    check(ax, tmp_path, f"cluster_{method}_{feature}")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
+
+
+def test_analysis_plots_on_a_real_tiny_model(tmp_path):
+    profiler, profile, states, _ = tiny_run()
+    analyzer = LayerAnalyzer(profiler, profile, hidden_states=states)
+    check(viz.plot_layer_importance(analyzer), tmp_path, "importance")
+    check(viz.plot_layer_importance(analyzer.layer_importance(), profile.layer_indices),
+          tmp_path, "importance_dict")
+    check(viz.plot_information_plane(analyzer, "renyi"), tmp_path, "plane", legend=False,
+          colorbar=True)
+    check(viz.plot_velocity_entropy(analyzer), tmp_path, "velocity", legend=False,
+          colorbar=True)
+
+
+def test_units_follow_the_profile():
+    profile = make_profile(4)
+    profile.metadata["base"] = 2
+    assert "bits" in viz.plot_profile(profile).get_ylabel()
+    assert "Rényi α=2" in viz.plot_profile(make_profile(4, alpha=2.0)).get_ylabel()
+
+
+def test_bad_input_raises(synthetic):
+    with pytest.raises(ValueError, match="unknown method 'mds'"):
+        viz.plot_cluster(synthetic, method="mds")
+    with pytest.raises(ValueError, match="unknown feature 'full'"):
+        viz.plot_cluster(synthetic, feature="full")
+    with pytest.raises(ValueError, match="got 2 labels for 9 profiles"):
+        viz.plot_profiles(synthetic, labels=["a", "b"])
+    with pytest.raises(ValueError, match="at least 3 profiles"):
+        viz.plot_cluster(synthetic.profiles[:2])
+    with pytest.raises(ValueError, match="no profiles to plot"):
+        viz.plot_profiles([])
+    empty = make_profile(3)
+    empty.entropy = torch.zeros(0, 6)
+    with pytest.raises(ValueError, match="empty"):
+        viz.plot_heatmap(empty)
+    if importlib.util.find_spec("umap") is None:
+        with pytest.raises(ValueError, match="needs the umap-learn package"):
+            viz.plot_cluster(synthetic, method="umap")
