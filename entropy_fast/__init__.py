@@ -1,6 +1,17 @@
 """entropy-fast: logit-lens entropy profiles of transformer language models, at corpus scale."""
 
+from entropy_fast.analysis import LayerAnalyzer, ModelComparison, compare_models
+from entropy_fast.distances import (
+    DistanceResult,
+    fisher_rao_distance,
+    jsd_layer,
+    pairwise_distances,
+    profile_distance,
+    srvf_distance,
+    wasserstein_layer,
+)
 from entropy_fast.entropy import renyi_entropy, shannon_entropy
+from entropy_fast.estimators import MatrixRenyiMI, linear_cka
 from entropy_fast.lens import Lens, UnsupportedArchitectureError
 from entropy_fast.loading import DEFAULT_MODEL, ModelNotFoundError, load_model
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
@@ -8,15 +19,54 @@ from entropy_fast.profiler import EntropyProfiler
 
 __version__ = "0.3.0"
 
+# Plots load matplotlib: import them on first use, not with the package.
+_PLOTS = (
+    "plot_aggregated",
+    "plot_cluster",
+    "plot_heatmap",
+    "plot_information_plane",
+    "plot_layer_importance",
+    "plot_profile",
+    "plot_profiles",
+    "plot_velocity_entropy",
+)
+
+
+def __getattr__(name: str):
+    if name in _PLOTS:
+        from entropy_fast import viz
+
+        return getattr(viz, name)
+    if name == "ProfileStore":
+        from entropy_fast.sql import ProfileStore
+
+        return ProfileStore
+    raise AttributeError(f"module 'entropy_fast' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "AggregatedProfile",
+    "DistanceResult",
     "EntropyProfile",
     "EntropyProfiler",
+    "LayerAnalyzer",
     "Lens",
+    "MatrixRenyiMI",
+    "ModelComparison",
     "ModelNotFoundError",
+    "ProfileStore",
     "UnsupportedArchitectureError",
+    "compare_models",
+    "fisher_rao_distance",
+    "jsd_layer",
+    "linear_cka",
     "load_model",
+    "pairwise_distances",
+    "profile_distance",
     "renyi_entropy",
     "shannon_entropy",
+    "srvf_distance",
+    "wasserstein_layer",
+    *_PLOTS,
 ]

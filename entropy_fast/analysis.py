@@ -21,6 +21,7 @@ from entropy_fast.distances import (
     _check_bin_width,
     _check_profiles,
     _jsd_columns,
+    _jsd_fitted_bins,
     _pairwise_fisher_rao,
     _pairwise_srvf,
     _w1_columns,
@@ -93,14 +94,17 @@ class LayerAnalyzer:
             velocity[1:] = _w1_columns(self._entropy[:, :-1], self._entropy[:, 1:])
         return velocity.numpy()
 
-    def jsd_to_output(self, bin_width: float = DEFAULT_BIN_WIDTH) -> np.ndarray:
+    def jsd_to_output(self, n_bins: int | None = None,
+                      bin_width: float = DEFAULT_BIN_WIDTH) -> np.ndarray:
         """JSD (nats) between the per-token entropies at layer l and at the output layer.
 
-        Histogram JSD on the fixed bins floor(v / bin_width), as in distances.jsd_layer.
+        Histogram JSD on the fixed bins floor(v / bin_width), or on n_bins bins fitted to
+        each layer's joint range when `n_bins` is given, as in distances.jsd_layer.
         """
-        bin_width = _check_bin_width(bin_width)
         last = self._entropy[:, -1:].expand_as(self._entropy)
-        return _jsd_columns(self._entropy, last, bin_width).numpy()
+        if n_bins is not None:
+            return _jsd_fitted_bins(self._entropy, last, n_bins)
+        return _jsd_columns(self._entropy, last, _check_bin_width(bin_width)).numpy()
 
     @torch.no_grad()
     def distance_to_output(self) -> np.ndarray:

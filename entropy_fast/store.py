@@ -510,11 +510,14 @@ class RunWriter:
 
     def _remove_uncommitted(self, committed: set[str]) -> None:
         """Delete this shard's temp files and parts renamed but never recorded."""
+        key, root = self.info.shard_key, self.store.root
         entropy, prompts = self.store.part_paths(self.info, 0)
-        for folder in (entropy.parent, prompts.parent):
-            for path in folder.glob(f"*part-{self.info.shard_key}-*"):
-                if str(path.relative_to(self.store.root)) not in committed:
-                    path.unlink()
+        leftovers = [*entropy.parent.glob(f"*part-{key}-*"), *prompts.parent.glob(f"*part-{key}-*"),
+                     *self.store.manifest_dir(self.info.run_id).glob(f".{key}-*.tmp"),
+                     *(root / "runs").glob(f".{self.info.run_id}.{key}.json.*.tmp")]
+        for path in leftovers:
+            if str(path.relative_to(root)) not in committed:
+                path.unlink()
 
     @property
     def pending(self) -> list[int]:

@@ -6,10 +6,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a network
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tests.tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

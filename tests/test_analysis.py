@@ -41,8 +41,8 @@ def test_profile_only_metrics_match_references():
         velocity[1:], [wasserstein_distance(e[:, k - 1], e[:, k]) for k in range(1, 7)],
         rtol=1e-12, atol=1e-13)
     last = EntropyProfile(p.entropy[:, -1:].expand(-1, 7), p.token_ids, p.layer_indices)
-    np.testing.assert_allclose(analyzer.jsd_to_output(0.5), jsd_layer(p, last, 0.5),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(analyzer.jsd_to_output(bin_width=0.5),
+                               jsd_layer(p, last, bin_width=0.5), rtol=1e-12, atol=1e-14)
     assert analyzer.jsd_to_output()[-1] == pytest.approx(0.0, abs=1e-15)
     importance = analyzer.layer_importance()
     assert set(importance) == {"entropy", "velocity", "jsd_to_output"}

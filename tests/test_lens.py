@@ -28,7 +28,7 @@ def ids():
 
 
 def test_taps_match_hf_hidden_states(arch_model, ids):
-    kind, model = arch_model
+    _, model = arch_model
     out, tapped = run_with_taps(model, ids)
     assert len(out.hidden_states) == N_LAYERS + 1 == len(tapped)
     for index in range(N_LAYERS):  # HF's last entry is normed; ours is not
@@ -36,7 +36,7 @@ def test_taps_match_hf_hidden_states(arch_model, ids):
 
 
 def test_lens_on_last_state_reproduces_model_logits(arch_model, ids):
-    kind, model = arch_model
+    _, model = arch_model
     lens = Lens.from_model(model)
     out, tapped = run_with_taps(model, ids)
     expected = entropy_from_logits(out.logits[0], ALPHAS)

@@ -11,7 +11,7 @@ def test_default_model_profiles_real_text(smollm2_profiler):
     assert profiler.layer_indices == list(range(31))  # 30 blocks + embeddings
     prompts = ["The capital of France is", "def fibonacci(n):"]
     batch = profiler.profile_batch(prompts, max_new_tokens=6)
-    for prompt, profile in zip(prompts, batch, strict=True):
+    for profile in batch:
         ids = torch.tensor([profile.metadata["prompt_token_ids"] + profile.token_ids.tolist()])
         with torch.no_grad():
             logits = profiler.model(input_ids=ids).logits[0].double()

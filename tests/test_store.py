@@ -137,11 +137,13 @@ def test_resume_skips_committed_and_removes_uncommitted(tmp_path, corpus, profil
     orphan.write_bytes(b"junk")
     temp = entropy.parent / f".{entropy.name}.123.tmp"
     temp.write_bytes(b"junk")
+    manifest_temp = store.manifest_dir(info.run_id) / ".s0of1-000002.json.123.tmp"
+    manifest_temp.write_text("{")
     with ProfileStore(store.root) as db:  # readers see committed rows only
         assert db.sql("SELECT count(DISTINCT prompt_id) AS n FROM entropy")["n"][0].as_py() == 4
     resumed = store.writer(run_info("m", corpus))
     assert resumed.done == {0, 1, 2, 3, 4}
-    assert not orphan.exists() and not temp.exists()
+    assert not orphan.exists() and not temp.exists() and not manifest_temp.exists()
     for prompt_id in resumed.pending:
         resumed.add(corpus.prompts[prompt_id], profiles[prompt_id])
     resumed.close()
