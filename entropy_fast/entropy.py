@@ -140,14 +140,17 @@ class OnlineEntropy:
 
         The block is consumed: it is overwritten in place to save memory traffic.
         """
-        m_chunk, argmax_chunk = logits.max(dim=1)
+        if self.track_argmax:
+            m_chunk, argmax_chunk = logits.max(dim=1)
+        else:  # amax skips the index bookkeeping
+            m_chunk, argmax_chunk = logits.amax(dim=1), None
         m_new = m_chunk if self.m is None else torch.maximum(self.m, m_chunk)
         self._track_tokens(logits, m_chunk, argmax_chunk)
         x = logits.sub_(m_new[:, None])
         e = torch.exp(x)
         s_chunk = e.sum(dim=1)
-        u_chunk = torch.linalg.vecdot(e, x)
         d_chunk = [_tilted_gap(x, a, e).sum(dim=1) for a in self._tilted]
+        u_chunk = x.mul_(e).sum(dim=1)  # last use of x: overwrite it
         if self.m is None:
             self.s, self.u, self.d = s_chunk, u_chunk, d_chunk
         else:
