@@ -7,7 +7,7 @@ Each generator gets one untimed warm-up call on a few prompts first.
 
 Needs vLLM, so run it with the vLLM venv's python (see .ci/vllm_tests.sh):
 
-    .venv-vllm/bin/python bench/bench_generation.py --prompts 128 --max-new-tokens 64
+    .venv-vllm/bin/python bench/bench_generation.py --prompts 64 --max-new-tokens 32
     .venv-vllm/bin/python bench/bench_generation.py --out bench/results_generation.jsonl
 
 Every run prints one JSON row per generator (machine, versions, settings, timings) and
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompts", type=int, default=128, help="number of prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=64, help="number of prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, default=8192,
                         help="HF token budget per padded batch (prompt + new tokens)")
     parser.add_argument("--skip", choices=("hf", "vllm"), action="append", default=[])

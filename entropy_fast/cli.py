@@ -11,6 +11,7 @@ that is deleted at the end. Its summary and plot are queries over that store.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -24,13 +25,13 @@ from typing import Any
 import pyarrow as pa
 
 from entropy_fast.corpus import Corpus, read_corpus
+from entropy_fast.loading import DEFAULT_MODEL
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
 from entropy_fast.sql import ProfileStore, QueryError, check_store, named_queries
 from entropy_fast.store import SCHEMA_VERSION, RunInfo, Store, StoreError
 
-DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_PLOT = "entropy_profile.png"
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError)
+USER_ERRORS = (ValueError, RuntimeError, ImportError, OSError)
 """Exceptions reported as one line: bad input, missing files, failed loads, I/O."""
 
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, adder in (("profile", _add_profile), ("query", _add_query),
                         ("compare", _add_compare), ("info", _add_info),
                         ("check", _add_check), ("queries", _add_queries)):
-        doc = (COMMANDS[name].__doc__ or "").strip()
+        doc = inspect.cleandoc(COMMANDS[name].__doc__ or "")
         sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
@@ -385,15 +386,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     Named queries take parameters with --param name=value; SQL text may use $name
     placeholders, bound from --param (never pasted into the SQL).
     """
+    if args.format == "parquet" and not args.output:
+        raise ValueError("--format parquet needs --output FILE")
     params = _parse_params(args.param)
     with ProfileStore(args.store) as db:
-        if args.query in named_queries():
-            table = db.query(args.query, **params)
-        elif _looks_like_sql(args.query):
+        if _looks_like_sql(args.query):
             table = db.sql(args.query, {k: _guess_type(v) for k, v in params.items()})
         else:
-            raise QueryError(f"unknown query {args.query!r}; named queries: "
-                             f"{', '.join(named_queries())} (or give SQL text)")
+            table = db.query(args.query, **params)
     _write_result(table, args.format, args.output, args.max_rows)
     return 0
 
@@ -409,6 +409,7 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 
 
 def _looks_like_sql(text: str) -> bool:
+    """SQL has spaces; a query name has none."""
     return any(ch.isspace() for ch in text.strip())
 
 
@@ -424,8 +425,6 @@ def _guess_type(value: str) -> Any:
 
 def _write_result(table: pa.Table, fmt: str, output: str | None, max_rows: int) -> None:
     if fmt == "parquet":
-        if not output:
-            raise ValueError("--format parquet needs --output FILE")
         import pyarrow.parquet as pq
 
         pq.write_table(table, output, compression="zstd")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -96,8 +96,7 @@ class NamedQuery:
                 raise QueryError(f"query {name}: unknown parameter type {kind}")
             param = QueryParam(match["name"], kind, None, default is None, match["help"] or "")
             if default not in (None, "NULL"):
-                param = QueryParam(param.name, kind, param.convert(default.strip("'")), False,
-                                   param.help)
+                param = replace(param, default=param.convert(default.strip("'")))
             params.append(param)
         return cls(name, description, tuple(params), text)
 
@@ -196,11 +195,8 @@ class ProfileStore:
             if output == "pandas":
                 return relation.df()
             return relation.to_arrow_table()
-        except duckdb.Error as err:
+        except duckdb.Error as err:  # SQL errors, and output="pandas" without pandas
             raise QueryError(str(err).strip().splitlines()[0]) from err
-        except ModuleNotFoundError as err:
-            raise QueryError(f"output={output!r} needs {err.name}: pip install {err.name}") \
-                from err
 
     def query(self, name: str, *, output: str = "arrow", **params: Any) -> Any:
         """Run the named query `name` with its parameters (see `named_queries()`)."""

@@ -192,3 +192,26 @@ def test_resume_after_sigkill(models, tmp_path, capsys):
     assert sorted(i for e in entries for i in e.prompt_ids) == list(range(80))
     assert check_store(store)[0] == []
     assert Store(store).runs()[0].status == "complete"
+
+
+def test_main_job_defaults():
+    """`entropy-fast profile` alone: the built-in model over the bundled sample corpus."""
+    from entropy_fast.cli import build_parser
+    from entropy_fast.loading import DEFAULT_MODEL
+
+    args = build_parser().parse_args(["profile"])
+    assert args.models == [DEFAULT_MODEL] and args.prompts is None
+    assert args.plot == "entropy_profile.png" and args.out is None and args.alpha is None
+
+
+@pytest.mark.slow
+def test_main_job_with_the_real_model(tmp_path, capsys):
+    """The README's main job on the real SmolLM2, on three prompts to stay short."""
+    corpus = tmp_path / "three.txt"
+    corpus.write_text("\n".join(PROMPTS[:3]))
+    plot = tmp_path / "main.png"
+    code, out, err = run_cli(capsys, "profile", "--prompts", str(corpus), "--max-new-tokens",
+                             "4", "--plot", str(plot), "--no-progress")
+    assert code == 0, err
+    assert "smollm2-135m | run " in out and "| 31 layers |" in out
+    assert plot.read_bytes()[:4] == PNG
