@@ -19,28 +19,23 @@ from entropy_fast.profiler import EntropyProfiler
 
 __version__ = "0.3.0"
 
-# Plots load matplotlib: import them on first use, not with the package.
-_PLOTS = (
-    "plot_aggregated",
-    "plot_cluster",
-    "plot_heatmap",
-    "plot_information_plane",
-    "plot_layer_importance",
-    "plot_profile",
-    "plot_profiles",
-    "plot_velocity_entropy",
-)
+# Plots (matplotlib) and the store (pyarrow, duckdb) load on first use, not with the package.
+_LAZY = {
+    **dict.fromkeys(("plot_aggregated", "plot_cluster", "plot_heatmap",
+                     "plot_information_plane", "plot_layer_importance", "plot_profile",
+                     "plot_profiles", "plot_velocity_entropy"), "entropy_fast.viz"),
+    **dict.fromkeys(("Store", "RunInfo", "StoreError"), "entropy_fast.store"),
+    **dict.fromkeys(("ProfileStore", "QueryError", "named_queries", "check_store"),
+                    "entropy_fast.sql"),
+    **dict.fromkeys(("read_corpus", "Corpus", "CorpusError"), "entropy_fast.corpus"),
+}
 
 
 def __getattr__(name: str):
-    if name in _PLOTS:
-        from entropy_fast import viz
+    if name in _LAZY:
+        import importlib
 
-        return getattr(viz, name)
-    if name == "ProfileStore":
-        from entropy_fast.sql import ProfileStore
-
-        return ProfileStore
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'entropy_fast' has no attribute {name!r}")
 
 
@@ -55,7 +50,6 @@ __all__ = [
     "MatrixRenyiMI",
     "ModelComparison",
     "ModelNotFoundError",
-    "ProfileStore",
     "UnsupportedArchitectureError",
     "compare_models",
     "fisher_rao_distance",
@@ -68,5 +62,5 @@ __all__ = [
     "shannon_entropy",
     "srvf_distance",
     "wasserstein_layer",
-    *_PLOTS,
+    *_LAZY,
 ]
