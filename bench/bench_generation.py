@@ -43,8 +43,17 @@ def _machine() -> dict:
 def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
     from entropy_fast.data import sample_prompts
 
-    texts = sample_prompts()
-    return [list(tokenizer(texts[i % len(texts)])["input_ids"]) for i in range(n)]
+    texts = sample_prompts()  # cycled with a round number in front, so all are distinct
+    texts = [t if i < len(texts) else f"({i // len(texts)}) {t}"
+             for i, t in ((i, texts[i % len(texts)]) for i in range(n))]
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _timed(fn, *args) -> tuple[float, object]:
@@ -105,9 +114,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tokens = sum(map(len, outputs[row["generator"]]))
         row.update(generated_tokens=tokens, tokens_per_s=tokens / row["generate_s"])
     if len(outputs) == 2:
-        same = sum(a == b for a, b in zip(outputs["hf"], outputs["vllm"], strict=True))
+        pairs = list(zip(outputs["hf"], outputs["vllm"], strict=True))
+        same = sum(a == b for a, b in pairs)
+        prefix = sum(_common_prefix(a, b) for a, b in pairs)
         for row in rows:
             row["identical_continuations"] = f"{same}/{len(prompts)}"
+            row["hf_tokens_before_divergence"] = f"{prefix}/{sum(len(a) for a, _ in pairs)}"
     for row in rows:
         print(json.dumps(row))
     if args.out:

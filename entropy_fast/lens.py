@@ -13,6 +13,7 @@ entropies (n_rows x n_alphas) without ever holding an (n_rows x vocabulary) tens
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -154,9 +155,9 @@ class Lens:
         """Number of rows of the output head."""
         return int(self.head.weight.shape[0])
 
-    @property
+    @functools.cached_property
     def norm_spec(self) -> NormSpec | None:
-        """The final norm's math when a kernel can fuse it, else None."""
+        """The final norm's math when a kernel can fuse it, else None (identified once)."""
         width = self.head.weight.shape[1] if self.projection is None else None
         if width is None or self.norm is None:
             return None
@@ -248,7 +249,7 @@ class Lens:
         online = OnlineEntropy(alphas, targets, None if estimate is None else estimate[:, 0],
                                track_argmax=with_top_token)
         for start in range(0, weight.shape[0], vocab_chunk):
-            chunk = rows @ weight[start:start + vocab_chunk].T
+            chunk = _matmul_float32(rows, weight[start:start + vocab_chunk])
             if bias is not None:
                 chunk = chunk + bias[start:start + vocab_chunk]
             online.update(self._transform(chunk))
@@ -284,6 +285,16 @@ class Lens:
                 f"{self.softcap}) does not reproduce the model's own logits (max abs error "
                 f"{error:.3g} > {tolerance:.3g}); this architecture is not supported yet"
             )
+
+
+def _matmul_float32(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows @ weight.T with float32 output; half-precision GPU GEMMs keep fp32 accumulators."""
+    if rows.is_cuda and rows.dtype != torch.float32:
+        try:
+            return torch.mm(rows, weight.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm.out_dtype
+            pass
+    return rows @ weight.T
 
 
 def _logit_scale(config) -> float:

@@ -10,8 +10,6 @@ each target's exact logit (one dot product per row) for the surprisal and the ra
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
@@ -72,17 +70,6 @@ def _lens_prologue_kernel(
         tl.store(EST + row, z)
 
 
-_NORM_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _norm_spec(lens):
-    """lens.norm_spec, identified once per lens (identification runs the module on a probe)."""
-    cached = _NORM_SPECS.get(lens)
-    if cached is None or cached[0] is not lens.norm:
-        cached = _NORM_SPECS[lens] = (lens.norm, lens.norm_spec)
-    return cached[1]
-
-
 def prepare_rows(lens, hidden: torch.Tensor, weight: torch.Tensor, normed: bool,
                  targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, est): normed rows (n x d) in the head's dtype, and (n,) fp32 target logits in nats.
@@ -94,7 +81,7 @@ def prepare_rows(lens, hidden: torch.Tensor, weight: torch.Tensor, normed: bool,
     bias = getattr(lens.head, "bias", None)
     spec = None
     if not normed:
-        spec = _norm_spec(lens) if lens.projection is None else None
+        spec = lens.norm_spec
         if spec is None:  # projection or unrecognized norm: the module itself, in torch
             hidden = lens.normalize(hidden)
     n, d = hidden.shape
