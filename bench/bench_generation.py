@@ -2,8 +2,8 @@
 
 Both generate greedy continuations of the same token ids with the same weights (the
 built-in SmolLM2-135M-Instruct by default) on this machine; throughput is generated tokens
-per second of the `generate` call (engine start and HF model load are reported apart).
-Each generator gets one untimed warm-up call on a few prompts first.
+per second of the `generate` call, median of --repeats calls (engine start and HF model
+load are reported apart). Each generator gets one untimed warm-up call on a few prompts.
 
 Needs vLLM, so run it with the vLLM venv's python (see .ci/vllm_tests.sh):
 
@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import time
 
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -49,6 +50,16 @@ def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
     return [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
+def _repeat(repeats: int, fn, *args) -> tuple[dict, object]:
+    """Time `repeats` calls of fn(*args); the median and min seconds and the last result."""
+    times, result = [], None
+    for _ in range(max(1, repeats)):
+        seconds, result = _timed(fn, *args)
+        times.append(seconds)
+    return {"generate_s": statistics.median(times), "generate_s_min": min(times),
+            "repeats": len(times)}, result
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -70,12 +81,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, default=8192,
                         help="HF token budget per padded batch (prompt + new tokens)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed generate calls per generator (median and min reported)")
+    parser.add_argument("--hf-threads", type=int, help="torch threads for HF (default: torch's)")
     parser.add_argument("--skip", choices=("hf", "vllm"), action="append", default=[])
     parser.add_argument("--out", help="append the JSON rows to this file")
     args = parser.parse_args(argv)
 
     import torch
     import vllm
+
+    if args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
 
     from entropy_fast.generation import SamplingConfig, generate_continuations
     from entropy_fast.loading import load_model, model_source
@@ -95,24 +112,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return generate_continuations(model, ids, sampling, pad, args.batch_tokens)
 
         hf(prompts[:4])  # warm-up
-        seconds, outputs["hf"] = _timed(hf, prompts)
+        seconds, outputs["hf"] = _repeat(args.repeats, hf, prompts)
         rows.append({"generator": "hf", "startup_s": load_s, "batch_tokens": args.batch_tokens,
-                     "generate_s": seconds, **common})
+                     **seconds, **common})
 
     if "vllm" not in args.skip:
         reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
         start_s, engine = _timed(VllmGenerator, model_source(args.model, model), args.dtype)
         try:
             engine.generate(prompts[:4], sampling)  # warm-up
-            seconds, outputs["vllm"] = _timed(engine.generate, prompts, sampling)
+            seconds, outputs["vllm"] = _repeat(args.repeats, engine.generate, prompts, sampling)
         finally:
             engine.close()
-        rows.append({"generator": "vllm", "startup_s": start_s, "generate_s": seconds,
+        rows.append({"generator": "vllm", "startup_s": start_s, **seconds,
                      "vllm_reserved_cpus": reserved, **common})
 
     for row in rows:
         tokens = sum(map(len, outputs[row["generator"]]))
-        row.update(generated_tokens=tokens, tokens_per_s=tokens / row["generate_s"])
+        row.update(generated_tokens=tokens, tokens_per_s=tokens / row["generate_s"],
+                   tokens_per_s_best=tokens / row["generate_s_min"])
     if len(outputs) == 2:
         pairs = list(zip(outputs["hf"], outputs["vllm"], strict=True))
         same = sum(a == b for a, b in pairs)
