@@ -1,4 +1,4 @@
-"""The `entropy-fast` command line: profile, query, compare, info, check, queries.
+"""The `entropy-fast` command line: profile, generate, query, compare, info, check, queries.
 
 This module owns argument parsing, the per-layer summary and plots the commands print
 and draw, and turning user errors into one line on stderr with a non-zero exit (no
@@ -6,6 +6,8 @@ traceback; `--traceback` shows one). `main(argv)` runs in-process, for tests.
 
 `profile` always goes through a store: `--out STORE` (resumable), or a temporary one
 that is deleted at the end. Its summary and plot are queries over that store.
+`generate` stores continuations in a store (a generation stage); `profile` with the same
+model, corpus and generation settings then profiles those instead of generating.
 """
 
 from __future__ import annotations
@@ -24,11 +26,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from entropy_fast.corpus import Corpus, read_corpus
+from entropy_fast.corpus import Corpus, Prompt, read_corpus
 from entropy_fast.loading import DEFAULT_MODEL
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
 from entropy_fast.sql import ProfileStore, QueryError, check_store, named_queries
-from entropy_fast.store import SCHEMA_VERSION, RunInfo, Store, StoreError
+from entropy_fast.store import (
+    GENERATION,
+    SCHEMA_VERSION,
+    GenerationInfo,
+    RunInfo,
+    Store,
+    StoreError,
+)
 
 DEFAULT_PLOT = "entropy_profile.png"
 USER_ERRORS = (ValueError, RuntimeError, ImportError, OSError)
@@ -69,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true",
                         help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, adder in (("profile", _add_profile), ("query", _add_query),
+    for name, adder in (("profile", _add_profile), ("generate", _add_generate),
+                        ("query", _add_query),
                         ("compare", _add_compare), ("info", _add_info),
                         ("check", _add_check), ("queries", _add_queries)):
         doc = inspect.cleandoc(COMMANDS[name].__doc__ or "")
@@ -85,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 # -- profile ------------------------------------------------------------------------------
 
 
-def _add_profile(p: argparse.ArgumentParser) -> None:
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    """MODEL ... and the corpus options, shared by profile and generate."""
     p.add_argument("models", nargs="*", metavar="MODEL", default=[DEFAULT_MODEL],
                    help=f"built-in alias, local folder, .gguf file or hub id "
                         f"(default: {DEFAULT_MODEL}); several run one after another")
@@ -95,43 +106,53 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSON field / Parquet column of the text")
     p.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail",
                    help="a malformed corpus record stops the run (fail) or is skipped")
-    p.add_argument("--out", metavar="STORE", help="write to this store (created if missing; "
-                   "an interrupted run resumes where it stopped)")
-    p.add_argument("--plot", metavar="PATH", default=DEFAULT_PLOT,
-                   help=f"PNG of the mean profile, mean ± std across prompts "
-                        f"(default: {DEFAULT_PLOT})")
-    p.add_argument("--no-plot", action="store_true", help="draw no plot")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Generation settings and the model's placement, shared by profile and generate."""
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="tokens generated per prompt and profiled; 0 = profile the text itself")
-    p.add_argument("--alpha", type=float, action="append", metavar="A",
-                   help="Rényi order, repeatable (1 = Shannon, inf = min-entropy); the first "
-                        "is summarized (default: 1)")
-    p.add_argument("--layer-stride", type=int, default=1,
-                   help="profile hidden states 0, k, 2k, ... and the last")
     p.add_argument("--dtype", help="model dtype: float32, bfloat16, float16 "
                    "(default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per padded batch")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="lens backend")
     p.add_argument("--generator", choices=("hf", "vllm"), default="hf",
                    help="what generates continuations (vllm needs the vllm extra)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="only prompts with prompt_id %% N == I (one process per GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    _add_corpus_args(p)
+    _add_generation_args(p)
+    p.add_argument("--out", metavar="STORE", help="write to this store (created if missing; "
+                   "an interrupted run resumes where it stopped; continuations stored there "
+                   "by `generate` with the same settings are profiled, not regenerated)")
+    p.add_argument("--plot", metavar="PATH", default=DEFAULT_PLOT,
+                   help=f"PNG of the mean profile, mean ± std across prompts "
+                        f"(default: {DEFAULT_PLOT})")
+    p.add_argument("--no-plot", action="store_true", help="draw no plot")
+    p.add_argument("--alpha", type=float, action="append", metavar="A",
+                   help="Rényi order, repeatable (1 = Shannon, inf = min-entropy); the first "
+                        "is summarized (default: 1)")
+    p.add_argument("--layer-stride", type=int, default=1,
+                   help="profile hidden states 0, k, 2k, ... and the last")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="lens backend")
     p.add_argument("--top-token", action="store_true",
                    help="also store the lens argmax token per layer")
     p.add_argument("--target-stats", action="store_true",
                    help="also store surprisal and rank of the actual next token per layer")
     p.add_argument("--run-id", help="run id (default: a hash of model, corpus and settings)")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="profile only prompts with prompt_id %% N == I (one process per GPU)")
     p.add_argument("--part-rows", type=int, default=1 << 20,
                    help="rows per committed part (one Parquet row group)")
     p.add_argument("--flush-seconds", type=float, default=60.0,
                    help="commit buffered prompts at least this often")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -192,18 +213,35 @@ def _check_generator(generator: str) -> None:
         raise ImportError(INSTALL_HINT)
 
 
-def _run_info(args: argparse.Namespace, model: str, corpus: Corpus, alphas: list[float],
-              shard: int, n_shards: int) -> RunInfo:
+def _dtype_name(args: argparse.Namespace) -> str:
+    """The model dtype the run will use, as text ('float32', 'bfloat16', ...)."""
     from entropy_fast.loading import resolve_device, resolve_dtype
 
-    dtype = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
-    settings = {"do_sample": args.do_sample, "temperature": args.temperature,
-                "top_p": args.top_p, "seed": args.seed, "top_token": args.top_token,
+    return str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
+
+
+def _sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"do_sample": args.do_sample, "temperature": args.temperature,
+            "top_p": args.top_p, "seed": args.seed}
+
+
+def _run_info(args: argparse.Namespace, model: str, corpus: Corpus, alphas: list[float],
+              shard: int, n_shards: int) -> RunInfo:
+    settings = {**_sampling_settings(args), "top_token": args.top_token,
                 "target_stats": args.target_stats}
     return RunInfo.new(model, corpus.path, corpus.fingerprint, len(corpus), alphas=alphas,
                        layer_stride=args.layer_stride, max_new_tokens=args.max_new_tokens,
-                       dtype=dtype, generator=args.generator, settings=settings,
+                       dtype=_dtype_name(args), generator=args.generator, settings=settings,
                        run_id=args.run_id, shard=shard, n_shards=n_shards)
+
+
+def _generation_info(args: argparse.Namespace, model: str, corpus: Corpus, shard: int = 0,
+                     n_shards: int = 1) -> GenerationInfo:
+    """The generation stage these arguments make (or, from `profile`, would reuse)."""
+    return GenerationInfo.new(model, corpus.path, corpus.fingerprint, len(corpus),
+                              max_new_tokens=args.max_new_tokens, dtype=_dtype_name(args),
+                              generator=args.generator, settings=_sampling_settings(args),
+                              shard=shard, n_shards=n_shards)
 
 
 @contextmanager
@@ -224,29 +262,166 @@ def _profile_model(args: argparse.Namespace, store: Store, info: RunInfo,
         print(f"{info.model}: run {info.run_id} is complete in {store.root}; nothing to do")
         return 0.0
     start = time.perf_counter()
-    with _load_profiler(args, info) as profiler, store.writer(
+    options = {"alpha": info.alphas, "layer_stride": info.layer_stride,
+               "backend": args.backend, "top_token": args.top_token,
+               "target_stats": args.target_stats}
+    with _load_profiler(args, info, **options) as profiler, store.writer(
             info, rows_per_part=args.part_rows, flush_seconds=args.flush_seconds) as writer:
         writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
         pending = writer.pending
-        if len(pending) < len(info.prompt_ids):
-            print(f"{info.model}: resuming run {info.run_id}: "
-                  f"{len(info.prompt_ids) - len(pending)} prompts already committed")
-        texts = [corpus.prompts[i].text for i in pending]
-        stream = profiler.iter_profiles(
-            texts, args.max_new_tokens, do_sample=args.do_sample,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        for index, profile in _progress(stream, len(texts), info.model, args.no_progress):
-            writer.add(corpus.prompts[pending[index]], profile)
+        _report_resume(info, pending, "run")
+        stream = _profile_stream(args, store, profiler, corpus, info, pending)
+        for prompt_id, profile in _progress(stream, len(pending), info.model, args.no_progress):
+            writer.add(corpus.prompts[prompt_id], profile)
     return time.perf_counter() - start
 
 
-def _load_profiler(args: argparse.Namespace, info: RunInfo) -> Any:
+def _report_resume(info: RunInfo | GenerationInfo, pending: list[int], what: str) -> None:
+    if len(pending) < len(info.prompt_ids):
+        print(f"{info.model}: resuming {what} {info.run_id}: "
+              f"{len(info.prompt_ids) - len(pending)} prompts already committed")
+
+
+def _profile_stream(args: argparse.Namespace, store: Store, profiler: Any, corpus: Corpus,
+                    info: RunInfo, pending: list[int]) -> Iterator[tuple[int, EntropyProfile]]:
+    """(prompt_id, profile) of the pending prompts, from stored continuations if any match."""
+    generation = _stored_generation(args, store, corpus, info, pending)
+    if generation is None:
+        stream = profiler.iter_profiles(
+            [corpus.prompts[i].text for i in pending], args.max_new_tokens,
+            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed)
+        return ((pending[index], profile) for index, profile in stream)
+    print(f"{info.model}: profiling the continuations of generation {generation.run_id}")
+    return _stored_profiles(store, profiler, generation, pending)
+
+
+def _stored_generation(args: argparse.Namespace, store: Store, corpus: Corpus,
+                       info: RunInfo, pending: list[int]) -> GenerationInfo | None:
+    """The stored generation stage with this run's model, corpus and settings, if any.
+
+    One that lacks some of the pending prompts is an error (finish it first), rather
+    than a silent mix of stored and fresh continuations.
+    """
+    if info.max_new_tokens == 0 or not pending:
+        return None
+    wanted = _generation_info(args, info.model, corpus)
+    if all(r.run_id != wanted.run_id for r in store.generations()):
+        return None
+    stored = {i for e in store.entries(GENERATION, wanted.run_id) for i in e.prompt_ids}
+    missing = [i for i in pending if i not in stored]
+    if missing:
+        raise StoreError(
+            f"generation {wanted.run_id} of {info.model} in {store.root} lacks {len(missing)} "
+            f"of the prompts to profile (e.g. prompt {missing[0]}); finish it with "
+            "`entropy-fast generate` and the same arguments first")
+    return wanted
+
+
+def _stored_profiles(store: Store, profiler: Any, generation: GenerationInfo,
+                     pending: list[int]) -> Iterator[tuple[int, EntropyProfile]]:
+    """Profile stored continuations, one committed generation part at a time."""
+    for rows in store.read_continuations(generation.run_id, pending):
+        pairs = [(r["prompt_token_ids"], r["continuation_token_ids"]) for r in rows]
+        stream = profiler.profile_token_ids(pairs, [r["text"] for r in rows],
+                                            generator=generation.generator)
+        for index, profile in stream:
+            yield rows[index]["prompt_id"], profile
+
+
+def _load_profiler(args: argparse.Namespace, info: RunInfo | GenerationInfo,
+                   **options: Any) -> Any:
     from entropy_fast.profiler import EntropyProfiler
 
-    return EntropyProfiler(
-        info.model, dtype=info.dtype, alpha=info.alphas, layer_stride=info.layer_stride,
-        device=args.device, backend=args.backend, batch_tokens=args.batch_tokens,
-        top_token=args.top_token, target_stats=args.target_stats, generator=info.generator)
+    return EntropyProfiler(info.model, dtype=info.dtype, device=args.device,
+                           batch_tokens=args.batch_tokens, generator=info.generator, **options)
+
+
+# -- generate -----------------------------------------------------------------------------
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_corpus_args(p)
+    _add_generation_args(p)
+    p.add_argument("--out", metavar="STORE", required=True,
+                   help="store the continuations here (created if missing; an interrupted "
+                        "stage resumes where it stopped)")
+    p.add_argument("--part-prompts", type=int, default=1024,
+                   help="prompts per generate call and per committed part")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate continuations of a corpus and store them for a later `profile`.
+
+    The prompt and continuation token ids (and the continuation's text, for people to
+    read) go into the store as a generation stage whose id follows the model, corpus and
+    generation settings. `entropy-fast profile` with the same model, --prompts,
+    --max-new-tokens, --generator, sampling options and --dtype then profiles those
+    continuations instead of generating. A stage killed at any moment and started again
+    resumes where it stopped; a complete stage is not redone.
+    """
+    if args.max_new_tokens < 1:
+        raise ValueError("generate needs --max-new-tokens >= 1")
+    if args.part_prompts < 1:
+        raise ValueError("--part-prompts must be >= 1")
+    corpus = _read_corpus(args)
+    shard, n_shards = _parse_shard(args.shard)
+    _check_generator(args.generator)
+    infos = [_generation_info(args, model, corpus, shard, n_shards) for model in args.models]
+    store = Store(args.out, create=True)
+    for info in infos:
+        _generate_model(args, store, info, corpus)
+    print(f"store: {args.out}")
+    return 0
+
+
+def _generate_model(args: argparse.Namespace, store: Store, info: GenerationInfo,
+                    corpus: Corpus) -> None:
+    """Generate the stage's pending prompts part by part, committing each part."""
+    from tqdm.auto import tqdm
+
+    from entropy_fast.generation import SamplingConfig
+
+    old = store.record(GENERATION, info.run_id, info.shard_key)
+    if old is not None and old.status == "complete":
+        print(f"{info.model}: generation {info.run_id} is complete in {store.root}; "
+              "nothing to do")
+        return
+    sampling = SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature,
+                              args.top_p, None, args.seed)
+    start = time.perf_counter()
+    with _load_profiler(args, info) as profiler, store.writer(
+            info, rows_per_part=args.part_prompts, flush_seconds=math.inf) as writer:
+        writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
+        pending = writer.pending
+        _report_resume(info, pending, "generation")
+        bar = tqdm(total=len(pending), unit="prompt", desc=info.model,
+                   disable=True if args.no_progress else None)
+        with bar:
+            for first in range(0, len(pending), args.part_prompts):
+                prompts = [corpus.prompts[i] for i in pending[first:first + args.part_prompts]]
+                ids = [_prompt_ids(profiler, prompt, args.max_new_tokens) for prompt in prompts]
+                continuations = profiler.generator.generate(ids, sampling)
+                for prompt, prompt_ids, new in zip(prompts, ids, continuations, strict=True):
+                    writer.add(prompt, prompt_ids, new, profiler.tokenizer.decode(new))
+                writer.commit()
+                bar.update(len(prompts))
+    n_tokens = sum(e.n_tokens for e in store.entries(GENERATION, info.run_id)
+                   if e.shard == info.shard)
+    print(f"{info.model} | generation {info.run_id} | {len(info.prompt_ids)} prompts, "
+          f"{n_tokens} new tokens | {info.generator} | "
+          f"{time.perf_counter() - start:.1f} s")
+
+
+def _prompt_ids(profiler: Any, prompt: Prompt, max_new_tokens: int) -> list[int]:
+    """The prompt's token ids, as the profiler tokenizes it, checked against the context."""
+    ids = list(profiler.tokenizer(prompt.text)["input_ids"])
+    limit = profiler.context_length
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        raise ValueError(f"prompt {prompt.prompt_id} needs {len(ids) + max_new_tokens} "
+                         f"positions ({len(ids)} prompt tokens + new tokens) but the model's "
+                         f"context window is {limit}: shorten it or lower --max-new-tokens")
+    return ids
 
 
 def _progress(stream: Iterator[tuple[int, Any]], total: int, label: str,
@@ -371,7 +546,8 @@ def _add_query(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("query", metavar="NAME_OR_SQL",
                    help="a named query (see `entropy-fast queries`) or SQL over the views "
-                        "entropy, prompts, runs, manifest, prompt_profile")
+                        "entropy, prompts, runs, manifest, prompt_profile, continuations, "
+                        "generations")
     p.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="a query parameter, repeatable; lists comma-separated")
     p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
@@ -563,7 +739,7 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Describe a store: size, runs with their settings and progress, committed parts."""
+    """Describe a store: size, runs and generation stages with their settings and progress."""
     store = Store(args.store)
     entries = store.manifest()
     size = sum(f.stat().st_size for f in store.root.rglob("*") if f.is_file())
@@ -581,7 +757,34 @@ def cmd_info(args: argparse.Namespace) -> int:
             "layers": len(info.layer_indices or []), "new_tokens": info.max_new_tokens,
             "dtype": info.dtype, "updated": info.updated_at})
     print(_format_table(rows, list(rows[0]) if rows else ["model"]))
+    _print_generations(store)
     return 0
+
+
+def _print_generations(store: Store) -> None:
+    """The store's generation stages, one row per shard (nothing when there are none)."""
+    entries = store.entries(GENERATION)
+    rows = []
+    for info in store.generations():
+        mine = [e for e in entries if e.run_id == info.run_id and e.shard == info.shard]
+        rows.append({
+            "model": info.model, "generation": info.run_id, "shard": info.shard_key,
+            "status": info.status,
+            "prompts": f"{sum(e.n_prompts for e in mine)}/{len(info.prompt_ids)}",
+            "new_tokens": sum(e.n_tokens for e in mine), "generator": info.generator,
+            "max_new_tokens": info.max_new_tokens, "sampling": _sampling_text(info.settings),
+            "dtype": info.dtype, "updated": info.updated_at})
+    if rows:
+        print(f"\ngeneration stages ({len(entries)} parts; `profile` with the same settings "
+              "uses them):")
+        print(_format_table(rows, list(rows[0])))
+
+
+def _sampling_text(settings: dict[str, Any]) -> str:
+    if not settings.get("do_sample"):
+        return "greedy"
+    return (f"T={settings.get('temperature')},top_p={settings.get('top_p')},"
+            f"seed={settings.get('seed')}")
 
 
 def _add_check(p: argparse.ArgumentParser) -> None:
@@ -617,8 +820,8 @@ def cmd_queries(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"profile": cmd_profile, "query": cmd_query, "compare": cmd_compare,
-            "info": cmd_info, "check": cmd_check, "queries": cmd_queries}
+COMMANDS = {"profile": cmd_profile, "generate": cmd_generate, "query": cmd_query,
+            "compare": cmd_compare, "info": cmd_info, "check": cmd_check, "queries": cmd_queries}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ of a store only) and `NamedQuery` (a SQL file with declared, typed parameters th
 always bound, never pasted into the SQL text).
 
 Views: `entropy` (one row per token, layer, alpha), `prompts`, `runs` (one row per run
-shard), `manifest` (committed parts), `prompt_profile` (per-prompt mean profile),
+shard), `manifest` (committed parts), `continuations` (stored generation stages, one row
+per prompt), `generations` (one row per generation shard), `prompt_profile` (per-prompt
+mean profile),
 `model_layers` and `layer_map` (layer matching between models). Macros: `hist_bin`,
 `jsd_term`, `jsd_layers`, `w1_layers` and the sample selectors (queries/_macros.sql).
 
@@ -28,7 +30,16 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from entropy_fast.store import ENTROPY_SCHEMA, PROMPTS_SCHEMA, Store, StoreError
+from entropy_fast.store import (
+    CONTINUATIONS_SCHEMA,
+    ENTROPY_SCHEMA,
+    GENERATION,
+    PROFILE,
+    PROMPTS_SCHEMA,
+    Stage,
+    Store,
+    StoreError,
+)
 
 _PARAM = re.compile(
     r"^--\s*@param\s+(?P<name>\w+)\s+(?P<type>[A-Z]+(?:\[\])?)"
@@ -159,7 +170,12 @@ class ProfileStore:
         root = self.store.root.resolve()
         self._file_view("entropy", ENTROPY_SCHEMA, [root / e.entropy_file for e in entries])
         self._file_view("prompts", PROMPTS_SCHEMA, [root / e.prompts_file for e in entries])
-        self.con.register("runs", _runs_table(self.store))
+        generated = self.store.entries(GENERATION)
+        self._file_view("continuations", CONTINUATIONS_SCHEMA,
+                        [root / e.continuations_file for e in generated])
+        self.con.register("runs", _records_table(self.store.runs(), _RUNS_SCHEMA))
+        self.con.register("generations",
+                          _records_table(self.store.generations(), _GENERATIONS_SCHEMA))
         self.con.register("manifest", pa.Table.from_pylist([vars(e) for e in entries],
                                                            schema=_MANIFEST_SCHEMA))
         self.con.execute(_macros_sql())
@@ -239,29 +255,40 @@ _MANIFEST_SCHEMA = pa.schema([
 """The `manifest` view: one row per committed part."""
 
 
-def _runs_table(store: Store) -> pa.Table:
+_GENERATIONS_SCHEMA = pa.schema([
+    f for f in _RUNS_SCHEMA if f.name not in ("alphas", "layer_stride", "layer_indices")])
+"""The `generations` view: one row per generation-stage shard; settings as JSON."""
+
+
+def _records_table(infos: list[Any], schema: pa.Schema) -> pa.Table:
+    """Run records as a table of `schema` (settings as a JSON string)."""
     records = []
-    for info in store.runs():
+    for info in infos:
         record = info.to_json()
         record["settings"] = json.dumps(record["settings"], sort_keys=True)
-        records.append({f.name: record[f.name] for f in _RUNS_SCHEMA})
-    return pa.Table.from_pylist(records, schema=_RUNS_SCHEMA)
+        records.append({f.name: record[f.name] for f in schema})
+    return pa.Table.from_pylist(records, schema=schema)
 
 
 def check_store(path: str | Path) -> tuple[list[str], list[str]]:
     """Validate a store: (problems, notes), each a list of one-line messages.
 
     Problems: committed files missing, unreadable or with other row counts than the
-    manifest says, parts without a run record, a prompt committed twice, and (when the
-    files are sound) every failed check of the `integrity` query. Notes: uncommitted files
-    (harmless; the next writer of that shard removes them) and runs not complete.
+    manifest says, parts without a run record, a prompt committed twice (for profile runs
+    and generation stages alike), a generation part whose token count differs from its
+    manifest entry, and (when the files are sound) every failed check of the `integrity`
+    query. Notes: uncommitted files (harmless; the next writer of that shard removes
+    them) and runs not complete.
     """
     store = Store(path)
-    problems = _check_files(store)
-    notes = _uncommitted_notes(store)
-    notes += [f"run {r.run_id} shard {r.shard_key} ({r.model}) is {r.status}"
+    problems = [*_check_files(store, PROFILE), *_check_files(store, GENERATION)]
+    if not problems:
+        problems = _check_generated_tokens(store)
+    notes = [*_uncommitted_notes(store, PROFILE), *_uncommitted_notes(store, GENERATION)]
+    notes += [f"{stage.name} run {r.run_id} shard {r.shard_key} ({r.model}) is {r.status}"
               + (f" ({r.error})" if r.error else "") + "; run it again to finish it"
-              for r in store.runs() if r.status != "complete"]
+              for stage in (PROFILE, GENERATION) for r in store.records(stage)
+              if r.status != "complete"]
     if not problems:
         with ProfileStore(path) as db:
             problems = [_integrity_problem(row) for row in db.query("integrity").to_pylist()
@@ -269,25 +296,40 @@ def check_store(path: str | Path) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def _check_files(store: Store) -> list[str]:
+def _check_files(store: Store, stage: Stage) -> list[str]:
     """Manifest against files: existence, readability, row counts, run records, overlaps."""
     problems = []
-    shards = {(r.run_id, r.shard) for r in store.runs()}
+    shards = {(r.run_id, r.shard) for r in store.records(stage)}
     seen: dict[tuple[str, int], str] = {}
-    for entry in store.manifest():
+    for entry in store.entries(stage):
+        first_file = next(iter(entry.files))
         if (entry.run_id, entry.shard) not in shards:
-            problems.append(f"part {entry.entropy_file} has no run record "
-                            f"(runs/{entry.run_id}.s{entry.shard}of{entry.n_shards}.json)")
-        for relative, expected in ((entry.entropy_file, entry.n_rows),
-                                   (entry.prompts_file, entry.n_prompts)):
+            problems.append(f"part {first_file} has no run record ({stage.records}/"
+                            f"{entry.run_id}.s{entry.shard}of{entry.n_shards}.json)")
+        for relative, expected in entry.files.items():
             problem = _file_problem(store.root / relative, expected)
             if problem:
                 problems.append(f"{relative}: {problem}")
         for prompt_id in entry.prompt_ids:
-            first = seen.setdefault((entry.run_id, prompt_id), entry.entropy_file)
-            if first != entry.entropy_file:
-                problems.append(f"run {entry.run_id}: prompt {prompt_id} is committed in both "
-                                f"{first} and {entry.entropy_file}")
+            first = seen.setdefault((entry.run_id, prompt_id), first_file)
+            if first != first_file:
+                problems.append(f"{stage.name} run {entry.run_id}: prompt {prompt_id} is "
+                                f"committed in both {first} and {first_file}")
+    return problems
+
+
+def _check_generated_tokens(store: Store) -> list[str]:
+    """Each generation part's prompt ids and token count against its manifest entry."""
+    problems = []
+    for entry in store.entries(GENERATION):
+        table = pq.read_table(store.root / entry.continuations_file,
+                              columns=["prompt_id", "continuation_token_ids"])
+        ids = sorted(table.column("prompt_id").to_pylist())
+        n_tokens = sum(len(c) for c in table.column("continuation_token_ids").to_pylist())
+        if ids != list(entry.prompt_ids) or n_tokens != entry.n_tokens:
+            problems.append(f"{entry.continuations_file}: prompts {ids[:5]}... and "
+                            f"{n_tokens} tokens, the manifest says {list(entry.prompt_ids)[:5]}"
+                            f"... and {entry.n_tokens}")
     return problems
 
 
@@ -301,10 +343,9 @@ def _file_problem(path: Path, expected_rows: int) -> str | None:
     return None if rows == expected_rows else f"{rows} rows, the manifest says {expected_rows}"
 
 
-def _uncommitted_notes(store: Store) -> list[str]:
-    committed = {e.entropy_file for e in store.manifest()} | {e.prompts_file
-                                                              for e in store.manifest()}
-    stray = [p for folder in ("entropy", "prompts") for p in (store.root / folder).rglob("*")
+def _uncommitted_notes(store: Store, stage: Stage) -> list[str]:
+    committed = {f for e in store.entries(stage) for f in e.files}
+    stray = [p for folder in stage.data for p in (store.root / folder).rglob("*")
              if p.is_file() and str(p.relative_to(store.root)) not in committed]
     if not stray:
         return []

@@ -13,6 +13,10 @@ Layout (schema version 1; `docs/store.md` is the reference)::
     STORE/manifest/R/sIofN-000001.json                   the commit record of that part
     STORE/runs/R.sIofN.json                              the run record of shard I of N
     STORE/locks/R.sIofN.lock                             held (flock) while a shard is written
+    STORE/continuations/model=M/run=G/part-sIofN-000001.parquet  stored continuations
+    STORE/generation-manifest/G/sIofN-000001.json        the commit record of that part
+    STORE/generations/G.sIofN.json                       the generation record of shard I of N
+    STORE/locks/gen-G.sIofN.lock                         held while a generation shard is written
 
 M is the model name percent-encoded (DuckDB and pyarrow decode it back), R the run id.
 A part holds whole prompts. It is written under a dot-prefixed ``.tmp`` name that no
@@ -20,6 +24,11 @@ A part holds whole prompts. It is written under a dot-prefixed ``.tmp`` name tha
 manifest: the manifest entry is the commit. Readers list files from the manifest, so a
 file renamed but not recorded (a kill between the two steps) is invisible; the next
 writer of that shard deletes it and redoes its prompts.
+
+Two stages share that machinery (`Stage`, `PartWriter`): profiling (`RunInfo`,
+`RunWriter`: entropy and prompt parts) and generation (`GenerationInfo`,
+`GenerationWriter`: continuation parts that `entropy-fast profile` reuses). Each stage
+has its own records, manifest and locks, so each resumes on its own.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,6 +89,21 @@ PROMPTS_SCHEMA = pa.schema(
 )
 """One row per profiled prompt; n_tokens is the number of profile rows (tokens)."""
 
+CONTINUATIONS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("text", pa.string()),
+        ("source_line", pa.int32()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("continuation_token_ids", pa.list_(pa.int32())),
+        ("continuation_text", pa.string()),
+        ("generator", pa.string()),
+    ],
+    metadata={"entropy_fast.schema_version": str(SCHEMA_VERSION)},
+)
+"""One row per prompt of a generation stage; continuation_text is decoded for humans only
+(profiling reads continuation_token_ids and never re-tokenizes it)."""
+
 _KEY_COLUMNS = ["prompt_id", "pos", "token_id", "layer", "alpha"]
 _OPTIONAL = {
     "top_token_id": ("top_token_ids", np.int32, torch.int64),
@@ -121,9 +145,55 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
+class _Record:
+    """What the run records of both stages share: identity hash, shard and JSON."""
+
+    IDENTITY: tuple[str, ...] = ()
+    run_id: str
+    shard: int
+    n_shards: int
+    n_prompts: int
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what the run computes (JSON-ready)."""
+        return {name: getattr(self, name) for name in self.IDENTITY}
+
+    def identity_hash(self) -> str:
+        """16 hex digits of sha256 over the identity fields."""
+        canonical = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def shard_key(self) -> str:
+        """'sIofN', used in file names."""
+        return f"s{self.shard}of{self.n_shards}"
+
+    @property
+    def prompt_ids(self) -> range:
+        """The corpus prompt ids this shard owns (prompt_id % n_shards == shard)."""
+        return range(self.shard, self.n_prompts, self.n_shards)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists; inf kept as JSON's Infinity)."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Any:
+        """Inverse of `to_json`; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def _check_shard(shard: int, n_shards: int, run_id: str | None) -> None:
+    if not 0 <= shard < n_shards:
+        raise StoreError(f"shard must be in 0..{n_shards - 1}, got {shard}")
+    if run_id and not _SAFE_ID.fullmatch(run_id):
+        raise StoreError(f"run id {run_id!r} may use only letters, digits, '.', '_', '-'")
+
+
 @dataclass
-class RunInfo:
-    """The record of one run (one shard of it): identity, settings and progress.
+class RunInfo(_Record):
+    """The record of one profile run (one shard of it): identity, settings and progress.
 
     The identity fields (model, corpus_sha256, alphas, layer_stride, max_new_tokens,
     dtype, generator, settings) determine `run_id` unless one is given.
@@ -160,10 +230,7 @@ class RunInfo:
             dtype: str | None, generator: str, settings: dict[str, Any] | None = None,
             run_id: str | None = None, shard: int = 0, n_shards: int = 1) -> RunInfo:
         """A fresh record; `run_id` defaults to a hash of the identity fields."""
-        if not 0 <= shard < n_shards:
-            raise StoreError(f"shard must be in 0..{n_shards - 1}, got {shard}")
-        if run_id and not _SAFE_ID.fullmatch(run_id):
-            raise StoreError(f"run id {run_id!r} may use only letters, digits, '.', '_', '-'")
+        _check_shard(shard, n_shards, run_id)
         info = cls(model, run_id or "", corpus_name, corpus_sha256, n_prompts,
                    tuple(dict.fromkeys(float(a) for a in alphas)), int(layer_stride),
                    int(max_new_tokens), dtype, generator, dict(settings or {}), shard, n_shards)
@@ -173,24 +240,9 @@ class RunInfo:
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what the run computes (JSON-ready)."""
-        ident = {name: getattr(self, name) for name in self.IDENTITY}
+        ident = super().identity()
         ident["alphas"] = [repr(a) for a in self.alphas]  # inf-safe, exact
         return ident
-
-    def identity_hash(self) -> str:
-        """16 hex digits of sha256 over the identity fields."""
-        canonical = json.dumps(self.identity(), sort_keys=True, default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-    @property
-    def shard_key(self) -> str:
-        """'sIofN', used in file names."""
-        return f"s{self.shard}of{self.n_shards}"
-
-    @property
-    def prompt_ids(self) -> range:
-        """The corpus prompt ids this shard owns (prompt_id % n_shards == shard)."""
-        return range(self.shard, self.n_prompts, self.n_shards)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (alphas as a list; inf kept as JSON's Infinity)."""
@@ -201,15 +253,68 @@ class RunInfo:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> RunInfo:
         """Inverse of `to_json`; unknown keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        info = cls(**{k: v for k, v in record.items() if k in known})
+        info = super().from_json(record)
         info.alphas = tuple(float(a) for a in info.alphas)
         return info
 
 
+@dataclass
+class GenerationInfo(_Record):
+    """The record of one generation stage (one shard of it): continuations, not entropies.
+
+    The identity fields (model, corpus_sha256, max_new_tokens, dtype, generator, settings:
+    do_sample, temperature, top_p, seed) determine `run_id`, so `profile` finds the stage
+    that matches its own arguments.
+    """
+
+    model: str
+    run_id: str
+    corpus: str
+    corpus_sha256: str
+    n_prompts: int
+    max_new_tokens: int
+    dtype: str | None
+    generator: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    shard: int = 0
+    n_shards: int = 1
+    revision: str | None = None
+    status: str = "running"
+    error: str | None = None
+    tool_version: str = field(default_factory=_tool_version)
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+
+    IDENTITY = ("kind", "model", "corpus_sha256", "max_new_tokens", "dtype", "generator",
+                "settings")
+    kind = "generation"  # in the hash only: keeps generation ids apart from profile run ids
+
+    @classmethod
+    def new(cls, model: str, corpus_name: str, corpus_sha256: str, n_prompts: int, *,
+            max_new_tokens: int, dtype: str | None, generator: str,
+            settings: dict[str, Any] | None = None, shard: int = 0,
+            n_shards: int = 1) -> GenerationInfo:
+        """A fresh record whose `run_id` is a hash of the identity fields."""
+        _check_shard(shard, n_shards, None)
+        if max_new_tokens < 1:
+            raise StoreError("a generation stage needs max_new_tokens >= 1")
+        info = cls(model, "", corpus_name, corpus_sha256, n_prompts, int(max_new_tokens),
+                   dtype, generator, dict(settings or {}), shard, n_shards)
+        info.run_id = info.identity_hash()
+        return info
+
+
+def _entry_from_json(cls: type[Any], record: dict[str, Any]) -> Any:
+    """Read a manifest entry written by `dataclasses.asdict`."""
+    record = dict(record)
+    record["prompt_ids"] = tuple(record["prompt_ids"])
+    return cls(**record)
+
+
 @dataclass(frozen=True)
 class ManifestEntry:
-    """The commit record of one part: its files (relative to the store) and counts."""
+    """The commit record of one profile part: its files (relative to the store) and counts."""
 
     run_id: str
     model: str
@@ -226,12 +331,55 @@ class ManifestEntry:
     prompt_ids: tuple[int, ...]
     committed_at: str
 
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> ManifestEntry:
-        """Read an entry written by `dataclasses.asdict`."""
-        record = dict(record)
-        record["prompt_ids"] = tuple(record["prompt_ids"])
-        return cls(**record)
+    @property
+    def files(self) -> dict[str, int]:
+        """Each file of the part (relative path) and the rows it must hold."""
+        return {self.entropy_file: self.n_rows, self.prompts_file: self.n_prompts}
+
+    from_json = classmethod(_entry_from_json)
+
+
+@dataclass(frozen=True)
+class GenerationEntry:
+    """The commit record of one continuations part; n_tokens counts continuation tokens."""
+
+    run_id: str
+    model: str
+    shard: int
+    n_shards: int
+    seq: int
+    continuations_file: str
+    n_prompts: int
+    n_tokens: int
+    prompt_ids: tuple[int, ...]
+    committed_at: str
+
+    @property
+    def files(self) -> dict[str, int]:
+        """Each file of the part (relative path) and the rows it must hold."""
+        return {self.continuations_file: self.n_prompts}
+
+    from_json = classmethod(_entry_from_json)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where the runs of one stage live in a store, and what their records are."""
+
+    name: str
+    data: tuple[str, ...]
+    """Top folders of its part files, one file per folder per part."""
+    manifest: str
+    records: str
+    lock_prefix: str
+    record_type: type[Any]
+    entry_type: type[Any]
+
+
+PROFILE = Stage("profile", ("entropy", "prompts"), "manifest", "runs", "", RunInfo,
+                ManifestEntry)
+GENERATION = Stage("generation", ("continuations",), "generation-manifest", "generations",
+                   "gen-", GenerationInfo, GenerationEntry)
 
 
 class Store:
@@ -299,39 +447,79 @@ class Store:
         """The hive folder name of a model: 'model=' + the percent-encoded name."""
         return "model=" + quote(model, safe="")
 
-    def part_paths(self, info: RunInfo, seq: int) -> tuple[Path, Path]:
-        """(entropy file, prompts file) of part `seq` of a run shard."""
+    def stage_part_paths(self, stage: Stage, info: Any, seq: int) -> list[Path]:
+        """The files of part `seq` of a run shard of `stage`, one per data folder."""
         name = f"part-{info.shard_key}-{seq:06d}.parquet"
         sub = Path(self.model_folder(info.model), f"run={info.run_id}", name)
-        return self.root / "entropy" / sub, self.root / "prompts" / sub
+        return [self.root / folder / sub for folder in stage.data]
+
+    def part_paths(self, info: RunInfo, seq: int) -> tuple[Path, Path]:
+        """(entropy file, prompts file) of part `seq` of a profile run shard."""
+        entropy, prompts = self.stage_part_paths(PROFILE, info, seq)
+        return entropy, prompts
+
+    def record_path(self, stage: Stage, run_id: str, shard_key: str) -> Path:
+        """The record file of one run shard of `stage`."""
+        return self.root / stage.records / f"{run_id}.{shard_key}.json"
 
     def run_path(self, run_id: str, shard_key: str) -> Path:
-        """The run record file of one shard."""
-        return self.root / "runs" / f"{run_id}.{shard_key}.json"
+        """The run record file of one profile run shard."""
+        return self.record_path(PROFILE, run_id, shard_key)
 
-    def manifest_dir(self, run_id: str) -> Path:
-        """The folder of a run's manifest entries."""
-        return self.root / "manifest" / run_id
+    def manifest_dir(self, run_id: str, stage: Stage | None = None) -> Path:
+        """The folder of a run's manifest entries (profile runs unless `stage` says)."""
+        return self.root / (stage or PROFILE).manifest / run_id
 
     # -- reading ------------------------------------------------------------------------
 
-    def manifest(self, run_id: str | None = None) -> list[ManifestEntry]:
-        """Committed parts (of one run, or all), ordered by run, shard and sequence."""
+    def entries(self, stage: Stage, run_id: str | None = None) -> list[Any]:
+        """Committed parts of `stage` (of one run, or all), by run, shard and sequence."""
         pattern = f"{run_id}/*.json" if run_id else "*/*.json"
-        entries = [ManifestEntry.from_json(json.loads(p.read_text()))
-                   for p in (self.root / "manifest").glob(pattern)]
+        entries = [stage.entry_type.from_json(json.loads(p.read_text()))
+                   for p in (self.root / stage.manifest).glob(pattern)]
         return sorted(entries, key=lambda e: (e.run_id, e.shard, e.seq))
 
-    def runs(self) -> list[RunInfo]:
-        """Every run-shard record, ordered by model, run id and shard."""
-        records = [RunInfo.from_json(json.loads(p.read_text()))
-                   for p in (self.root / "runs").glob("*.json")]
+    def records(self, stage: Stage) -> list[Any]:
+        """Every run-shard record of `stage`, ordered by model, run id and shard."""
+        records = [stage.record_type.from_json(json.loads(p.read_text()))
+                   for p in (self.root / stage.records).glob("*.json")]
         return sorted(records, key=lambda r: (r.model, r.run_id, r.shard))
 
+    def record(self, stage: Stage, run_id: str, shard_key: str = "s0of1") -> Any:
+        """The record of one run shard of `stage`, or None."""
+        path = self.record_path(stage, run_id, shard_key)
+        return stage.record_type.from_json(json.loads(path.read_text())) if path.is_file() else None
+
+    def manifest(self, run_id: str | None = None) -> list[ManifestEntry]:
+        """Committed profile parts (of one run, or all), ordered by run, shard and sequence."""
+        return self.entries(PROFILE, run_id)
+
+    def runs(self) -> list[RunInfo]:
+        """Every profile run-shard record, ordered by model, run id and shard."""
+        return self.records(PROFILE)
+
     def run(self, run_id: str, shard_key: str = "s0of1") -> RunInfo | None:
-        """The record of one run shard, or None."""
-        path = self.run_path(run_id, shard_key)
-        return RunInfo.from_json(json.loads(path.read_text())) if path.is_file() else None
+        """The record of one profile run shard, or None."""
+        return self.record(PROFILE, run_id, shard_key)
+
+    def generations(self) -> list[GenerationInfo]:
+        """Every generation-stage shard record, ordered by model, run id and shard."""
+        return self.records(GENERATION)
+
+    def read_continuations(self, run_id: str,
+                           prompt_ids: Collection[int] | None = None
+                           ) -> Iterator[list[dict[str, Any]]]:
+        """The committed continuation rows of a generation run, one list per part.
+
+        Only the rows of `prompt_ids` (default: all) come back, and only parts that hold
+        some of them are read; memory holds one part at a time.
+        """
+        wanted = None if prompt_ids is None else set(prompt_ids)
+        for entry in self.entries(GENERATION, run_id):
+            if wanted is not None and wanted.isdisjoint(entry.prompt_ids):
+                continue
+            rows = pq.read_table(self.root / entry.continuations_file).to_pylist()
+            yield [r for r in rows if wanted is None or r["prompt_id"] in wanted]
 
     def read_profiles(self, model: str | None = None, run_id: str | None = None, *,
                       alpha: float | None = None) -> Iterator[tuple[int, EntropyProfile]]:
@@ -354,9 +542,10 @@ class Store:
         pairs = sorted(self.read_profiles(model, run_id, alpha=alpha), key=lambda p: p[0])
         return AggregatedProfile([p for _, p in pairs], model_name=model)
 
-    def writer(self, info: RunInfo, **options: Any) -> RunWriter:
-        """A `RunWriter` for one run shard (see there for options)."""
-        return RunWriter(self, info, **options)
+    def writer(self, info: RunInfo | GenerationInfo, **options: Any) -> PartWriter:
+        """A `RunWriter` (or `GenerationWriter`) for one run shard (see there for options)."""
+        kind = GenerationWriter if isinstance(info, GenerationInfo) else RunWriter
+        return kind(self, info, **options)
 
 
 def _part_profiles(root: Path, entry: ManifestEntry, info: RunInfo,
@@ -442,15 +631,16 @@ def profile_rows(prompt_id: int, profile: EntropyProfile,
     return pa.RecordBatch.from_arrays(arrays, schema=ENTROPY_SCHEMA)
 
 
-class RunWriter:
-    """Streams the profiles of one run shard into a store, committing whole parts.
+class PartWriter:
+    """Streams one run shard of a stage into a store, committing whole parts.
 
     Opening takes the shard's lock (another live writer of the same shard is refused),
-    deletes files an earlier killed writer left uncommitted, and reads the manifest to
-    learn which prompts are done (`done`, `pending`). `add` buffers rows; a part is
-    committed when `rows_per_part` rows are buffered or `flush_seconds` have passed since
-    the last commit, and at `close`. Used as a context manager, an exception commits what
-    is buffered (all of it is valid) and records the run as failed.
+    deletes files an earlier killed writer left uncommitted, and reads the stage's
+    manifest to learn which prompts are done (`done`, `pending`). Subclasses buffer one
+    row dict per prompt (`_append`); a part is committed when `rows_per_part` rows are
+    buffered or `flush_seconds` have passed since the last commit, and at `close`. Used
+    as a context manager, an exception commits what is buffered (all of it is valid) and
+    records the run as failed.
 
     Args:
         store: the store.
@@ -460,26 +650,29 @@ class RunWriter:
         flush_seconds: commit at least this often while rows arrive.
     """
 
-    def __init__(self, store: Store, info: RunInfo, *, rows_per_part: int = ROWS_PER_PART,
+    stage: Stage
+    part_options: tuple[dict[str, Any], ...]
+    """Parquet options of each file of a part, in the order of `stage.data`."""
+
+    def __init__(self, store: Store, info: Any, *, rows_per_part: int = ROWS_PER_PART,
                  flush_seconds: float = FLUSH_SECONDS) -> None:
         self.store, self.info = store, info
         self.rows_per_part, self.flush_seconds = rows_per_part, flush_seconds
         self._lock = self._acquire_lock()
         self._check_compatible()
-        entries = [e for e in store.manifest(info.run_id) if e.shard == info.shard]
+        entries = [e for e in store.entries(self.stage, info.run_id) if e.shard == info.shard]
         self.done: set[int] = {i for e in entries for i in e.prompt_ids}
         self._seq = max((e.seq for e in entries), default=0)
-        self._remove_uncommitted({e.entropy_file for e in entries}
-                                 | {e.prompts_file for e in entries})
-        self._batches: list[pa.RecordBatch] = []
-        self._prompts: list[dict[str, Any]] = []
-        self._n_rows = 0
+        self._remove_uncommitted({f for e in entries for f in e.files})
+        self._reset()
         self._last_commit = time.monotonic()
         self.info.status, self.info.error, self.info.updated_at = "running", None, _now()
         self._write_record()
 
     def _acquire_lock(self) -> int:
-        path = self.store.root / "locks" / f"{self.info.run_id}.{self.info.shard_key}.lock"
+        info = self.info
+        name = f"{self.stage.lock_prefix}{info.run_id}.{info.shard_key}.lock"
+        path = self.store.root / "locks" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -487,14 +680,14 @@ class RunWriter:
         except BlockingIOError:
             os.close(fd)
             raise StoreError(
-                f"run {self.info.run_id} shard {self.info.shard_key} of {self.info.model} is "
-                "being written by another process; wait for it or stop it first"
+                f"{self.stage.name} run {info.run_id} shard {info.shard_key} of {info.model} "
+                "is being written by another process; wait for it or stop it first"
             ) from None
         return fd
 
     def _check_compatible(self) -> None:
         info = self.info
-        old = self.store.run(info.run_id, info.shard_key)
+        old = self.store.record(self.stage, info.run_id, info.shard_key)
         if old is not None:
             if old.identity() != info.identity():
                 raise StoreError(
@@ -502,19 +695,22 @@ class RunWriter:
                     "settings; drop --run-id (run ids then follow the settings) or pick another"
                 )
             info.created_at, info.revision = old.created_at, info.revision or old.revision
-            info.layer_indices = info.layer_indices or old.layer_indices
-        others = {r.n_shards for r in self.store.runs() if r.run_id == info.run_id}
+            self._merge(old)
+        others = {r.n_shards for r in self.store.records(self.stage) if r.run_id == info.run_id}
         if others - {info.n_shards}:
             raise StoreError(f"run {info.run_id} was written with {sorted(others)} shards, "
                              f"not {info.n_shards}; use the same --shard I/N")
 
+    def _merge(self, old: Any) -> None:
+        """Take over what an earlier writer of this shard learned (hook)."""
+
     def _remove_uncommitted(self, committed: set[str]) -> None:
         """Delete this shard's temp files and parts renamed but never recorded."""
-        key, root = self.info.shard_key, self.store.root
-        entropy, prompts = self.store.part_paths(self.info, 0)
-        leftovers = [*entropy.parent.glob(f"*part-{key}-*"), *prompts.parent.glob(f"*part-{key}-*"),
-                     *self.store.manifest_dir(self.info.run_id).glob(f".{key}-*.tmp"),
-                     *(root / "runs").glob(f".{self.info.run_id}.{key}.json.*.tmp")]
+        key, root, run_id = self.info.shard_key, self.store.root, self.info.run_id
+        folders = [p.parent for p in self.store.stage_part_paths(self.stage, self.info, 0)]
+        leftovers = [*(p for folder in folders for p in folder.glob(f"*part-{key}-*")),
+                     *self.store.manifest_dir(run_id, self.stage).glob(f".{key}-*.tmp"),
+                     *(root / self.stage.records).glob(f".{run_id}.{key}.json.*.tmp")]
         for path in leftovers:
             if str(path.relative_to(root)) not in committed:
                 path.unlink()
@@ -524,67 +720,63 @@ class RunWriter:
         """Prompt ids of this shard not committed yet, ascending."""
         return [i for i in self.info.prompt_ids if i not in self.done]
 
-    def add(self, prompt: Prompt, profile: EntropyProfile) -> None:
-        """Buffer one prompt's profile; commits a part when a threshold is reached."""
-        if prompt.prompt_id in self.done:
-            raise StoreError(f"prompt {prompt.prompt_id} is already committed in run "
+    def _check_new(self, prompt_id: int) -> None:
+        if prompt_id in self.done:
+            raise StoreError(f"prompt {prompt_id} is already committed in run "
                              f"{self.info.run_id}")
-        layers = list(profile.layer_indices)
-        if self.info.layer_indices is None:
-            self.info.layer_indices = layers
-        elif layers != self.info.layer_indices:
-            raise StoreError(f"profile of prompt {prompt.prompt_id} has layers {layers}, the "
-                             f"run has {self.info.layer_indices}")
-        batch = profile_rows(prompt.prompt_id, profile, self.info.alphas)
-        self._batches.append(batch)
-        self._prompts.append({
-            "prompt_id": prompt.prompt_id, "text": prompt.text,
-            "prompt_token_ids": list(profile.metadata.get("prompt_token_ids") or []),
-            "n_tokens": profile.n_tokens, "source": self.info.corpus,
-            "source_line": prompt.source_line})
-        self._n_rows += batch.num_rows
+
+    def _append(self, row: dict[str, Any], n_rows: int) -> None:
+        """Buffer one prompt's row (and `n_rows` data rows); commit at a threshold."""
+        self._prompts.append(row)
+        self._n_rows += n_rows
         if (self._n_rows >= self.rows_per_part
                 or time.monotonic() - self._last_commit >= self.flush_seconds):
             self.commit()
+
+    def _reset(self) -> None:
+        """Empty the buffers after a commit (subclasses clear theirs too)."""
+        self._prompts: list[dict[str, Any]] = []
+        self._n_rows = 0
+
+    def _record_state(self) -> tuple[Any, ...]:
+        """What readers need in the run record before the first part (hook)."""
+        return (self.info.revision,)
+
+    def _tables(self) -> list[pa.Table]:
+        """The buffered rows as one table per file of a part, as `stage.data` (hook)."""
+        raise NotImplementedError
+
+    def _entry(self, files: list[str], tables: list[pa.Table], ids: list[int]) -> Any:
+        """The manifest entry of a part (hook)."""
+        raise NotImplementedError
 
     def commit(self) -> None:
         """Write the buffered prompts as one part and record it in the manifest."""
         if not self._prompts:
             return
-        if self._recorded != (self.info.layer_indices, self.info.revision):
-            self._write_record()  # readers need the layers before the first part
+        if self._recorded != self._record_state():
+            self._write_record()  # readers need e.g. the layers before the first part
         self._seq += 1
-        entropy_path, prompts_path = self.store.part_paths(self.info, self._seq)
-        rows = pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA)
-        prompts = pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA)
-        for path, table, options in ((entropy_path, rows, _ENTROPY_OPTIONS),
-                                     (prompts_path, prompts, {"compression": "zstd"})):
+        paths = self.store.stage_part_paths(self.stage, self.info, self._seq)
+        tables = self._tables()
+        for path, table, options in zip(paths, tables, self.part_options, strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(path, lambda tmp, t=table, o=options: pq.write_table(
                 t, tmp, row_group_size=max(t.num_rows, 1), **o))
-        self._record(rows, entropy_path, prompts_path)
-        self._batches, self._prompts, self._n_rows = [], [], 0
-        self._last_commit = time.monotonic()
-
-    def _record(self, rows: pa.Table, entropy_path: Path, prompts_path: Path) -> None:
         ids = sorted(p["prompt_id"] for p in self._prompts)
-        values = rows.column("entropy").to_numpy()
-        root = self.store.root
-        entry = ManifestEntry(
-            self.info.run_id, self.info.model, self.info.shard, self.info.n_shards, self._seq,
-            str(entropy_path.relative_to(root)), str(prompts_path.relative_to(root)),
-            rows.num_rows, len(ids), sum(p["n_tokens"] for p in self._prompts),
-            int(np.isnan(values).sum()), int(np.isinf(values).sum()), tuple(ids), _now())
-        folder = self.store.manifest_dir(self.info.run_id)
+        entry = self._entry([str(p.relative_to(self.store.root)) for p in paths], tables, ids)
+        folder = self.store.manifest_dir(self.info.run_id, self.stage)
         folder.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(folder / f"{self.info.shard_key}-{self._seq:06d}.json",
                            asdict(entry))
         self.done.update(ids)
+        self._reset()
+        self._last_commit = time.monotonic()
 
     def _write_record(self) -> None:
-        self._recorded = (self.info.layer_indices, self.info.revision)
+        self._recorded = self._record_state()
         self.info.updated_at = _now()
-        path = self.store.run_path(self.info.run_id, self.info.shard_key)
+        path = self.store.record_path(self.stage, self.info.run_id, self.info.shard_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(path, self.info.to_json())
 
@@ -602,7 +794,7 @@ class RunWriter:
             os.close(self._lock)
             self._lock = -1
 
-    def __enter__(self) -> RunWriter:
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
@@ -616,3 +808,82 @@ _ENTROPY_OPTIONS: dict[str, Any] = {
     "use_byte_stream_split": ["entropy", "target_surprisal"],
 }
 """Parquet options of entropy parts: zstd, dictionary keys, byte-stream-split floats."""
+
+
+class RunWriter(PartWriter):
+    """Streams the profiles of one profile run shard into a store (see `PartWriter`)."""
+
+    stage = PROFILE
+    part_options = (_ENTROPY_OPTIONS, {"compression": "zstd"})
+    info: RunInfo
+
+    def _merge(self, old: RunInfo) -> None:
+        self.info.layer_indices = self.info.layer_indices or old.layer_indices
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._batches: list[pa.RecordBatch] = []
+
+    def _record_state(self) -> tuple[Any, ...]:
+        return (self.info.layer_indices, self.info.revision)
+
+    def add(self, prompt: Prompt, profile: EntropyProfile) -> None:
+        """Buffer one prompt's profile; commits a part when a threshold is reached."""
+        self._check_new(prompt.prompt_id)
+        layers = list(profile.layer_indices)
+        if self.info.layer_indices is None:
+            self.info.layer_indices = layers
+        elif layers != self.info.layer_indices:
+            raise StoreError(f"profile of prompt {prompt.prompt_id} has layers {layers}, the "
+                             f"run has {self.info.layer_indices}")
+        batch = profile_rows(prompt.prompt_id, profile, self.info.alphas)
+        self._batches.append(batch)
+        self._append({
+            "prompt_id": prompt.prompt_id, "text": prompt.text,
+            "prompt_token_ids": list(profile.metadata.get("prompt_token_ids") or []),
+            "n_tokens": profile.n_tokens, "source": self.info.corpus,
+            "source_line": prompt.source_line}, batch.num_rows)
+
+    def _tables(self) -> list[pa.Table]:
+        return [pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA),
+                pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA)]
+
+    def _entry(self, files: list[str], tables: list[pa.Table], ids: list[int]) -> ManifestEntry:
+        rows, info = tables[0], self.info
+        values = rows.column("entropy").to_numpy()
+        return ManifestEntry(
+            info.run_id, info.model, info.shard, info.n_shards, self._seq, files[0], files[1],
+            rows.num_rows, len(ids), sum(p["n_tokens"] for p in self._prompts),
+            int(np.isnan(values).sum()), int(np.isinf(values).sum()), tuple(ids), _now())
+
+
+class GenerationWriter(PartWriter):
+    """Streams the continuations of one generation shard into a store (see `PartWriter`).
+
+    A row is a prompt; the CLI commits one part per generate call (`commit()`).
+    """
+
+    stage = GENERATION
+    part_options = ({"compression": "zstd"},)
+    info: GenerationInfo
+
+    def add(self, prompt: Prompt, prompt_token_ids: Sequence[int],
+            continuation_token_ids: Sequence[int], continuation_text: str) -> None:
+        """Buffer one prompt's continuation; commits a part when a threshold is reached."""
+        self._check_new(prompt.prompt_id)
+        self._append({
+            "prompt_id": prompt.prompt_id, "text": prompt.text,
+            "source_line": prompt.source_line,
+            "prompt_token_ids": [int(t) for t in prompt_token_ids],
+            "continuation_token_ids": [int(t) for t in continuation_token_ids],
+            "continuation_text": continuation_text, "generator": self.info.generator}, 1)
+
+    def _tables(self) -> list[pa.Table]:
+        return [pa.Table.from_pylist(self._prompts, schema=CONTINUATIONS_SCHEMA)]
+
+    def _entry(self, files: list[str], tables: list[pa.Table],
+               ids: list[int]) -> GenerationEntry:
+        info = self.info
+        n_tokens = sum(len(p["continuation_token_ids"]) for p in self._prompts)
+        return GenerationEntry(info.run_id, info.model, info.shard, info.n_shards, self._seq,
+                               files[0], len(ids), n_tokens, tuple(ids), _now())
