@@ -107,7 +107,7 @@ def _eager_chunk_moments(logits: torch.Tensor, tilted: tuple[float, ...]):
 # into two passes over the chunk (measured: statistics from ~1.4x to ~0.2x of the GEMM on
 # SmolLM2's head, at ~1 min of one-time compilation per process), so large CPU chunks use
 # it. ENTROPY_FAST_COMPILE=0 turns it off; a failed compilation falls back to eager.
-_COMPILE_MIN_ELEMENTS = 1 << 22
+_COMPILE_MIN_ELEMENTS = 1 << 20
 _compiled_chunk_moments = None
 
 

@@ -228,7 +228,7 @@ class Lens:
         return self._statistics_torch(hidden, alphas, normed, targets, with_top_token)
 
     def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,
-                          row_block: int = 512, vocab_chunk: int = 8192) -> LensStatistics:
+                          row_block: int = 1024, vocab_chunk: int = 8192) -> LensStatistics:
         parts = []
         for start in range(0, hidden.shape[0], row_block):
             rows = hidden[start:start + row_block]
