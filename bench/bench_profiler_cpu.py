@@ -100,17 +100,32 @@ def timed(fn, repeat=1):
     return best, result
 
 
+def best_interleaved(first, second, repeat=3) -> tuple[float, float]:
+    """Best-of-`repeat` times of two functions run alternately (load drifts hit both)."""
+    times = ([], [])
+    for _ in range(repeat):
+        for fn, bucket in zip((first, second), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
+
+
 def texts_of(tokenizer, n_texts=8, n_tokens=128) -> list[list[int]]:
     stream = tokenizer(" ".join(SAMPLE * (1 + n_texts * n_tokens // 300)))["input_ids"]
     return [stream[i * n_tokens:(i + 1) * n_tokens] for i in range(n_texts)]
 
 
-def bench_model(name: str, seed_prompts: int) -> dict:
+def bench_model(name: str, seed_prompts: int, sections: list[str]) -> dict:
     model, tokenizer = build(name)
     profiler = EntropyProfiler(model, tokenizer=tokenizer)
     prompts = SAMPLE[:16]
     row = {"model": name, "n_states": len(find_decoder_layers(model)) + 1,
            "vocab": model.config.vocab_size, "d_model": model.config.hidden_size}
+    if "text" in sections:
+        row.update(text_mode(model, tokenizer, profiler))
+    if "seed" not in sections:
+        return row
     ours_s, batch = timed(lambda: profiler.profile_batch(prompts, max_new_tokens=32))
     ours_tokens = sum(p.n_tokens for p in batch)
     base_s, base_tokens = timed(lambda: seed_style(model, tokenizer, prompts[:seed_prompts], 32))
@@ -119,14 +134,19 @@ def bench_model(name: str, seed_prompts: int) -> dict:
                seed_style_tokens=base_tokens, seed_style_s=round(base_s, 2),
                seed_style_tok_s=round(base_tokens / base_s, 1),
                speedup_vs_seed_style=round((ours_tokens / ours_s) / (base_tokens / base_s), 1))
+    return row
+
+
+def text_mode(model, tokenizer, profiler) -> dict:
+    """Text mode against the floor: forward pass plus the lens GEMMs alone."""
     texts = texts_of(tokenizer)
     sequences = [(t, []) for t in texts]
-    text_s, _ = timed(lambda: list(profiler.profile_token_ids(sequences)), repeat=2)
-    floor_s, _ = timed(lambda: forward_plus_lens_matmuls(model, texts), repeat=2)
-    row.update(text_tokens=sum(len(t) - 1 for t in texts), text_mode_s=round(text_s, 2),
-               floor_forward_plus_matmuls_s=round(floor_s, 2),
-               text_mode_over_floor=round(text_s / floor_s, 2))
-    return row
+    list(profiler.profile_token_ids(sequences))  # warm-up (compiles the CPU statistics)
+    text_s, floor_s = best_interleaved(lambda: list(profiler.profile_token_ids(sequences)),
+                                       lambda: forward_plus_lens_matmuls(model, texts))
+    return dict(text_tokens=sum(len(t) - 1 for t in texts), text_mode_s=round(text_s, 2),
+                floor_forward_plus_matmuls_s=round(floor_s, 2),
+                text_mode_over_floor=round(text_s / floor_s, 2))
 
 
 def _rss_mb() -> float:
@@ -162,14 +182,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-124m", "smollm2-135m"])
     parser.add_argument("--seed-baseline-prompts", type=int, default=4)
+    parser.add_argument("--sections", nargs="+", default=["text", "seed", "memory"],
+                        choices=["text", "seed", "memory"])
     parser.add_argument("--out", default="bench/results_profiler_cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for name in args.models:
-        row = bench_model(name, args.seed_baseline_prompts)
+        row = bench_model(name, args.seed_baseline_prompts, args.sections)
         print(json.dumps(row), flush=True)
-        for n_texts in (4, 32):
+        for n_texts in (4, 32) if "memory" in args.sections else ():
             before, growth = profiling_memory_mb(name, n_texts)
             row[f"rss_mb_before_{n_texts}x128"] = before
             row[f"rss_growth_mb_{n_texts}x128"] = growth

@@ -191,3 +191,51 @@ def test_seeded_sampling_is_reproducible(engine, prompt_ids):
     assert first != other
     # Per-prompt streams: a prompt's sample does not depend on the prompts after it.
     assert engine.generate(prompt_ids[:2], sampling) == first[:2]
+
+
+@needs_vllm
+def test_two_stage_cli_run_with_vllm(engine, prompt_ids, monkeypatch, tmp_path, capsys):
+    """`generate --generator vllm` stores vLLM's ids; `profile` profiles exactly those."""
+    from entropy_fast import vllm_generation
+    from entropy_fast.cli import main
+    from entropy_fast.sql import ProfileStore
+    from entropy_fast.store import Store
+
+    class SharedEngine:  # the module's engine; the CLI's profilers must not close it
+        name = "vllm"
+        settings = engine.settings
+
+        def generate(self, prompts, sampling):
+            return engine.generate(prompts, sampling)
+
+        def close(self) -> None:
+            pass
+
+    asked = []
+
+    def make(model, dtype="auto", **options):
+        asked.append((model, dtype))
+        return SharedEngine()
+
+    monkeypatch.setattr(vllm_generation, "VllmGenerator", make)
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("\n".join(sample_prompts()[:5]) + "\n")
+    store = str(tmp_path / "store")
+    common = ["smollm2-135m", "--prompts", str(corpus), "--max-new-tokens", "8",
+              "--generator", "vllm", "--dtype", "float32", "--out", store, "--no-progress"]
+    assert main(["generate", *common]) == 0
+    assert main(["profile", *common, "--layer-stride", "10", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "profiling the continuations of generation" in out
+    assert asked == [(engine.model, "float32")]  # generate made one; profile needed none
+
+    expected = engine.generate(prompt_ids[:5], SamplingConfig(8))
+    with ProfileStore(store) as db:
+        rows = db.sql("SELECT prompt_id, prompt_token_ids, continuation_token_ids, generator "
+                      "FROM continuations ORDER BY prompt_id").to_pylist()
+    assert [r["prompt_token_ids"] for r in rows] == prompt_ids[:5]
+    assert [r["continuation_token_ids"] for r in rows] == expected
+    assert {r["generator"] for r in rows} == {"vllm"}
+    profiles = dict(Store(store).read_profiles("smollm2-135m"))
+    assert [profiles[i].token_ids.tolist() for i in range(5)] == expected
+    assert {p.metadata["generator"] for p in profiles.values()} == {"vllm"}
