@@ -4,8 +4,8 @@
 # tests/test_vllm.py in it with a real engine on SmolLM2-135M.
 #
 # Idempotent: the venv is (re)built only when it is missing, broken, or was built from
-# other pins (a stamp file records them). On 2 shared cores: fresh install 4.5-6.5 min,
-# tests 2.5 min, reuse check 30 s.
+# other pins (a stamp file records them). On 2 shared cores: fresh install 4-6.5 min,
+# tests 2-2.5 min (6 min in all from nothing, no pip cache), reuse check 10-30 s.
 #
 #   .ci/vllm_tests.sh            # install if needed, run the tests
 #   VLLM_VENV=/path .ci/vllm_tests.sh
