@@ -75,6 +75,8 @@ class EntropyProfiler:
             rank of the actual next token, at every layer.
         generator: who generates continuations: "hf" (batched HF decoding), "vllm" (a vLLM
             engine, extra "vllm"; created on first use), or a `generation.Generator`.
+        generator_options: keyword arguments for the vLLM engine (gpu_memory_utilization,
+            max_model_len, ...; see `vllm_generation.VllmGenerator`).
     """
 
     def __init__(self, model=DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
@@ -83,8 +85,12 @@ class EntropyProfiler:
                  device: str | torch.device | None = None, tokenizer=None,
                  backend: str = "auto", batch_tokens: int = 8192, base: float | None = None,
                  top_token: bool = False, target_stats: bool = False,
-                 generator: str | Generator = "hf") -> None:
+                 generator: str | Generator = "hf",
+                 generator_options: dict | None = None) -> None:
         self.alphas = validate_alphas(alpha)
+        if generator == "vllm" and (load_in_8bit or load_in_4bit):
+            raise ValueError("generator='vllm' would generate with the unquantized weights of a "
+                             "model profiled in 8/4 bits: use generator='hf' with quantization")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(batch_tokens, int) or batch_tokens < 1:
@@ -103,6 +109,7 @@ class EntropyProfiler:
         self.top_token = top_token
         self.target_stats = target_stats
         self._generator_choice = generator
+        self._generator_options = dict(generator_options or {})
         self._generator: Generator | None = None
         self._source = model
 
@@ -300,7 +307,8 @@ class EntropyProfiler:
             from entropy_fast.vllm_generation import VllmGenerator
 
             return VllmGenerator(model_source(self._source, self.model),
-                                 dtype=str(self.dtype).removeprefix("torch."))
+                                 dtype=str(self.dtype).removeprefix("torch."),
+                                 **self._generator_options)
         if isinstance(choice, str):
             raise ValueError(f"generator must be 'hf' or 'vllm', got {choice!r}")
         return choice

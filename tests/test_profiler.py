@@ -200,3 +200,8 @@ def test_saved_folder_loads_by_path(llama, tokenizer, tmp_path):
     from_path = EntropyProfiler(str(tmp_path)).profile_text(PROMPTS[1], 0)
     from_object = EntropyProfiler(llama, tokenizer=tokenizer).profile_text(PROMPTS[1], 0)
     torch.testing.assert_close(from_path.entropy, from_object.entropy)
+
+
+def test_vllm_generation_is_refused_for_quantized_profiling():
+    with pytest.raises(ValueError, match="unquantized"):
+        EntropyProfiler("smollm2-135m", load_in_4bit=True, generator="vllm")
