@@ -747,11 +747,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{len(entries)} parts | {sum(e.n_rows for e in entries):,} rows")
     rows = []
     for info in store.runs():
-        mine = [e for e in entries if e.run_id == info.run_id and e.shard == info.shard]
+        mine = _entries_of(entries, info)
         rows.append({
-            "model": info.model, "run": info.run_id, "shard": info.shard_key,
-            "status": info.status,
-            "prompts": f"{sum(e.n_prompts for e in mine)}/{len(info.prompt_ids)}",
+            **_shard_columns(info, mine, "run"),
             "tokens": sum(e.n_tokens for e in mine), "rows": sum(e.n_rows for e in mine),
             "alphas": ",".join(_fmt_alpha(a) for a in info.alphas),
             "layers": len(info.layer_indices or []), "new_tokens": info.max_new_tokens,
@@ -761,16 +759,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entries_of(entries: list, info) -> list:
+    """The committed parts of one run or generation shard."""
+    return [e for e in entries if e.run_id == info.run_id and e.shard == info.shard]
+
+
+def _shard_columns(info, mine: list, id_column: str) -> dict:
+    """Identity and progress columns shared by the run and generation tables of `info`."""
+    return {"model": info.model, id_column: info.run_id, "shard": info.shard_key,
+            "status": info.status,
+            "prompts": f"{sum(e.n_prompts for e in mine)}/{len(info.prompt_ids)}"}
+
+
 def _print_generations(store: Store) -> None:
     """The store's generation stages, one row per shard (nothing when there are none)."""
     entries = store.entries(GENERATION)
     rows = []
     for info in store.generations():
-        mine = [e for e in entries if e.run_id == info.run_id and e.shard == info.shard]
+        mine = _entries_of(entries, info)
         rows.append({
-            "model": info.model, "generation": info.run_id, "shard": info.shard_key,
-            "status": info.status,
-            "prompts": f"{sum(e.n_prompts for e in mine)}/{len(info.prompt_ids)}",
+            **_shard_columns(info, mine, "generation"),
             "new_tokens": sum(e.n_tokens for e in mine), "generator": info.generator,
             "max_new_tokens": info.max_new_tokens, "sampling": _sampling_text(info.settings),
             "dtype": info.dtype, "updated": info.updated_at})
