@@ -27,8 +27,3 @@ def length_buckets(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
             batches.append([index])
     return batches
 
-
-def padding_fraction(lengths: Sequence[int], batches: list[list[int]]) -> float:
-    """Share of padded positions over all positions of the batches."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1.0 - sum(lengths) / padded if padded else 0.0

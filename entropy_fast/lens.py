@@ -14,7 +14,6 @@ entropies (n_rows x n_alphas) without ever holding an (n_rows x vocabulary) tens
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -338,11 +337,3 @@ def _concat(parts: list[LensStatistics]) -> LensStatistics:
     return LensStatistics(entropy=cat("entropy"), top_token=cat("top_token"),
                           target_surprisal=cat("target_surprisal"), target_rank=cat("target_rank"))
 
-
-def entropy_in_base(nats: torch.Tensor, base: float | None) -> torch.Tensor:
-    """Convert nats to another logarithm base (2 = bits); None keeps nats."""
-    if base is None or base == math.e:
-        return nats
-    if base <= 0 or base == 1:
-        raise ValueError(f"base must be > 0 and != 1 (2 for bits), got {base}")
-    return nats / math.log(base)
