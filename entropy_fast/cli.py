@@ -32,6 +32,7 @@ from entropy_fast.profile import AggregatedProfile, EntropyProfile
 from entropy_fast.sql import ProfileStore, QueryError, check_store, named_queries
 from entropy_fast.store import (
     GENERATION,
+    PROFILE,
     SCHEMA_VERSION,
     GenerationInfo,
     RunInfo,
@@ -170,7 +171,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     infos = [_run_info(args, model, corpus, alphas, shard, n_shards) for model in args.models]
     with _store_dir(args.out) as folder:
         store = Store(folder, create=True)
-        elapsed = {info.run_id: _profile_model(args, store, info, corpus) for info in infos}
+        # Every run's source is settled before any model loads or any record is written:
+        # a run that cannot start (an unfinished generation stage) leaves the store as it was.
+        sources = [_stored_generation(args, store, corpus, info) for info in infos]
+        elapsed = {info.run_id: _profile_model(args, store, info, corpus, generation)
+                   for info, generation in zip(infos, sources, strict=True)}
         with ProfileStore(folder) as db:
             for info in infos:
                 _print_summary(db, info, elapsed[info.run_id])
@@ -254,9 +259,12 @@ def _store_dir(out: str | None) -> Iterator[Path]:
         yield Path(tmp) / "store"
 
 
-def _profile_model(args: argparse.Namespace, store: Store, info: RunInfo,
-                   corpus: Corpus) -> float:
-    """Profile the run's pending prompts into the store; returns the seconds it took."""
+def _profile_model(args: argparse.Namespace, store: Store, info: RunInfo, corpus: Corpus,
+                   generation: GenerationInfo | None) -> float:
+    """Profile the run's pending prompts into the store; returns the seconds it took.
+
+    `generation` is the stored stage whose continuations are profiled (None: generate).
+    """
     old = store.run(info.run_id, info.shard_key)
     if old is not None and old.status == "complete":
         print(f"{info.model}: run {info.run_id} is complete in {store.root}; nothing to do")
@@ -270,7 +278,7 @@ def _profile_model(args: argparse.Namespace, store: Store, info: RunInfo,
         writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
         pending = writer.pending
         _report_resume(info, pending, "run")
-        stream = _profile_stream(args, store, profiler, corpus, info, pending)
+        stream = _profile_stream(args, store, profiler, corpus, info, pending, generation)
         for prompt_id, profile in _progress(stream, len(pending), info.model, args.no_progress):
             writer.add(corpus.prompts[prompt_id], profile)
     return time.perf_counter() - start
@@ -283,9 +291,10 @@ def _report_resume(info: RunInfo | GenerationInfo, pending: list[int], what: str
 
 
 def _profile_stream(args: argparse.Namespace, store: Store, profiler: Any, corpus: Corpus,
-                    info: RunInfo, pending: list[int]) -> Iterator[tuple[int, EntropyProfile]]:
-    """(prompt_id, profile) of the pending prompts, from stored continuations if any match."""
-    generation = _stored_generation(args, store, corpus, info, pending)
+                    info: RunInfo, pending: list[int], generation: GenerationInfo | None
+                    ) -> Iterator[tuple[int, EntropyProfile]]:
+    """(prompt_id, profile) of the pending prompts, from `generation`'s stored continuations
+    when given, else generated now."""
     if generation is None:
         stream = profiler.iter_profiles(
             [corpus.prompts[i].text for i in pending], args.max_new_tokens,
@@ -297,13 +306,18 @@ def _profile_stream(args: argparse.Namespace, store: Store, profiler: Any, corpu
 
 
 def _stored_generation(args: argparse.Namespace, store: Store, corpus: Corpus,
-                       info: RunInfo, pending: list[int]) -> GenerationInfo | None:
+                       info: RunInfo) -> GenerationInfo | None:
     """The stored generation stage with this run's model, corpus and settings, if any.
 
-    One that lacks some of the pending prompts is an error (finish it first), rather
-    than a silent mix of stored and fresh continuations.
+    One that lacks some of the run's pending prompts is an error (finish it first), rather
+    than a silent mix of stored and fresh continuations. Reads the store only, so it can
+    run before the run's writer opens: prompts committed later by another process only
+    shrink what is pending, so the answer stays right.
     """
-    if info.max_new_tokens == 0 or not pending:
+    if info.max_new_tokens == 0:
+        return None
+    pending = store.pending(PROFILE, info)
+    if not pending:
         return None
     wanted = _generation_info(args, info.model, corpus)
     if all(r.run_id != wanted.run_id for r in store.generations()):
@@ -313,8 +327,9 @@ def _stored_generation(args: argparse.Namespace, store: Store, corpus: Corpus,
     if missing:
         raise StoreError(
             f"generation {wanted.run_id} of {info.model} in {store.root} lacks {len(missing)} "
-            f"of the prompts to profile (e.g. prompt {missing[0]}); finish it with "
-            "`entropy-fast generate` and the same arguments first")
+            f"of the prompts to profile (e.g. prompt {missing[0]}); run `entropy-fast "
+            "generate` again with the same model, corpus and generation settings to finish "
+            "it first")
     return wanted
 
 

@@ -502,6 +502,16 @@ class Store:
         """The record of one profile run shard, or None."""
         return self.record(PROFILE, run_id, shard_key)
 
+    def pending(self, stage: Stage, info: Any) -> list[int]:
+        """Prompt ids of a run shard of `stage` not committed yet, ascending.
+
+        Reads the manifest only: no lock is taken and nothing is written, so a caller can
+        decide whether a run can start before a writer records it.
+        """
+        done = {i for e in self.entries(stage, info.run_id) if e.shard == info.shard
+                for i in e.prompt_ids}
+        return [i for i in info.prompt_ids if i not in done]
+
     def generations(self) -> list[GenerationInfo]:
         """Every generation-stage shard record, ordered by model, run id and shard."""
         return self.records(GENERATION)

@@ -215,3 +215,50 @@ def test_main_job_with_the_real_model(tmp_path, capsys):
     assert code == 0, err
     assert "smollm2-135m | run " in out and "| 31 layers |" in out
     assert plot.read_bytes()[:4] == PNG
+
+
+def _snapshot(root) -> dict[str, tuple[int, int]]:
+    """Every file of a store (locks and records included): size and mtime."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_unfinished_generation_stage_leaves_the_store_untouched(models, corpus, tmp_path,
+                                                                monkeypatch, capsys):
+    """`profile` over an incomplete generation stage stops before it loads or writes anything."""
+    store = tmp_path / "store"
+    common = ["--prompts", corpus, "--out", str(store), "--no-progress"]
+    code, _, err = run_cli(capsys, "profile", models["llama"], *common, "--max-new-tokens",
+                           "0", "--no-plot")  # an earlier, committed run
+    assert code == 0, err
+    generation = [*common, "--max-new-tokens", "2"]
+    code, _, err = run_cli(capsys, "generate", models["llama"], *generation, "--shard", "0/2")
+    assert code == 0, err
+    before, (committed,) = _snapshot(store), Store(store).runs()
+    _, info_before, _ = run_cli(capsys, "info", str(store))
+
+    from entropy_fast import profiler
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for a run that cannot start")
+
+    monkeypatch.setattr(profiler, "EntropyProfiler", no_model)
+    # gpt2 could run, but it comes first: no run starts when any of them cannot.
+    code, out, err = run_cli(capsys, "profile", models["gpt2"], models["llama"], *generation,
+                             "--no-plot")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "lacks 2 of the prompts to profile" in err
+    assert "run `entropy-fast generate` again" in err and "to finish it" in err
+    assert _snapshot(store) == before  # no record, lock, manifest entry or part written
+    assert [r.to_json() for r in Store(store).runs()] == [committed.to_json()]
+    _, info_after, _ = run_cli(capsys, "info", str(store))
+    assert info_after == info_before and "running" not in info_after
+    assert "failed" not in info_after
+
+    monkeypatch.undo()  # finish the stage as the message says; then the run starts
+    code, _, err = run_cli(capsys, "generate", models["llama"], *generation, "--shard", "1/2")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "profile", models["llama"], *generation, "--no-plot")
+    assert code == 0, err
+    assert "profiling the continuations of generation" in out
+    assert sorted(r.status for r in Store(store).runs()) == ["complete", "complete"]
