@@ -405,9 +405,9 @@ def _generate_model(args: argparse.Namespace, store: Store, info: GenerationInfo
     sampling = SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature,
                               args.top_p, None, args.seed)
     start = time.perf_counter()
-    with _load_profiler(args, info) as profiler, store.writer(
+    with _load_generation(args, info) as loaded, store.writer(
             info, rows_per_part=args.part_prompts, flush_seconds=math.inf) as writer:
-        writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
+        writer.info.revision = _revision(loaded)
         pending = writer.pending
         _report_resume(info, pending, "generation")
         bar = tqdm(total=len(pending), unit="prompt", desc=info.model,
@@ -415,10 +415,10 @@ def _generate_model(args: argparse.Namespace, store: Store, info: GenerationInfo
         with bar:
             for first in range(0, len(pending), args.part_prompts):
                 prompts = [corpus.prompts[i] for i in pending[first:first + args.part_prompts]]
-                ids = [_prompt_ids(profiler, prompt, args.max_new_tokens) for prompt in prompts]
-                continuations = profiler.generator.generate(ids, sampling)
+                ids = [_prompt_ids(loaded, prompt, args.max_new_tokens) for prompt in prompts]
+                continuations = loaded.generator.generate(ids, sampling)
                 for prompt, prompt_ids, new in zip(prompts, ids, continuations, strict=True):
-                    writer.add(prompt, prompt_ids, new, profiler.tokenizer.decode(new))
+                    writer.add(prompt, prompt_ids, new, loaded.tokenizer.decode(new))
                 writer.commit()
                 bar.update(len(prompts))
     n_tokens = sum(e.n_tokens for e in store.entries(GENERATION, info.run_id)
@@ -428,10 +428,30 @@ def _generate_model(args: argparse.Namespace, store: Store, info: GenerationInfo
           f"{time.perf_counter() - start:.1f} s")
 
 
-def _prompt_ids(profiler: Any, prompt: Prompt, max_new_tokens: int) -> list[int]:
+def _load_generation(args: argparse.Namespace, info: GenerationInfo) -> Any:
+    """What `generate` generates with: the HF profiler, or for vLLM only its tokenizer,
+    config and engine.
+
+    A vLLM engine loads the weights itself; an HF copy as well would take GPU memory that
+    the engine's KV cache needs. (HF generation runs on the profiler's model.)
+    """
+    if info.generator != "vllm":
+        return _load_profiler(args, info)
+    from entropy_fast.vllm_generation import VllmGenerationModel
+
+    return VllmGenerationModel(info.model, dtype=info.dtype or "auto")
+
+
+def _revision(loaded: Any) -> str | None:
+    """The commit hash of the model `_load_generation` or `_load_profiler` loaded."""
+    config = loaded.model.config if hasattr(loaded, "model") else loaded.config
+    return getattr(config, "_commit_hash", None)
+
+
+def _prompt_ids(loaded: Any, prompt: Prompt, max_new_tokens: int) -> list[int]:
     """The prompt's token ids, as the profiler tokenizes it, checked against the context."""
-    ids = list(profiler.tokenizer(prompt.text)["input_ids"])
-    limit = profiler.context_length
+    ids = list(loaded.tokenizer(prompt.text)["input_ids"])
+    limit = loaded.context_length
     if limit is not None and len(ids) + max_new_tokens > limit:
         raise ValueError(f"prompt {prompt.prompt_id} needs {len(ids) + max_new_tokens} "
                          f"positions ({len(ids)} prompt tokens + new tokens) but the model's "

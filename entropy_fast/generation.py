@@ -63,6 +63,12 @@ def stop_token_ids(model) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
+def context_length(config) -> int | None:
+    """Longest sequence (prompt + continuation) a model config allows, if it says."""
+    text = config.get_text_config()
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
 def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
     for i, token in enumerate(tokens):
         if token in stops:

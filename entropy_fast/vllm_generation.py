@@ -30,9 +30,11 @@ import gc
 import importlib.util
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
-from entropy_fast.generation import SamplingConfig, _cut_at_stop
+from entropy_fast.generation import SamplingConfig, _cut_at_stop, context_length
+from entropy_fast.loading import ModelNotFoundError, model_source
 
 INSTALL_HINT = (
     "the 'vllm' generator needs vLLM: on CUDA machines `pip install vllm`; on CPU-only "
@@ -41,6 +43,10 @@ INSTALL_HINT = (
     "a virtual environment of its own (see docs/vllm.md and .ci/vllm_tests.sh), or use "
     "generator='hf'"
 )
+
+
+GENERATE_ONLY_SHARE = 0.9
+"""Share of the free GPU memory an engine that is alone on the GPU takes by default."""
 
 
 def vllm_available() -> bool:
@@ -199,11 +205,90 @@ class VllmGenerator:
         self.close()
 
 
-def _half_of_free_gpu_memory() -> float:
+def load_tokenizer_and_config(model: str) -> tuple[Any, Any]:
+    """(tokenizer, config) of a model name, without its weights.
+
+    Resolves names as `loading.load_model` does (the built-in alias is its dequantized
+    cache folder, a .gguf file is read in place), so the tokenizer is the one the HF
+    profiler uses: ids stored by `generate` are the ids `profile` would make.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, options = model_source(model), {}
+    if source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        source, options = str(path.parent), {"gguf_file": path.name}
+    elif Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+    try:
+        return (AutoTokenizer.from_pretrained(source, **options),
+                AutoConfig.from_pretrained(source, **options))
+    except OSError as error:
+        raise ModelNotFoundError(f"cannot load the tokenizer and config of {model!r} "
+                                 f"({str(error).splitlines()[0]})") from None
+
+
+class VllmGenerationModel:
+    """What `entropy-fast generate --generator vllm` needs: tokenizer, config, engine.
+
+    The HF weights are never loaded: the engine holds its own copy, and a second one
+    would take GPU memory the engine's KV cache needs. Attributes match those of
+    `EntropyProfiler` that generation uses (`tokenizer`, `context_length`, `generator`).
+
+    Args:
+        model: built-in alias, .gguf file, local HF folder or hub id.
+        dtype: the engine's dtype ("float32", "bfloat16", ...).
+        **options: passed on to `VllmGenerator`.
+    """
+
+    def __init__(self, model: str, dtype: str, **options: Any) -> None:
+        self.tokenizer, self.config = load_tokenizer_and_config(model)
+        if "gpu_memory_utilization" not in options and _cuda_available():
+            # Nothing else shares the GPU here, so the engine may take most of it (its
+            # own default leaves half for a profiler's HF model).
+            options["gpu_memory_utilization"] = _share_of_free_gpu_memory(GENERATE_ONLY_SHARE)
+        self.generator: VllmGenerator | None = VllmGenerator(model_source(model), dtype=dtype,
+                                                             **options)
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence (prompt + continuation) the model accepts, if it says."""
+        return context_length(self.config)
+
+    @property
+    def revision(self) -> str | None:
+        """The model's commit hash when it came from the hub."""
+        return getattr(self.config, "_commit_hash", None)
+
+    def close(self) -> None:
+        """Shut the engine down (idempotent)."""
+        generator, self.generator = self.generator, None
+        if generator is not None:
+            generator.close()
+
+    def __enter__(self) -> VllmGenerationModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _share_of_free_gpu_memory(share: float) -> float:
+    """`share` of the GPU memory free now, as vLLM's fraction of TOTAL memory."""
     import torch
 
     free, total = torch.cuda.mem_get_info()
-    return round(0.5 * free / total, 3)
+    return round(share * free / total, 3)
+
+
+def _half_of_free_gpu_memory() -> float:
+    return _share_of_free_gpu_memory(0.5)
 
 
 def _model_stop_ids(model_config) -> set[int]:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 import pyarrow.parquet as pq
 import pytest
@@ -262,3 +263,89 @@ def test_unfinished_generation_stage_leaves_the_store_untouched(models, corpus, 
     assert code == 0, err
     assert "profiling the continuations of generation" in out
     assert sorted(r.status for r in Store(store).runs()) == ["complete", "complete"]
+
+
+class FakeEngine:
+    """Stands in for `VllmGenerator` where vLLM is not installed: fixed continuations."""
+
+    name = "vllm"
+    made: ClassVar[list[tuple[str, str, dict]]] = []
+
+    def __init__(self, model: str, dtype: str = "auto", **options) -> None:
+        FakeEngine.made.append((model, dtype, options))
+        self.closed = False
+
+    def generate(self, prompts, sampling):
+        return [[5 + len(p) % 7, 6][: sampling.max_new_tokens] for p in prompts]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def forbid_hf_weights(monkeypatch) -> None:
+    """Make any load of HF model weights (profiler, loading, transformers) fail the test."""
+    import transformers
+
+    from entropy_fast import loading, profiler
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("HF model weights were loaded")
+
+    monkeypatch.setattr(profiler, "EntropyProfiler", no_weights)
+    monkeypatch.setattr(profiler, "load_model", no_weights)
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+
+
+def test_generate_with_vllm_loads_no_hf_weights(models, corpus, tmp_path, monkeypatch,
+                                                 capsys):
+    """`generate --generator vllm`: tokenizer and config only; the engine has the weights."""
+    from transformers import AutoTokenizer
+
+    from entropy_fast import vllm_generation
+
+    monkeypatch.setattr(vllm_generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_generation, "VllmGenerator", FakeEngine)
+    FakeEngine.made = []
+    store = str(tmp_path / "store")
+    common = [models["llama"], "--prompts", corpus, "--max-new-tokens", "2", "--generator",
+              "vllm", "--dtype", "float32", "--out", store, "--no-progress"]
+    with monkeypatch.context() as patch:
+        forbid_hf_weights(patch)
+        code, out, err = run_cli(capsys, "generate", *common)
+    assert code == 0, err
+    assert FakeEngine.made == [(models["llama"], "float32", {})]  # no GPU share off-CUDA
+    tokenizer = AutoTokenizer.from_pretrained(models["llama"])
+    with ProfileStore(store) as db:
+        rows = db.sql("SELECT text, prompt_token_ids, continuation_token_ids, generator "
+                      "FROM continuations ORDER BY prompt_id").to_pylist()
+    assert [r["prompt_token_ids"] for r in rows] == [tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = [[5 + len(r["prompt_token_ids"]) % 7, 6] for r in rows]
+    assert [r["continuation_token_ids"] for r in rows] == expected
+    assert {r["generator"] for r in rows} == {"vllm"}
+
+    # profile with the same settings profiles those ids with the HF model; no engine starts
+    code, out, err = run_cli(capsys, "profile", *common, "--no-plot")
+    assert code == 0, err
+    assert "profiling the continuations of generation" in out and len(FakeEngine.made) == 1
+    profiles = dict(Store(store).read_profiles(models["llama"]))
+    assert [profiles[i].token_ids.tolist() for i in range(len(PROMPTS))] == expected
+
+
+def test_vllm_alone_on_the_gpu_takes_most_of_it(models, monkeypatch):
+    from entropy_fast import vllm_generation
+
+    monkeypatch.setattr(vllm_generation, "VllmGenerator", FakeEngine)
+    monkeypatch.setattr(vllm_generation, "_cuda_available", lambda: True)
+    monkeypatch.setattr(vllm_generation, "_share_of_free_gpu_memory", lambda share: share / 2)
+    FakeEngine.made = []
+    forbid_hf_weights(monkeypatch)
+    with vllm_generation.VllmGenerationModel(models["gpt2"], "bfloat16") as loaded:
+        engine = loaded.generator
+        assert loaded.context_length == loaded.config.n_positions
+        assert loaded.tokenizer("ab")["input_ids"]
+    assert engine.closed and loaded.generator is None
+    assert FakeEngine.made == [(models["gpt2"], "bfloat16", {"gpu_memory_utilization": 0.45})]
+    vllm_generation.VllmGenerationModel(models["gpt2"], "float32",
+                                        gpu_memory_utilization=0.3).close()
+    assert FakeEngine.made[-1][2] == {"gpu_memory_utilization": 0.3}  # the caller's wins

@@ -193,9 +193,28 @@ def test_seeded_sampling_is_reproducible(engine, prompt_ids):
     assert engine.generate(prompt_ids[:2], sampling) == first[:2]
 
 
+def forbid_hf_weights(monkeypatch) -> None:
+    """Make any load of HF model weights (profiler, loading, transformers) fail the test."""
+    import transformers
+
+    from entropy_fast import loading, profiler
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("HF model weights were loaded")
+
+    monkeypatch.setattr(profiler, "EntropyProfiler", no_weights)
+    monkeypatch.setattr(profiler, "load_model", no_weights)
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+
+
 @needs_vllm
-def test_two_stage_cli_run_with_vllm(engine, prompt_ids, monkeypatch, tmp_path, capsys):
-    """`generate --generator vllm` stores vLLM's ids; `profile` profiles exactly those."""
+def test_two_stage_cli_run_with_vllm(vllm_profiler, engine, prompt_ids, monkeypatch, tmp_path,
+                                     capsys):
+    """`generate --generator vllm` stores vLLM's ids; `profile` profiles exactly those.
+
+    `generate` loads the tokenizer and config only: the engine holds the weights.
+    """
     from entropy_fast import vllm_generation
     from entropy_fast.cli import main
     from entropy_fast.sql import ProfileStore
@@ -218,16 +237,21 @@ def test_two_stage_cli_run_with_vllm(engine, prompt_ids, monkeypatch, tmp_path, 
         return SharedEngine()
 
     monkeypatch.setattr(vllm_generation, "VllmGenerator", make)
+    with vllm_generation.VllmGenerationModel("smollm2-135m", "float32") as loaded:
+        assert loaded.context_length == vllm_profiler.context_length is not None
+        assert [loaded.tokenizer(p)["input_ids"] for p in sample_prompts()] == prompt_ids
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("\n".join(sample_prompts()[:5]) + "\n")
     store = str(tmp_path / "store")
     common = ["smollm2-135m", "--prompts", str(corpus), "--max-new-tokens", "8",
               "--generator", "vllm", "--dtype", "float32", "--out", store, "--no-progress"]
-    assert main(["generate", *common]) == 0
+    with monkeypatch.context() as patch:
+        forbid_hf_weights(patch)
+        assert main(["generate", *common]) == 0
     assert main(["profile", *common, "--layer-stride", "10", "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "profiling the continuations of generation" in out
-    assert asked == [(engine.model, "float32")]  # generate made one; profile needed none
+    assert asked == [(engine.model, "float32")] * 2  # the check above and generate only
 
     expected = engine.generate(prompt_ids[:5], SamplingConfig(8))
     with ProfileStore(store) as db:
