@@ -43,7 +43,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import numpy as np
@@ -145,14 +145,35 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
+@dataclass
 class _Record:
-    """What the run records of both stages share: identity hash, shard and JSON."""
+    """What the run records of both stages share: the fields of one run shard (identity,
+    generation settings, progress), its identity hash, shard arithmetic and JSON.
 
-    IDENTITY: tuple[str, ...] = ()
+    A stage adds its own fields and names its identity fields in `IDENTITY`; they
+    determine `run_id` unless one is given.
+    """
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ()
+
+    model: str
     run_id: str
-    shard: int
-    n_shards: int
+    corpus: str
+    corpus_sha256: str
     n_prompts: int
+    max_new_tokens: int
+    dtype: str | None
+    generator: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    shard: int = 0
+    n_shards: int = 1
+    revision: str | None = None
+    status: str = "running"
+    error: str | None = None
+    tool_version: str = field(default_factory=_tool_version)
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what the run computes (JSON-ready)."""
@@ -175,12 +196,12 @@ class _Record:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists; inf kept as JSON's Infinity)."""
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> Any:
         """Inverse of `to_json`; unknown keys are ignored."""
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in known})
 
 
@@ -191,7 +212,7 @@ def _check_shard(shard: int, n_shards: int, run_id: str | None) -> None:
         raise StoreError(f"run id {run_id!r} may use only letters, digits, '.', '_', '-'")
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only: they follow the shared fields, which have defaults
 class RunInfo(_Record):
     """The record of one profile run (one shard of it): identity, settings and progress.
 
@@ -199,30 +220,16 @@ class RunInfo(_Record):
     dtype, generator, settings) determine `run_id` unless one is given.
     """
 
-    model: str
-    run_id: str
-    corpus: str
-    corpus_sha256: str
-    n_prompts: int
     alphas: tuple[float, ...]
     layer_stride: int
-    max_new_tokens: int
-    dtype: str | None
-    generator: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    shard: int = 0
-    n_shards: int = 1
-    revision: str | None = None
     layer_indices: list[int] | None = None
-    status: str = "running"
-    error: str | None = None
-    tool_version: str = field(default_factory=_tool_version)
-    schema_version: int = SCHEMA_VERSION
-    created_at: str = field(default_factory=_now)
-    updated_at: str = field(default_factory=_now)
 
     IDENTITY = ("model", "corpus_sha256", "alphas", "layer_stride", "max_new_tokens",
                 "dtype", "generator", "settings")
+    _JSON_AFTER: ClassVar[dict[str, tuple[str, ...]]] = {
+        "n_prompts": ("alphas", "layer_stride"), "revision": ("layer_indices",)}
+    """Where this stage's fields go among the shared ones in a record file: the key order
+    the files had before the shared fields moved to `_Record`, kept byte for byte."""
 
     @classmethod
     def new(cls, model: str, corpus_name: str, corpus_sha256: str, n_prompts: int, *,
@@ -232,8 +239,9 @@ class RunInfo(_Record):
         """A fresh record; `run_id` defaults to a hash of the identity fields."""
         _check_shard(shard, n_shards, run_id)
         info = cls(model, run_id or "", corpus_name, corpus_sha256, n_prompts,
-                   tuple(dict.fromkeys(float(a) for a in alphas)), int(layer_stride),
-                   int(max_new_tokens), dtype, generator, dict(settings or {}), shard, n_shards)
+                   int(max_new_tokens), dtype, generator, dict(settings or {}), shard, n_shards,
+                   alphas=tuple(dict.fromkeys(float(a) for a in alphas)),
+                   layer_stride=int(layer_stride))
         if not run_id:
             info.run_id = info.identity_hash()
         return info
@@ -246,9 +254,11 @@ class RunInfo(_Record):
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (alphas as a list; inf kept as JSON's Infinity)."""
-        record = asdict(self)
+        record = super().to_json()
         record["alphas"] = list(self.alphas)
-        return record
+        order = [name for f in fields(_Record)
+                 for name in (f.name, *self._JSON_AFTER.get(f.name, ()))]
+        return {**{name: record[name] for name in order}, **record}  # unplaced fields last
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> RunInfo:
@@ -266,25 +276,6 @@ class GenerationInfo(_Record):
     do_sample, temperature, top_p, seed) determine `run_id`, so `profile` finds the stage
     that matches its own arguments.
     """
-
-    model: str
-    run_id: str
-    corpus: str
-    corpus_sha256: str
-    n_prompts: int
-    max_new_tokens: int
-    dtype: str | None
-    generator: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    shard: int = 0
-    n_shards: int = 1
-    revision: str | None = None
-    status: str = "running"
-    error: str | None = None
-    tool_version: str = field(default_factory=_tool_version)
-    schema_version: int = SCHEMA_VERSION
-    created_at: str = field(default_factory=_now)
-    updated_at: str = field(default_factory=_now)
 
     IDENTITY = ("kind", "model", "corpus_sha256", "max_new_tokens", "dtype", "generator",
                 "settings")

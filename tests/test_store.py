@@ -246,3 +246,48 @@ def test_two_processes_write_one_store(tmp_path):
         counts = db.sql("SELECT model, count(*) AS n FROM entropy GROUP BY ALL").to_pydict()
     assert problems == []
     assert counts["n"] == [100 * 4 * 4 * 3] * 2
+
+
+# Record files as entropy-fast wrote them before RunInfo and GenerationInfo shared a base
+# record: reading and writing them again must give the same text and the same run ids.
+OLD_RUN_RECORD = (
+    '{"model": "org/m", "run_id": "448827dc439d59bc", "corpus": "c.txt", "corpus_sha256": '
+    '"abc123", "n_prompts": 7, "alphas": [2.0, 1.0, Infinity], "layer_stride": 2, '
+    '"max_new_tokens": 4, "dtype": "float32", "generator": "hf", "settings": {"do_sample": '
+    'false, "seed": null}, "shard": 1, "n_shards": 3, "revision": "deadbeef", '
+    '"layer_indices": [0, 2, 4], "status": "running", "error": null, "tool_version": '
+    '"0.1.0", "schema_version": 1, "created_at": "2024-01-01T00:00:00+00:00", "updated_at": '
+    '"2024-01-01T00:00:00+00:00"}')
+OLD_GENERATION_RECORD = (
+    '{"model": "org/m", "run_id": "e4159ce06a7dc2eb", "corpus": "c.txt", "corpus_sha256": '
+    '"abc123", "n_prompts": 7, "max_new_tokens": 4, "dtype": "float32", "generator": '
+    '"vllm", "settings": {"do_sample": true, "seed": 3}, "shard": 1, "n_shards": 3, '
+    '"revision": null, "status": "running", "error": null, "tool_version": "0.1.0", '
+    '"schema_version": 1, "created_at": "2024-01-01T00:00:00+00:00", "updated_at": '
+    '"2024-01-01T00:00:00+00:00"}')
+
+
+def test_record_files_and_run_ids_are_unchanged():
+    from dataclasses import replace
+
+    from entropy_fast.store import GenerationInfo
+
+    stamp = {"tool_version": "0.1.0", "created_at": "2024-01-01T00:00:00+00:00",
+             "updated_at": "2024-01-01T00:00:00+00:00"}
+    run = RunInfo.new("org/m", "c.txt", "abc123", 7, alphas=[2.0, 1.0, float("inf")],
+                      layer_stride=2, max_new_tokens=4, dtype="float32", generator="hf",
+                      settings={"do_sample": False, "seed": None}, shard=1, n_shards=3)
+    generation = GenerationInfo.new("org/m", "c.txt", "abc123", 7, max_new_tokens=4,
+                                    dtype="float32", generator="vllm",
+                                    settings={"do_sample": True, "seed": 3}, shard=1,
+                                    n_shards=3)
+    run = replace(run, **stamp, layer_indices=[0, 2, 4], revision="deadbeef")
+    generation = replace(generation, **stamp)
+    for info, old in ((run, OLD_RUN_RECORD), (generation, OLD_GENERATION_RECORD)):
+        assert json.dumps(info.to_json()) == old  # same keys, values and key order
+        back = type(info).from_json(json.loads(old))
+        assert back == info and json.dumps(back.to_json()) == old
+        assert back.identity_hash() == info.run_id
+    assert (run.run_id, generation.run_id) == ("448827dc439d59bc", "e4159ce06a7dc2eb")
+    assert run.alphas == (2.0, 1.0, float("inf")) and run.shard_key == "s1of3"
+    assert list(generation.prompt_ids) == [1, 4]
