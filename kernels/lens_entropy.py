@@ -260,13 +260,22 @@ class KernelConfig:
     flat: bool = False
 
 
-def default_config(device: torch.device, dtype: torch.dtype) -> KernelConfig:
-    """The measured default for a device and operand dtype (interpreter: few large tiles)."""
+def default_config(device: torch.device, dtype: torch.dtype, *, n_orders: int = 0,
+                   with_argmax: bool = False, has_targets: bool = False) -> KernelConfig:
+    """The default tiles for a device, operand dtype and set of statistics.
+
+    Interpreter: few large tiles. fp32 ("ieee" dot): small tiles that fit shared memory.
+    bf16/fp16: 128 x 256 tiles, which on sm_90 keep Shannon plus two orders in registers;
+    beyond that (argmax, targets, more orders) the tile epilogue spills hundreds of
+    registers there, and 128 x 128 tiles do not (bench/results_kernel_resources.md).
+    """
     if device.type != "cuda":
         return KernelConfig(block_n=64, block_v=256, block_k=64, num_warps=4, num_stages=1,
                             n_splits=2)
-    if dtype == torch.float32:  # "ieee" fp32 dot: smaller tiles fit shared memory
+    if dtype == torch.float32:
         return KernelConfig(block_n=64, block_v=128, block_k=32, num_warps=4, num_stages=2)
+    if with_argmax or has_targets or n_orders > 2:
+        return KernelConfig(block_v=128, num_stages=4)
     return KernelConfig()
 
 
@@ -287,6 +296,19 @@ def _n_splits(cfg: KernelConfig, device: torch.device, n_row_blocks: int, n_tile
 
 def _kind(a: float) -> int:
     return _SQUARE if a == 2.0 else _NEAR_ONE if abs(a - 1.0) < 0.5 else _GENERAL
+
+
+def specialization(cfg: KernelConfig, orders: list[float], dtype: torch.dtype, vocab: int,
+                   d: int, *, has_bias: bool, has_softcap: bool, with_argmax: bool,
+                   has_targets: bool, interpret: bool = False) -> dict:
+    """The kernel's constexpr arguments for one launch (at most _MAX_TILTED orders)."""
+    kinds = [_kind(a) for a in orders] + [_UNUSED] * (_MAX_TILTED - len(orders))
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, EVEN_V=vocab % cfg.block_v == 0,
+                EVEN_D=d % cfg.block_k == 0, K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3],
+                WITH_ARGMAX=with_argmax, HAS_TARGETS=has_targets, UPCAST=interpret,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", FLAT=cfg.flat,
+                GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                BLOCK_K=cfg.block_k)
 
 
 def _gap(x: torch.Tensor, a: float) -> torch.Tensor:
@@ -327,7 +349,6 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
     bias = getattr(lens.head, "bias", None)
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    cfg = config or default_config(device, weight.dtype)
     interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     softcap = float(lens.softcap) if lens.softcap else 0.0
     if not lens.logit_scale > 0 or softcap < 0:
@@ -341,6 +362,9 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
                               empty.long() if with_top_token else None,
                               None if targets is None else empty,
                               None if targets is None else empty.long())
+    tilted = [a for a in alphas if a not in (0.0, 1.0) and not math.isinf(a)]
+    cfg = config or default_config(device, weight.dtype, n_orders=len(tilted),
+                                   with_argmax=with_top_token, has_targets=targets is not None)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         # 1. prologue: the final norm applied once, rows in the head's dtype; target logits
         x, est = prepare_rows(lens, hidden, weight, normed, targets)
@@ -355,24 +379,20 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
         log2e = 1.0 / math.log(2.0)
         in_scale = float(lens.logit_scale) / softcap if softcap else 1.0
         out_scale = softcap * log2e if softcap else float(lens.logit_scale) * log2e
-        tilted = [a for a in alphas if a not in (0.0, 1.0) and not math.isinf(a)]
         groups = [tilted[i:i + _MAX_TILTED] for i in range(0, len(tilted), _MAX_TILTED)] or [[]]
         gaps: dict[float, torch.Tensor] = {}
         for g, orders in enumerate(groups):
             slots = orders + [0.0] * (_MAX_TILTED - len(orders))
-            kinds = [_kind(a) for a in orders] + [_UNUSED] * (_MAX_TILTED - len(orders))
             _lens_entropy_kernel[(n_row_blocks * n_splits,)](
                 x, weight, weight if bias is None else bias,
                 pi if targets is None else targets, est, pf, pi, n, vocab, d,
                 x.stride(0), weight.stride(0), triton.cdiv(n_tiles, n_splits), n_splits,
                 in_scale, out_scale, *slots,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-                EVEN_V=vocab % cfg.block_v == 0, EVEN_D=d % cfg.block_k == 0,
-                K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3],
-                WITH_ARGMAX=with_top_token and g == 0, HAS_TARGETS=targets is not None and g == 0,
-                UPCAST=interpret, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-                FLAT=cfg.flat, GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                **specialization(cfg, orders, weight.dtype, vocab, d, has_bias=bias is not None,
+                                 has_softcap=softcap > 0, with_argmax=with_top_token and g == 0,
+                                 has_targets=targets is not None and g == 0,
+                                 interpret=interpret),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             top, where, s_tot, u_tot, d_tot = _merge(pf, orders)
             gaps.update({a: dv / s_tot for a, dv in d_tot.items()})
             if g == 0:
