@@ -83,9 +83,13 @@ SHAPES = {  # name: (d, V, states, norm kind, model config)
 GOALS = {"gpt2": (0.65, 250e3), "llama1b": (0.75, 48e3), "llama8b": (0.80, 12e3)}
 CONFIGS = {  # tried in this order while time allows; "default" is the launcher's default
     "default": KernelConfig(),
-    # 127 registers and 96 KiB on sm_90 (bench/kernel_resources.py): two blocks per SM, so
-    # one block's softmax epilogue can overlap the other's MMAs
+    # TMA descriptors: the copy engine fetches tiles, 241 -> 179 registers on sm_90
+    "tma": KernelConfig(tma=True),
+    # 127 registers (103 with TMA) and 96 KiB on sm_90 (bench/kernel_resources.py): two
+    # blocks per SM, so one block's softmax epilogue can overlap the other's MMAs
+    "128x128x64-s3-tma": KernelConfig(block_v=128, tma=True),
     "128x128x64-s3": KernelConfig(block_v=128),
+    "flat-tma": KernelConfig(flat=True, tma=True),
     "flat": KernelConfig(flat=True),
     "128x128x64-s4": KernelConfig(block_v=128, num_stages=4),
     "256x128x64-s3": KernelConfig(block_n=256, block_v=128),

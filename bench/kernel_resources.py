@@ -26,8 +26,10 @@ from entropy_fast.kernels.resources import lens_kernel_resources
 
 CONFIGS = {
     "128x256x64 w8 s3": KernelConfig(),
+    "128x256x64 w8 s3 tma": KernelConfig(tma=True),
     "128x256x64 w8 s3 flat": KernelConfig(flat=True),
     "128x128x64 w8 s3": KernelConfig(block_v=128),
+    "128x128x64 w8 s3 tma": KernelConfig(block_v=128, tma=True),
     "128x128x64 w8 s4": KernelConfig(block_v=128, num_stages=4),
     "128x128x64 w8 s4 flat": KernelConfig(block_v=128, num_stages=4, flat=True),
     "256x128x64 w8 s3": KernelConfig(block_n=256, block_v=128),

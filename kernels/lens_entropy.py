@@ -33,12 +33,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from entropy_fast.kernels.lens_prologue import _tanh, prepare_rows
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from entropy_fast.entropy import LensStatistics
 
@@ -79,17 +80,29 @@ def _fold_tilted(d, a, x, xc, e, s, r, s_old, KIND: tl.constexpr):
 
 
 @triton.jit
-def _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V: tl.constexpr):
-    """(BLOCK_K x BLOCK_V) pointers to W[v0:v0+BLOCK_V, 0:BLOCK_K]^T, rows clamped to V - 1."""
-    cols_c = tl.minimum(v0 + tl.arange(0, BLOCK_V), V - 1).to(tl.int64)
-    return W + cols_c[None, :] * stride_wv + ks[:, None]
+def _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V: tl.constexpr, TMA: tl.constexpr):
+    """(BLOCK_K x BLOCK_V) pointers to W[v0:v0+BLOCK_V, 0:BLOCK_K]^T, rows clamped to V - 1
+    (with TMA, the descriptor itself)."""
+    if TMA:
+        ptrs = W
+    else:
+        cols_c = tl.minimum(v0 + tl.arange(0, BLOCK_V), V - 1).to(tl.int64)
+        ptrs = W + cols_c[None, :] * stride_wv + ks[:, None]
+    return ptrs
 
 
 @triton.jit
-def _dot_step(acc, a_ptrs, w_ptrs, ks, k0, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """acc += X[rows, k0:k0+BLOCK_K] @ W[cols, k0:k0+BLOCK_K]^T, fp32 accumulation."""
-    if EVEN_D:
+def _dot_step(acc, X, W, a_ptrs, w_ptrs, row0, v0, ks, k0, D, EVEN_D: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """acc += X[rows, k0:k0+BLOCK_K] @ W[cols, k0:k0+BLOCK_K]^T, fp32 accumulation.
+
+    TMA: X and W are tensor descriptors; the copy engine fetches whole tiles (zeros past
+    every edge), which frees the registers and instructions of per-thread addresses.
+    """
+    if TMA:
+        a = X.load([row0, k0])
+        w = W.load([v0, k0]).T
+    elif EVEN_D:
         a = tl.load(a_ptrs + k0)
         w = tl.load(w_ptrs + k0)
     else:
@@ -160,14 +173,15 @@ def _lens_entropy_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr,
     EVEN_D: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     K3: tl.constexpr, WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, GROUP_N: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
+    GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial statistics of BLOCK_N rows over one vocabulary split.
 
-    X (N x D) normed rows, W (V x D) head, HB (V,) head bias, TGT (N,) int64 targets and
-    EST (N,) fp32 target logits in nats; writes PF (n_splits x 7 x N) fp32 = m (bits), S,
-    U (bits), D_a x 4 and PI (n_splits x 2 x N) int32 = argmax, rank count.
+    X (N x D) normed rows and W (V x D) head (pointers, or tensor descriptors with TMA), HB
+    (V,) head bias, TGT (N,) int64 targets and EST (N,) fp32 target logits in nats; writes
+    PF (n_splits x 7 x N) fp32 = m (bits), S, U (bits), D_a x 4 and PI (n_splits x 2 x N)
+    int32 = argmax, rank count.
     """
     # Grouped order: GROUP_N row blocks x all splits run together, so the head tiles of a
     # split and the rows of a group stay in L2.
@@ -181,7 +195,10 @@ def _lens_entropy_kernel(
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # clamped: no row masks in the main loop
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = X + rows_c[:, None] * stride_xn + ks[None, :]
+    if TMA:  # noqa: SIM108 (constexpr branch: a descriptor has no pointer arithmetic)
+        a_ptrs = X
+    else:
+        a_ptrs = X + rows_c[:, None] * stride_xn + ks[None, :]
     v_first = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
 
@@ -208,8 +225,9 @@ def _lens_entropy_kernel(
             tile = it // k_steps
             ki = it - tile * k_steps
             v0 = v_first + tile * BLOCK_V
-            w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V)
-            acc = _dot_step(acc, a_ptrs, w_ptrs, ks, ki * BLOCK_K, D, EVEN_D, UPCAST, PRECISION)
+            w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V, TMA)
+            acc = _dot_step(acc, X, W, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks, ki * BLOCK_K,
+                            D, EVEN_D, UPCAST, PRECISION, TMA)
             if ki == k_steps - 1:
                 m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
                     acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
@@ -218,10 +236,10 @@ def _lens_entropy_kernel(
                 acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     else:
         for v0 in range(v_first, v_end, BLOCK_V):
-            w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V)
+            w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V, TMA)
             for ki in range(0, k_steps):
-                acc = _dot_step(acc, a_ptrs, w_ptrs, ks, ki * BLOCK_K, D, EVEN_D, UPCAST,
-                                PRECISION)
+                acc = _dot_step(acc, X, W, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks,
+                                ki * BLOCK_K, D, EVEN_D, UPCAST, PRECISION, TMA)
             m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
                 acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
                 d0, d1, d2, d3, best, above, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
@@ -248,6 +266,8 @@ class KernelConfig:
 
     n_splits: vocabulary splits per row block (None: enough programs to fill the GPU).
     flat: one (tile, k) loop instead of nested loops (pipelines across tile boundaries).
+    tma: fetch operand tiles with tensor descriptors (Hopper's copy engine); bf16/fp16
+    operands with 16-byte aligned rows only, others fall back to pointers.
     """
 
     block_n: int = 128
@@ -258,6 +278,7 @@ class KernelConfig:
     group_n: int = 8
     n_splits: int | None = None
     flat: bool = False
+    tma: bool = False
 
 
 def default_config(device: torch.device, dtype: torch.dtype, *, n_orders: int = 0,
@@ -294,6 +315,20 @@ def _n_splits(cfg: KernelConfig, device: torch.device, n_row_blocks: int, n_tile
     return triton.cdiv(n_tiles, per_split)  # every split holds >= 1 tile
 
 
+def _operands(cfg: KernelConfig, x: torch.Tensor, weight: torch.Tensor):
+    """(cfg, x, weight) as the kernel takes them: tensor descriptors when cfg.tma, else
+    pointers (and cfg.tma off where TMA cannot serve: fp32 operands, unaligned rows)."""
+    if not cfg.tma:
+        return cfg, x, weight
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+                  and t.stride(1) == 1 for t in (x, weight))
+    if x.dtype == torch.float32 or not aligned:
+        return replace(cfg, tma=False), x, weight
+    return (cfg, TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [cfg.block_n, cfg.block_k]),
+            TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1],
+                             [cfg.block_v, cfg.block_k]))
+
+
 def _kind(a: float) -> int:
     return _SQUARE if a == 2.0 else _NEAR_ONE if abs(a - 1.0) < 0.5 else _GENERAL
 
@@ -307,7 +342,7 @@ def specialization(cfg: KernelConfig, orders: list[float], dtype: torch.dtype, v
                 EVEN_D=d % cfg.block_k == 0, K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3],
                 WITH_ARGMAX=with_argmax, HAS_TARGETS=has_targets, UPCAST=interpret,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32", FLAT=cfg.flat,
-                GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                TMA=cfg.tma, GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                 BLOCK_K=cfg.block_k)
 
 
@@ -381,10 +416,11 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
         out_scale = softcap * log2e if softcap else float(lens.logit_scale) * log2e
         groups = [tilted[i:i + _MAX_TILTED] for i in range(0, len(tilted), _MAX_TILTED)] or [[]]
         gaps: dict[float, torch.Tensor] = {}
+        cfg, x_operand, w_operand = _operands(cfg, x, weight)
         for g, orders in enumerate(groups):
             slots = orders + [0.0] * (_MAX_TILTED - len(orders))
             _lens_entropy_kernel[(n_row_blocks * n_splits,)](
-                x, weight, weight if bias is None else bias,
+                x_operand, w_operand, weight if bias is None else bias,
                 pi if targets is None else targets, est, pf, pi, n, vocab, d,
                 x.stride(0), weight.stride(0), triton.cdiv(n_tiles, n_splits), n_splits,
                 in_scale, out_scale, *slots,

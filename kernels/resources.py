@@ -63,6 +63,9 @@ def lens_kernel_resources(cfg: KernelConfig, *, dtype: torch.dtype = torch.bfloa
     pointer = "*" + _TYPES[dtype]
     signature = dict(X=pointer, W=pointer, HB=pointer, TGT="*i64", EST="*fp32", PF="*fp32",
                      PI="*i32")
+    if cfg.tma:
+        signature["X"] = f"tensordesc<{_TYPES[dtype]}[{cfg.block_n}, {cfg.block_k}]>"
+        signature["W"] = f"tensordesc<{_TYPES[dtype]}[{cfg.block_v}, {cfg.block_k}]>"
     signature.update(dict.fromkeys(("N", "V", "D", "stride_xn", "stride_wv",
                                     "tiles_per_split", "n_splits"), "i32"))
     signature.update(dict.fromkeys(("in_scale", "out_scale", "a0", "a1", "a2", "a3"), "fp32"))

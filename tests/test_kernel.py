@@ -14,10 +14,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before torch, triton and entropy_fast ar
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
+from entropy_fast.kernels.lens_entropy import KernelConfig, _operands, lens_statistics_triton
 from torch import nn
 
 from entropy_fast.lens import Lens
@@ -208,6 +209,28 @@ def test_configs_agree(config):
                                    config=CONFIGS[config])
     assert_close("entropy", stats.entropy, ref["entropy"], fp32_tol(ref["zmax"]))
     check_tokens(stats, ref, lens.vocab_size)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_tma_descriptors_match_pointer_loads(flat):
+    """Tensor-descriptor loads (zeros past every edge: 37 rows, d = 48 against K steps of
+    32, V = 211) give exactly what clamped and masked pointer loads give."""
+    lens, hidden, targets = make_case("gemma-softcap", torch.bfloat16, n_rows=37)
+    pointers = KernelConfig(block_n=16, block_v=64, block_k=32, n_splits=2, flat=flat)
+    tma = replace(pointers, tma=True)
+    rows = torch.empty(37, 48, dtype=torch.bfloat16)
+    assert _operands(tma, rows, lens.head.weight)[0].tma  # no silent fallback here
+    runs = [lens_statistics_triton(lens, hidden, ALPHAS, targets=targets, with_top_token=True,
+                                   config=cfg) for cfg in (pointers, tma)]
+    for field in ("entropy", "top_token", "target_surprisal", "target_rank"):
+        assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), field
+
+
+def test_tma_falls_back_where_it_cannot_serve():
+    weight = torch.empty(211, 100, dtype=torch.bfloat16)  # rows of 200 bytes: not 16-aligned
+    assert not _operands(KernelConfig(tma=True), torch.empty(5, 100, dtype=torch.bfloat16),
+                         weight)[0].tma
+    assert not _operands(KernelConfig(tma=True), torch.empty(5, 96), torch.empty(211, 96))[0].tma
 
 
 def test_many_orders_take_extra_passes():

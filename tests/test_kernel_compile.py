@@ -32,6 +32,9 @@ CASES = {  # name: a call of entropy_fast.kernels.resources
                            f"vocab=128256, {EVERYTHING})"),
     "llama8b everything 128x256": (f"lens_kernel_resources(KernelConfig(), d=4096, "
                                    f"vocab=128256, {EVERYTHING})"),
+    "gpt2 TMA Shannon": ("lens_kernel_resources(KernelConfig(tma=True), d=768, vocab=50257)"),
+    "llama8b TMA 128x128 everything": ("lens_kernel_resources(KernelConfig(block_v=128, tma=True), "
+                                       f"d=4096, vocab=128256, {EVERYTHING})"),
     "gpt2 fp32": (f"lens_kernel_resources(default_config({FP32}), dtype=torch.float32, "
                   "d=768, vocab=50257, has_softcap=True, has_bias=True)"),
     "prologue rmsnorm": "prologue_resources(d=4096, norm='rmsnorm')",
@@ -66,13 +69,13 @@ def test_every_case_compiles_within_shared_memory(compiled):
 
 def test_hot_loop_never_spills(compiled):
     for name in ("gpt2 Shannon", "llama8b Shannon", "llama1b fp16 Shannon + 2",
-                 "llama8b everything"):
+                 "llama8b everything", "gpt2 TMA Shannon", "llama8b TMA 128x128 everything"):
         assert compiled[name]["hot_loop_spills"] == 0, name
 
 
 def test_default_tiles_keep_common_statistics_in_registers(compiled):
     for name in ("gpt2 Shannon", "llama8b Shannon", "llama1b fp16 Shannon + 2",
-                 "prologue rmsnorm", "prologue layernorm"):
+                 "gpt2 TMA Shannon", "prologue rmsnorm", "prologue layernorm"):
         assert compiled[name]["stack_bytes"] == 0, name
 
 
