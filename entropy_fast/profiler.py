@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from entropy_fast.batching import length_buckets
 from entropy_fast.entropy import validate_alphas
-from entropy_fast.generation import Generator, HFGenerator, SamplingConfig
+from entropy_fast.generation import Generator, HFGenerator, SamplingConfig, context_length
 from entropy_fast.hooks import StateTap, find_decoder_layers
 from entropy_fast.lens import BACKENDS, Lens
 from entropy_fast.loading import DEFAULT_MODEL, load_model, model_source
@@ -133,9 +133,7 @@ class EntropyProfiler:
     @property
     def context_length(self) -> int | None:
         """Longest sequence the model accepts (prompt + continuation), if it says."""
-        config = self.model.config.get_text_config()
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                           None)
+        return context_length(self.model.config)
 
     def profile_text(self, prompt: str, max_new_tokens: int = 32, **sampling) -> EntropyProfile:
         """Profile one prompt (see `iter_profiles` for the sampling options)."""
