@@ -17,7 +17,7 @@ import torch
 from entropy_fast.cli import main
 from entropy_fast.sql import ProfileStore, check_store
 from entropy_fast.store import Store
-from tests.tiny_models import tiny_model, tiny_tokenizer
+from tests.tiny_models import forbid_hf_weights, tiny_model, tiny_tokenizer
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
            "1, 2, 3, 4,", "Why is the sky blue?"]
@@ -280,21 +280,6 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
-
-
-def forbid_hf_weights(monkeypatch) -> None:
-    """Make any load of HF model weights (profiler, loading, transformers) fail the test."""
-    import transformers
-
-    from entropy_fast import loading, profiler
-
-    def no_weights(*args, **kwargs):
-        raise AssertionError("HF model weights were loaded")
-
-    monkeypatch.setattr(profiler, "EntropyProfiler", no_weights)
-    monkeypatch.setattr(profiler, "load_model", no_weights)
-    monkeypatch.setattr(loading, "load_model", no_weights)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
 
 
 def test_generate_with_vllm_loads_no_hf_weights(models, corpus, tmp_path, monkeypatch,

@@ -18,6 +18,7 @@ import torch
 from entropy_fast.data import sample_prompts
 from entropy_fast.generation import SamplingConfig, generate_continuations, stop_token_ids
 from entropy_fast.vllm_generation import vllm_available
+from tests.tiny_models import forbid_hf_weights
 
 REQUIRE = os.environ.get("ENTROPY_FAST_REQUIRE_VLLM") == "1"
 SKIP_REASON = (
@@ -191,21 +192,6 @@ def test_seeded_sampling_is_reproducible(engine, prompt_ids):
     assert first != other
     # Per-prompt streams: a prompt's sample does not depend on the prompts after it.
     assert engine.generate(prompt_ids[:2], sampling) == first[:2]
-
-
-def forbid_hf_weights(monkeypatch) -> None:
-    """Make any load of HF model weights (profiler, loading, transformers) fail the test."""
-    import transformers
-
-    from entropy_fast import loading, profiler
-
-    def no_weights(*args, **kwargs):
-        raise AssertionError("HF model weights were loaded")
-
-    monkeypatch.setattr(profiler, "EntropyProfiler", no_weights)
-    monkeypatch.setattr(profiler, "load_model", no_weights)
-    monkeypatch.setattr(loading, "load_model", no_weights)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
 
 
 @needs_vllm

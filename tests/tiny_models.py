@@ -58,3 +58,18 @@ def tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def forbid_hf_weights(monkeypatch) -> None:
+    """Make any load of HF model weights (profiler, loading, transformers) fail the test."""
+    import transformers
+
+    from entropy_fast import loading, profiler
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("HF model weights were loaded")
+
+    monkeypatch.setattr(profiler, "EntropyProfiler", no_weights)
+    monkeypatch.setattr(profiler, "load_model", no_weights)
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
