@@ -30,6 +30,7 @@ import threading
 import time
 import traceback
 import types
+from dataclasses import replace
 from pathlib import Path
 
 # --smoke: the whole script at toy sizes on CPU under the interpreter (to test the script).
@@ -104,8 +105,8 @@ if SMOKE:
                   SHAPES["llama8b"][4], hidden_size=128, intermediate_size=256,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=1024))}
-    CONFIGS = {"default": KernelConfig(block_n=64, block_v=256, block_k=64, n_splits=2),
-               "flat": KernelConfig(block_n=64, block_v=256, block_k=64, n_splits=2, flat=True)}
+    toy = KernelConfig(block_n=64, block_v=256, block_k=64, n_splits=2)
+    CONFIGS = {"default": toy, "tma": replace(toy, tma=True), "flat": replace(toy, flat=True)}
     BATCH, SEQ = 2, 16
 N_ROWS = BATCH * SEQ
 E2E_RESERVE_S = 200  # the kernel sweep stops while this much of the budget is left
