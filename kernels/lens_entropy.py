@@ -287,8 +287,8 @@ def default_config(device: torch.device, dtype: torch.dtype, *, n_orders: int = 
 
     Interpreter: few large tiles. fp32 ("ieee" dot): small tiles that fit shared memory.
     bf16/fp16: 128 x 256 tiles, which on sm_90 keep Shannon plus two orders in registers;
-    beyond that (argmax, targets, more orders) the tile epilogue spills hundreds of
-    registers there, and 128 x 128 tiles do not (bench/results_kernel_resources.md).
+    beyond that (argmax, targets, more orders) their tile epilogue spills 100-2500
+    instructions there, 128 x 128 tiles none or a tenth (bench/results_kernel_resources.md).
     """
     if device.type != "cuda":
         return KernelConfig(block_n=64, block_v=256, block_k=64, num_warps=4, num_stages=1,
