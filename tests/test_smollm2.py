@@ -38,3 +38,18 @@ def test_generation_agrees_with_hf_generate_on_the_real_model(smollm2_profiler):
                                        pad_token_id=profiler.tokenizer.pad_token_id)
     profile = profiler.profile_text(prompt, max_new_tokens=8)
     assert profile.token_ids.tolist() == expected[0, ids.shape[1]:].tolist()[:profile.n_tokens]
+
+
+def test_vllm_stage_reads_tokenizer_and_config_from_the_gguf_file(smollm2_profiler):
+    """`generate --generator vllm` given the .gguf file itself (no weights loaded) must
+    tokenize as the profiler does, or the ids it stores would not be the ids profiled."""
+    from entropy_fast.data import sample_prompts
+    from entropy_fast.loading import BUILTIN_MODELS
+    from entropy_fast.vllm_generation import load_tokenizer_and_config
+
+    tokenizer, config = load_tokenizer_and_config(str(BUILTIN_MODELS["smollm2-135m"]()))
+    for prompt in [*sample_prompts()[:8], "def fibonacci(n):\n    return n"]:
+        assert tokenizer(prompt)["input_ids"] == smollm2_profiler.tokenizer(prompt)["input_ids"]
+    assert tokenizer.eos_token_id == smollm2_profiler.tokenizer.eos_token_id
+    assert config.max_position_embeddings == smollm2_profiler.context_length
+    assert config.num_hidden_layers == 30 and config.vocab_size == 49152
