@@ -84,10 +84,11 @@ SHAPES = {  # name: (d, V, states, norm kind, model config)
 GOALS = {"gpt2": (0.65, 250e3), "llama1b": (0.75, 48e3), "llama8b": (0.80, 12e3)}
 CONFIGS = {  # tried in this order while time allows; "default" is the launcher's default
     "default": KernelConfig(),
-    # TMA descriptors: the copy engine fetches tiles, 241 -> 179 registers on sm_90
+    # TMA descriptors: the copy engine fetches tiles; Shannon on sm_90 drops from 252 to 179
+    # registers at d=4096 (241 -> 186 at d=768; bench/results_kernel_resources.md)
     "tma": KernelConfig(tma=True),
-    # 127 registers (103 with TMA) and 96 KiB on sm_90 (bench/kernel_resources.py): two
-    # blocks per SM, so one block's softmax epilogue can overlap the other's MMAs
+    # Shannon: 127 registers (103 with TMA) and 96 KiB on sm_90, so two blocks per SM and
+    # one block's softmax epilogue can overlap the other's MMAs (heavy statistics: one)
     "128x128x64-s3-tma": KernelConfig(block_v=128, tma=True),
     "128x128x64-s3": KernelConfig(block_v=128),
     "flat-tma": KernelConfig(flat=True, tma=True),
@@ -354,7 +355,7 @@ def kernel_alone(run: Run, rate: float) -> dict[str, KernelConfig]:
                 lens = synthetic_lens(d, vocab, kind)
                 hidden = realistic_rows(lens, N_ROWS)
                 started = time.time()
-                ref = lens_statistics_triton(lens, hidden, (1.0,))
+                ref = lens_statistics_triton(lens, hidden, (1.0,), config=config)
                 sync()
                 compile_s = time.time() - started
                 base = out.get(f"{name}/default", {}).get("_entropy")

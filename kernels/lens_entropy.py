@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 from entropy_fast.kernels.lens_prologue import _tanh, prepare_rows
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from entropy_fast.entropy import LensStatistics
 
@@ -82,7 +81,7 @@ def _fold_tilted(d, a, x, xc, e, s, r, s_old, KIND: tl.constexpr):
 @triton.jit
 def _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V: tl.constexpr, TMA: tl.constexpr):
     """(BLOCK_K x BLOCK_V) pointers to W[v0:v0+BLOCK_V, 0:BLOCK_K]^T, rows clamped to V - 1
-    (with TMA, the descriptor itself)."""
+    (with TMA, W is a tensor descriptor and addresses itself)."""
     if TMA:
         ptrs = W
     else:
@@ -92,16 +91,17 @@ def _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V: tl.constexpr, TMA: tl.constexpr
 
 
 @triton.jit
-def _dot_step(acc, X, W, a_ptrs, w_ptrs, row0, v0, ks, k0, D, EVEN_D: tl.constexpr,
+def _dot_step(acc, a_ptrs, w_ptrs, row0, v0, ks, k0, D, EVEN_D: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """acc += X[rows, k0:k0+BLOCK_K] @ W[cols, k0:k0+BLOCK_K]^T, fp32 accumulation.
 
-    TMA: X and W are tensor descriptors; the copy engine fetches whole tiles (zeros past
-    every edge), which frees the registers and instructions of per-thread addresses.
+    TMA: a_ptrs and w_ptrs are the tensor descriptors of X and W; the copy engine fetches
+    whole tiles at (row0, k0) and (v0, k0), zeros past every edge, so threads hold no
+    per-element addresses.
     """
     if TMA:
-        a = X.load([row0, k0])
-        w = W.load([v0, k0]).T
+        a = a_ptrs.load([row0, k0])
+        w = w_ptrs.load([v0, k0]).T
     elif EVEN_D:
         a = tl.load(a_ptrs + k0)
         w = tl.load(w_ptrs + k0)
@@ -195,7 +195,7 @@ def _lens_entropy_kernel(
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # clamped: no row masks in the main loop
     ks = tl.arange(0, BLOCK_K)
-    if TMA:  # noqa: SIM108 (constexpr branch: a descriptor has no pointer arithmetic)
+    if TMA:  # noqa: SIM108 (constexpr branch: a descriptor addresses itself)
         a_ptrs = X
     else:
         a_ptrs = X + rows_c[:, None] * stride_xn + ks[None, :]
@@ -226,8 +226,8 @@ def _lens_entropy_kernel(
             ki = it - tile * k_steps
             v0 = v_first + tile * BLOCK_V
             w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V, TMA)
-            acc = _dot_step(acc, X, W, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks, ki * BLOCK_K,
-                            D, EVEN_D, UPCAST, PRECISION, TMA)
+            acc = _dot_step(acc, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks, ki * BLOCK_K, D,
+                            EVEN_D, UPCAST, PRECISION, TMA)
             if ki == k_steps - 1:
                 m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
                     acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
@@ -238,8 +238,8 @@ def _lens_entropy_kernel(
         for v0 in range(v_first, v_end, BLOCK_V):
             w_ptrs = _head_ptrs(W, v0, V, stride_wv, ks, BLOCK_V, TMA)
             for ki in range(0, k_steps):
-                acc = _dot_step(acc, X, W, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks,
-                                ki * BLOCK_K, D, EVEN_D, UPCAST, PRECISION, TMA)
+                acc = _dot_step(acc, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks, ki * BLOCK_K,
+                                D, EVEN_D, UPCAST, PRECISION, TMA)
             m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
                 acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
                 d0, d1, d2, d3, best, above, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
@@ -267,7 +267,7 @@ class KernelConfig:
     n_splits: vocabulary splits per row block (None: enough programs to fill the GPU).
     flat: one (tile, k) loop instead of nested loops (pipelines across tile boundaries).
     tma: fetch operand tiles with tensor descriptors (Hopper's copy engine); bf16/fp16
-    operands with 16-byte aligned rows only, others fall back to pointers.
+    operands with 16-byte aligned rows on sm_90+ only, others fall back to pointers.
     """
 
     block_n: int = 128
@@ -288,7 +288,8 @@ def default_config(device: torch.device, dtype: torch.dtype, *, n_orders: int = 
     Interpreter: few large tiles. fp32 ("ieee" dot): small tiles that fit shared memory.
     bf16/fp16: 128 x 256 tiles, which on sm_90 keep Shannon plus two orders in registers;
     beyond that (argmax, targets, more orders) their tile epilogue spills 100-2500
-    instructions there, 128 x 128 tiles none or a tenth (bench/results_kernel_resources.md).
+    instructions there, 128 x 128 tiles none or a tenth (bench/results_kernel_resources.md);
+    those use ~255 registers, one block per SM, so a fourth pipeline stage costs nothing.
     """
     if device.type != "cuda":
         return KernelConfig(block_n=64, block_v=256, block_k=64, num_warps=4, num_stages=1,
@@ -317,12 +318,19 @@ def _n_splits(cfg: KernelConfig, device: torch.device, n_row_blocks: int, n_tile
 
 def _operands(cfg: KernelConfig, x: torch.Tensor, weight: torch.Tensor):
     """(cfg, x, weight) as the kernel takes them: tensor descriptors when cfg.tma, else
-    pointers (and cfg.tma off where TMA cannot serve: fp32 operands, unaligned rows)."""
+    pointers, with cfg.tma off where TMA cannot serve: fp32 operands, rows or bases that
+    are not 16-byte aligned, GPUs before Hopper (Triton would lower the descriptors to
+    plain loads there, and spill), Triton without host descriptors (< 3.4)."""
     if not cfg.tma:
         return cfg, x, weight
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return replace(cfg, tma=False), x, weight
     aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
                   and t.stride(1) == 1 for t in (x, weight))
-    if x.dtype == torch.float32 or not aligned:
+    before_hopper = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9
+    if x.dtype == torch.float32 or not aligned or before_hopper:
         return replace(cfg, tma=False), x, weight
     return (cfg, TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [cfg.block_n, cfg.block_k]),
             TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1],
@@ -428,7 +436,7 @@ def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...]
                                  has_softcap=softcap > 0, with_argmax=with_top_token and g == 0,
                                  has_targets=targets is not None and g == 0,
                                  interpret=interpret),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
             top, where, s_tot, u_tot, d_tot = _merge(pf, orders)
             gaps.update({a: dv / s_tot for a, dv in d_tot.items()})
             if g == 0:

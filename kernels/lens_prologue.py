@@ -107,7 +107,7 @@ def prepare_rows(lens, hidden: torch.Tensor, weight: torch.Tensor, normed: bool,
             HAS_NB=spec is not None and spec.bias is not None, HAS_BIAS=bias is not None,
             HAS_SOFTCAP=softcap > 0, WRITE_Y=write_y, HAS_TARGETS=targets is not None,
             ROUND_BF16=x.dtype == torch.bfloat16,
-            BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 512)))
+            BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 512)), enable_fp_fusion=True)
     return x, est
 
 

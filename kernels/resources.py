@@ -3,8 +3,10 @@
 Triton ships ptxas and cuobjdump, so the kernels can be compiled for, say, an H100
 (sm_90) on any machine, specialized as a launch there would be (16-byte aligned
 pointers, sizes divisible by 16 where they are), and their machine code read: registers
-per thread, local-memory stack (register spills), shared memory, and the spill
-instructions inside the hot loop (the innermost loop that holds the tensor-core MMA).
+per thread, local-memory stack (register spills), shared memory, the spill instructions
+inside the hot loop (the innermost loop that holds the tensor-core MMA) and the TMA loads.
+The row count is taken as a multiple of 16 (a launch with N = 1, or with one vocabulary
+tile per split, specializes those to constants and compiles a slightly different kernel).
 Tests use it to catch what the interpreter cannot (GPU-only compile errors, a hot loop
 that spills); bench/kernel_resources.py uses it to compare tile configurations before a
 GPU run.
@@ -43,6 +45,7 @@ class Resources:
     spill_stores: int
     spill_loads: int
     hot_loop_spills: int  # STL + LDL in the innermost loop holding the MMA (-1: no MMA loop)
+    tma_loads: int  # UTMALDG instructions: tiles fetched by the copy engine
 
 
 def cuda_tool(name: str) -> Path | None:
@@ -61,18 +64,20 @@ def lens_kernel_resources(cfg: KernelConfig, *, dtype: torch.dtype = torch.bfloa
     orders: the Rényi orders other than 0, 1 and inf (at most four per launch).
     """
     pointer = "*" + _TYPES[dtype]
-    signature = dict(X=pointer, W=pointer, HB=pointer, TGT="*i64", EST="*fp32", PF="*fp32",
-                     PI="*i32")
+    signature = dict(X=pointer, W=pointer, HB=pointer, TGT="*i64" if has_targets else "*i32",
+                     EST="*fp32", PF="*fp32", PI="*i32")
+    aligned = ["HB", "TGT", "EST", "PF", "PI", "N"]
     if cfg.tma:
         signature["X"] = f"tensordesc<{_TYPES[dtype]}[{cfg.block_n}, {cfg.block_k}]>"
         signature["W"] = f"tensordesc<{_TYPES[dtype]}[{cfg.block_v}, {cfg.block_k}]>"
+    else:
+        aligned += ["X", "W"]
     signature.update(dict.fromkeys(("N", "V", "D", "stride_xn", "stride_wv",
                                     "tiles_per_split", "n_splits"), "i32"))
     signature.update(dict.fromkeys(("in_scale", "out_scale", "a0", "a1", "a2", "a3"), "fp32"))
     constants = specialization(cfg, list(orders), dtype, vocab, d, has_bias=has_bias,
                                has_softcap=has_softcap, with_argmax=with_argmax,
                                has_targets=has_targets)
-    aligned = ["X", "W", "HB", "TGT", "EST", "PF", "PI", "N"]
     aligned += ["D", "stride_xn", "stride_wv"] if d % 16 == 0 else []
     aligned += ["V"] if vocab % 16 == 0 else []
     return _compile(_lens_entropy_kernel, signature, constants, aligned, capability,
@@ -80,7 +85,7 @@ def lens_kernel_resources(cfg: KernelConfig, *, dtype: torch.dtype = torch.bfloa
 
 
 def prologue_resources(*, dtype: torch.dtype = torch.bfloat16, d: int = 4096,
-                       norm: str = "rmsnorm", has_targets: bool = True,
+                       vocab: int = 128256, norm: str = "rmsnorm", has_targets: bool = True,
                        capability: int = 90) -> Resources:
     """Compile the fused-norm prologue (one row per program) and measure it."""
     pointer = "*" + _TYPES[dtype]
@@ -94,6 +99,8 @@ def prologue_resources(*, dtype: torch.dtype = torch.bfloat16, d: int = 4096,
                      WRITE_Y=True, HAS_TARGETS=has_targets,
                      ROUND_BF16=dtype == torch.bfloat16, BLOCK_D=block_d)
     aligned = ["X", "Y", "NW", "NB", "W", "HB", "TGT", "EST"]
+    aligned += ["D", "stride_xn", "stride_yn", "stride_wv"] if d % 16 == 0 else []
+    aligned += ["V"] if vocab % 16 == 0 else []
     return _compile(_lens_prologue_kernel, signature, constants, aligned, capability,
                     max(1, min(16, block_d // 512)), 1)
 
@@ -107,7 +114,8 @@ def _compile(kernel, signature: dict, constants: dict, aligned: list[str], capab
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     source = ASTSource(kernel, signature, constants, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages,
+                                           enable_fp_fusion=True))  # as the launchers ask
     cubin = compiled.asm["cubin"]
     sass = _cuobjdump("-sass", cubin).splitlines()
     usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump("--dump-resource-usage", cubin))
@@ -115,7 +123,8 @@ def _compile(kernel, signature: dict, constants: dict, aligned: list[str], capab
                      shared_bytes=int(compiled.metadata.shared),
                      spill_stores=sum("STL" in line for line in sass),
                      spill_loads=sum("LDL" in line for line in sass),
-                     hot_loop_spills=_hot_loop_spills(sass))
+                     hot_loop_spills=_hot_loop_spills(sass),
+                     tma_loads=sum("UTMALDG" in line for line in sass))
 
 
 def _cuobjdump(flag: str, cubin: bytes) -> str:

@@ -18,7 +18,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from entropy_fast.kernels.lens_entropy import KernelConfig, _operands, lens_statistics_triton
+from entropy_fast.kernels import lens_entropy
+from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
 from torch import nn
 
 from entropy_fast.lens import Lens
@@ -212,25 +213,42 @@ def test_configs_agree(config):
 
 
 @pytest.mark.parametrize("flat", [False, True])
-def test_tma_descriptors_match_pointer_loads(flat):
+def test_tma_descriptors_match_pointer_loads(flat, monkeypatch):
     """Tensor-descriptor loads (zeros past every edge: 37 rows, d = 48 against K steps of
     32, V = 211) give exactly what clamped and masked pointer loads give."""
     lens, hidden, targets = make_case("gemma-softcap", torch.bfloat16, n_rows=37)
     pointers = KernelConfig(block_n=16, block_v=64, block_k=32, n_splits=2, flat=flat)
-    tma = replace(pointers, tma=True)
-    rows = torch.empty(37, 48, dtype=torch.bfloat16)
-    assert _operands(tma, rows, lens.head.weight)[0].tma  # no silent fallback here
+    used, operands = [], lens_entropy._operands
+
+    def spy(*args):
+        cfg, x, weight = operands(*args)
+        used.append(cfg.tma)
+        return cfg, x, weight
+
+    monkeypatch.setattr(lens_entropy, "_operands", spy)
     runs = [lens_statistics_triton(lens, hidden, ALPHAS, targets=targets, with_top_token=True,
-                                   config=cfg) for cfg in (pointers, tma)]
+                                   config=cfg) for cfg in (pointers, replace(pointers, tma=True))]
+    assert used == [False, True]  # no silent fallback to pointers
     for field in ("entropy", "top_token", "target_surprisal", "target_rank"):
         assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), field
 
 
-def test_tma_falls_back_where_it_cannot_serve():
-    weight = torch.empty(211, 100, dtype=torch.bfloat16)  # rows of 200 bytes: not 16-aligned
-    assert not _operands(KernelConfig(tma=True), torch.empty(5, 100, dtype=torch.bfloat16),
-                         weight)[0].tma
-    assert not _operands(KernelConfig(tma=True), torch.empty(5, 96), torch.empty(211, 96))[0].tma
+@pytest.mark.parametrize("case", ["fp32", "unaligned rows", "unaligned head rows",
+                                  "unaligned base"])
+def test_tma_falls_back_where_it_cannot_serve(case):
+    rows, weight = torch.empty(5, 96, dtype=torch.bfloat16), torch.empty(211, 96,
+                                                                         dtype=torch.bfloat16)
+    if case == "fp32":
+        rows, weight = rows.float(), weight.float()
+    elif case == "unaligned rows":  # 200-byte rows
+        rows = torch.empty(5, 100, dtype=torch.bfloat16)
+    elif case == "unaligned head rows":
+        weight = torch.empty(211, 100, dtype=torch.bfloat16)[:, :96]
+    else:  # a view 2 bytes past an aligned allocation
+        rows = torch.empty(5 * 96 + 1, dtype=torch.bfloat16)[1:].view(5, 96)
+    assert lens_entropy._operands(KernelConfig(tma=True), rows, weight)[0].tma is False
+    aligned = torch.empty(5, 96, dtype=torch.bfloat16), torch.empty(211, 96, dtype=torch.bfloat16)
+    assert lens_entropy._operands(KernelConfig(tma=True), *aligned)[0].tma is True
 
 
 def test_many_orders_take_extra_passes():
