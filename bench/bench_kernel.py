@@ -67,6 +67,9 @@ from torch import nn  # noqa: E402
 from entropy_fast.hooks import StateTap, find_decoder_layers  # noqa: E402
 from entropy_fast.lens import Lens  # noqa: E402
 
+sys.path.insert(0, str(ROOT))  # the float64 reference of the tests (torch only)
+from tests.reference import entropy_from_logits  # noqa: E402
+
 ALPHAS = (0.0, 0.5, 0.999, 1.0, 1.001, 2.0, math.inf)
 SHAPES = {  # name: (d, V, states, norm kind, model config)
     "gpt2": (768, 50257, 13, "layernorm", dict(
@@ -247,20 +250,10 @@ def float64_reference(lens: Lens, rows64: torch.Tensor, targets: torch.Tensor) -
     if lens.softcap:
         z = torch.tanh(z / lens.softcap) * lens.softcap
     logp = torch.log_softmax(z, 1)
-    cols = []
-    for a in ALPHAS:
-        if a == 1.0:
-            cols.append(-(logp.exp() * logp).sum(1))
-        elif math.isinf(a):
-            cols.append(-logp.max(1).values)
-        elif a == 0.0:
-            cols.append(torch.full_like(logp[:, 0], math.log(z.shape[1])))
-        else:
-            cols.append(torch.logsumexp(a * logp, 1) / (1.0 - a))
     zt = z.gather(1, targets[:, None])
     others = torch.ones_like(z, dtype=torch.bool).scatter_(1, targets[:, None], False)
     tol = 1e-4 + 2e-7 * z.abs().max()
-    return {"entropy": torch.stack(cols, 1), "z": z, "tol": float(tol),
+    return {"entropy": entropy_from_logits(z, ALPHAS), "z": z, "tol": float(tol),
             "surprisal": -logp.gather(1, targets[:, None])[:, 0],
             "rank": ((z > zt) & others).sum(1), "near": (((z - zt).abs() <= tol) & others).sum(1)}
 

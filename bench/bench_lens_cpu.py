@@ -18,13 +18,13 @@ Usage: python bench/bench_lens_cpu.py [--rows 1024] [--reps 2] [--out FILE]
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 if "--accuracy" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # the kernel on CPU, set before triton is imported
@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 from entropy_fast.lens import Lens
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the tests' float64 reference
+from tests.reference import entropy_from_logits, lens_logits_float64
 
 SHAPES = {"smollm2-135m (d=576, V=49152)": (576, 49152),
           "gpt2-124m (d=768, V=50257)": (768, 50257)}
@@ -68,30 +71,6 @@ def floor(lens: Lens, hidden: torch.Tensor, chunk: int) -> None:
 
 
 ALPHAS = (0.0, 0.5, 0.999, 1.0, 1.001, 2.0, math.inf)
-
-
-def float64_entropy(lens: Lens, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
-    """Textbook entropies in float64: the lens's own modules in float64, softmax, sums."""
-    rows = hidden.double()
-    if not normed:
-        for module in (lens.norm, lens.projection):
-            if module is not None:
-                rows = copy.deepcopy(module).double()(rows)
-    z = rows @ lens.head.weight.double().T
-    if getattr(lens.head, "bias", None) is not None:
-        z = z + lens.head.bias.double()
-    logp = torch.log_softmax(z * lens.logit_scale, 1)
-    cols = []
-    for a in ALPHAS:
-        if a == 1.0:
-            cols.append(-(logp.exp() * logp).sum(1))
-        elif math.isinf(a):
-            cols.append(-logp.max(1).values)
-        elif a == 0.0:
-            cols.append(torch.full_like(logp[:, 0], math.log(z.shape[1])))
-        else:
-            cols.append(torch.logsumexp(a * logp, 1) / (1.0 - a))
-    return torch.stack(cols, 1)
 
 
 def smollm2_rows(dtype: torch.dtype, per_state: int = 4):
@@ -137,7 +116,7 @@ def accuracy(out: str | None, only: str = "") -> None:
             for backend in ("triton", "torch"):
                 worst = torch.zeros(len(ALPHAS), dtype=torch.float64)
                 for hidden, normed in parts:
-                    truth = float64_entropy(lens, hidden, normed)
+                    truth = entropy_from_logits(lens_logits_float64(lens, hidden, normed), ALPHAS)
                     got = (lens_statistics_triton(lens, hidden, ALPHAS, normed=normed,
                                                   config=config) if backend == "triton" else
                            lens.statistics(hidden, ALPHAS, backend=backend, normed=normed)).entropy

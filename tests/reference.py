@@ -19,7 +19,8 @@ def entropy_from_logits(logits: torch.Tensor, alphas) -> torch.Tensor:
         elif math.isinf(a):
             columns.append(-torch.log(p.max(-1).values))
         elif a == 0.0:
-            columns.append(torch.full(p.shape[:1], math.log(p.shape[-1]), dtype=torch.float64))
+            columns.append(torch.full(p.shape[:-1], math.log(p.shape[-1]), dtype=torch.float64,
+                                      device=p.device))
         else:
             columns.append(torch.log((p**a).sum(-1)) / (1 - a))
     return torch.stack(columns, dim=-1)
