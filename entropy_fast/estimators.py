@@ -96,7 +96,11 @@ class MatrixRenyiMI:
 
     def entropy(self, a: torch.Tensor) -> float:
         """S_alpha(A) in nats of a trace-1 positive semi-definite (n x n) matrix."""
-        eig = torch.linalg.eigvalsh(a).clamp_min(0.0)
+        eig = torch.linalg.eigvalsh(a)
+        # Eigenvalues below the decomposition's own rounding (n eps max) are zeros that came
+        # out as +-1e-17: for alpha < 1, sum lambda^alpha would amplify them into the result.
+        noise = eig.shape[0] * torch.finfo(eig.dtype).eps * eig.abs().max()
+        eig = torch.where(eig > noise, eig, 0.0)
         eig = eig / eig.sum()
         if self.alpha == 1.0:
             return float(-torch.special.xlogy(eig, eig).sum())
