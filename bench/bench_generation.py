@@ -94,13 +94,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.hf_threads:
         torch.set_num_threads(args.hf_threads)
 
-    from entropy_fast.generation import SamplingConfig, generate_continuations
-    from entropy_fast.loading import load_model, model_source
+    from entropy_fast.generation import generate_continuations
+    from entropy_fast.models import load_model, model_source
+    from entropy_fast.settings import SamplingSettings
     from entropy_fast.vllm_generation import VllmGenerator
 
     load_s, (model, tokenizer, name) = _timed(load_model, args.model, None, args.dtype)
     prompts = _prompt_ids(tokenizer, args.prompts)
-    sampling = SamplingConfig(args.max_new_tokens)
+    sampling = SamplingSettings(args.max_new_tokens)
     common = {"model": name, "dtype": args.dtype, "n_prompts": len(prompts),
               "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
               "torch": torch.__version__, "vllm": vllm.__version__, **_machine()}

@@ -61,10 +61,10 @@ _import_working_tree()
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import triton  # noqa: E402
-from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton  # noqa: E402
+from entropy_fast.forward import StateTap, find_decoder_layers  # noqa: E402
 from torch import nn  # noqa: E402
 
-from entropy_fast.hooks import StateTap, find_decoder_layers  # noqa: E402
+from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton  # noqa: E402
 from entropy_fast.lens import Lens  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # the float64 reference of the tests (torch only)

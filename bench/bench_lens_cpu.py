@@ -75,7 +75,7 @@ ALPHAS = (0.0, 0.5, 0.999, 1.0, 1.001, 2.0, math.inf)
 
 def smollm2_rows(dtype: torch.dtype, per_state: int = 4):
     """The real SmolLM2-135M lens and rows of every state (pre-norm; the last one normed)."""
-    from entropy_fast.loading import load_model
+    from entropy_fast.models import load_model
 
     model, tokenizer, _ = load_model("smollm2-135m", dtype=dtype, device="cpu")
     with open(os.path.join(os.path.dirname(__file__), "..", "entropy_fast", "data",

@@ -30,8 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from entropy_fast import EntropyProfiler
 from entropy_fast.data import sample_prompts
-from entropy_fast.hooks import find_decoder_layers
-from entropy_fast.loading import load_model
+from entropy_fast.forward import find_decoder_layers
+from entropy_fast.models import load_model
 
 SAMPLE = sample_prompts()
 

@@ -35,8 +35,9 @@ from scipy.stats import wasserstein_distance
 
 from entropy_fast.corpus import Corpus, Prompt
 from entropy_fast.profile import EntropyProfile
-from entropy_fast.sql import ProfileStore
+from entropy_fast.settings import LensSettings, SamplingSettings
 from entropy_fast.store import RunInfo, Store
+from entropy_fast.store.sql import ProfileStore
 
 BIN_WIDTH = 0.25
 
@@ -63,9 +64,10 @@ def write_store(root: Path, n_models: int, n_prompts: int, n_tokens: int,
     store = Store(root, create=True)
     seconds = 0.0
     for model in range(n_models):
-        info = RunInfo.new(f"model-{model}", "synthetic", corpus.fingerprint, len(corpus),
-                           alphas=(1.0,), layer_stride=1, max_new_tokens=n_tokens,
-                           dtype="bfloat16", generator="hf")
+        info = RunInfo(model=f"model-{model}", corpus="synthetic",
+                       corpus_sha256=corpus.fingerprint, n_prompts=len(corpus),
+                       lens=LensSettings(), sampling=SamplingSettings(n_tokens),
+                       dtype="bfloat16", generator="hf")
         items = list(synthetic_profiles(model, corpus, n_tokens, layers, seed=model))
         start = time.perf_counter()
         with store.writer(info) as writer:

@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch
+
 from entropy_fast.kernels.lens_entropy import KernelConfig, default_config
 from entropy_fast.kernels.resources import lens_kernel_resources
 

@@ -1,66 +1,62 @@
-"""entropy-fast: logit-lens entropy profiles of transformer language models, at corpus scale."""
+"""entropy-fast: logit-lens entropy profiles of transformer language models, at corpus scale.
 
-from entropy_fast.analysis import LayerAnalyzer, ModelComparison, compare_models
-from entropy_fast.distances import (
-    DistanceResult,
-    fisher_rao_distance,
-    jsd_layer,
-    pairwise_distances,
-    profile_distance,
-    srvf_distance,
-    wasserstein_layer,
-)
-from entropy_fast.entropy import renyi_entropy, shannon_entropy
-from entropy_fast.estimators import MatrixRenyiMI, linear_cka
-from entropy_fast.lens import Lens, UnsupportedArchitectureError
-from entropy_fast.loading import DEFAULT_MODEL, ModelNotFoundError, load_model
-from entropy_fast.profile import AggregatedProfile, EntropyProfile
-from entropy_fast.profiler import EntropyProfiler
+Importing the package is instant: every public name below loads its module (and torch,
+scipy, duckdb, matplotlib) on first use, so the CLI's SQL-only commands never pay for
+torch.
 
-__version__ = "0.3.0"
+Modules, in data-flow order: settings (every option, once), corpus (prompt files),
+models (loading by alias, path, .gguf or hub id), generation and vllm_generation
+(continuations), batching (length buckets), forward (taps on the residual stream), lens
+(the model's own unembedding, verified), entropy (the online Shannon/Rényi math), profiler
+(prompts in, EntropyProfile out), profile (the result types), pipeline (resumable,
+sharded corpus runs into a store), store/ (Parquet store, DuckDB views, checks),
+distances, analysis, estimators, viz, cli. kernels/ (Triton) and queries/ (named SQL)
+ship as entropy_fast.kernels and entropy_fast.queries.
+"""
 
-# Plots (matplotlib) and the store (pyarrow, duckdb) load on first use, not with the package.
-_LAZY = {
-    **dict.fromkeys(("plot_aggregated", "plot_cluster", "plot_heatmap",
-                     "plot_information_plane", "plot_layer_importance", "plot_profile",
-                     "plot_profiles", "plot_velocity_entropy"), "entropy_fast.viz"),
-    **dict.fromkeys(("Store", "RunInfo", "StoreError"), "entropy_fast.store"),
-    **dict.fromkeys(("ProfileStore", "QueryError", "named_queries", "check_store"),
-                    "entropy_fast.sql"),
-    **dict.fromkeys(("read_corpus", "Corpus", "CorpusError"), "entropy_fast.corpus"),
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.4.0"
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "entropy_fast.settings": ("DEFAULT_MODEL", "LensSettings", "ModelSettings",
+                              "SamplingSettings"),
+    "entropy_fast.errors": ("ConfigError", "EntropyFastError", "MissingDependencyError"),
+    "entropy_fast.corpus": ("Corpus", "CorpusError", "read_corpus"),
+    "entropy_fast.models": ("ModelNotFoundError", "load_model"),
+    "entropy_fast.lens": ("Lens", "UnsupportedArchitectureError"),
+    "entropy_fast.entropy": ("renyi_entropy", "shannon_entropy"),
+    "entropy_fast.profile": ("AggregatedProfile", "EntropyProfile"),
+    "entropy_fast.profiler": ("EntropyProfiler",),
+    "entropy_fast.pipeline": ("RunResult", "generate_corpus", "profile_corpus"),
+    "entropy_fast.store": ("GenerationInfo", "RunInfo", "Store", "StoreError"),
+    "entropy_fast.store.sql": ("ProfileStore", "QueryError", "named_queries"),
+    "entropy_fast.store.check": ("check_store",),
+    "entropy_fast.distances": ("DistanceResult", "fisher_rao_distance", "jsd_layer",
+                               "pairwise_distances", "profile_distance", "srvf_distance",
+                               "wasserstein_layer"),
+    "entropy_fast.analysis": ("LayerAnalyzer", "ModelComparison", "compare_models"),
+    "entropy_fast.estimators": ("MatrixRenyiMI", "linear_cka"),
+    "entropy_fast.viz": ("plot_aggregated", "plot_cluster", "plot_heatmap",
+                         "plot_information_plane", "plot_layer_importance", "plot_profile",
+                         "plot_profiles", "plot_velocity_entropy"),
 }
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'entropy_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'entropy_fast' has no attribute {name!r}")
 
-
-__all__ = [
-    "DEFAULT_MODEL",
-    "AggregatedProfile",
-    "DistanceResult",
-    "EntropyProfile",
-    "EntropyProfiler",
-    "LayerAnalyzer",
-    "Lens",
-    "MatrixRenyiMI",
-    "ModelComparison",
-    "ModelNotFoundError",
-    "UnsupportedArchitectureError",
-    "compare_models",
-    "fisher_rao_distance",
-    "jsd_layer",
-    "linear_cka",
-    "load_model",
-    "pairwise_distances",
-    "profile_distance",
-    "renyi_entropy",
-    "shannon_entropy",
-    "srvf_distance",
-    "wasserstein_layer",
-    *_LAZY,
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from entropy_fast.errors import EntropyFastError
+
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class CorpusError(ValueError):
+class CorpusError(EntropyFastError, ValueError):
     """A corpus file is missing, empty or malformed; the message names file and line."""
 
 
@@ -89,14 +91,15 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
             records and lists them in `Corpus.skipped`.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        CorpusError: unsupported suffix, a bad record (with on_error="fail"), or no prompts.
+        CorpusError: no such file, unsupported suffix, a bad record (with
+            on_error="fail"), or no prompts.
     """
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    path = Path(path)
+        raise CorpusError(f"on_error must be 'fail' or 'skip', got {on_error!r}",
+                          param="on_error")
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        raise CorpusError(f"corpus file not found: {path}")
     readers = {".txt": _txt_records, ".jsonl": _jsonl_records, ".parquet": _parquet_records}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -115,8 +118,8 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
         elif on_error == "skip":
             skipped.append((line, problem))
         else:
-            raise CorpusError(f"{path} {unit} {line}: {problem} "
-                              "(use --on-bad-line skip to skip it)")
+            raise CorpusError(f"{path} {unit} {line}: {problem}",
+                              "skip bad records with on_error='skip'", param="on_error")
     if not prompts:
         detail = f" ({len(skipped)} bad records skipped)" if skipped else ""
         raise CorpusError(f"{path}: the corpus has no prompts{detail}")
@@ -163,7 +166,7 @@ def _json_text(line: str, text_field: str) -> tuple[str, str | None]:
         return "", f"expected a JSON object, got {type(record).__name__}"
     if text_field not in record:
         fields = ", ".join(sorted(record)) or "none"
-        return "", f"no {text_field!r} field (fields: {fields}; choose one with --text-field)"
+        return "", f"no {text_field!r} field (fields: {fields}; choose one with text_field)"
     text = record[text_field]
     if not isinstance(text, str):
         return "", f"field {text_field!r} is {type(text).__name__}, not a string"
@@ -178,9 +181,8 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
     names = parquet.schema_arrow.names
     if text_field not in names:
         raise CorpusError(
-            f"{path}: no {text_field!r} column (columns: {', '.join(names)}; "
-            "choose one with --text-field)"
-        )
+            f"{path}: no {text_field!r} column (columns: {', '.join(names)})",
+            "choose one with text_field", param="text_field")
     row = 0
     for batch in parquet.iter_batches(columns=[text_field], batch_size=65536):
         for value in batch.column(0).to_pylist():

@@ -8,49 +8,12 @@ are grouped by length so that little of each batch is padding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 
 from entropy_fast.batching import length_buckets
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How continuations are drawn. Greedy unless do_sample is set.
-
-    Sampled continuations depend on the seed and on batch composition (the random stream
-    is shared by the batch); greedy ones do not.
-    """
-
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    def to_dict(self) -> dict:
-        """Plain dict, for run metadata."""
-        return asdict(self)
-
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments for `model.generate` (sampling options only when sampling)."""
-        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0)
-        else:  # override sampling defaults a checkpoint's generation_config may carry
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+from entropy_fast.settings import SamplingSettings
 
 
 def stop_token_ids(model) -> set[int]:
@@ -82,7 +45,7 @@ class Generator(Protocol):
     name: str
 
     def generate(self, prompts: Sequence[list[int]],
-                 sampling: SamplingConfig) -> list[list[int]]: ...
+                 sampling: SamplingSettings) -> list[list[int]]: ...
 
 
 class HFGenerator:
@@ -96,14 +59,14 @@ class HFGenerator:
         self.batch_tokens = batch_tokens
 
     def generate(self, prompts: Sequence[list[int]],
-                 sampling: SamplingConfig) -> list[list[int]]:
+                 sampling: SamplingSettings) -> list[list[int]]:
         """Continuation ids of each prompt (up to and including a stop token)."""
         return generate_continuations(self.model, prompts, sampling, self.pad_token_id,
                                       self.batch_tokens)
 
 
 @torch.no_grad()
-def generate_continuations(model, prompts: Sequence[list[int]], sampling: SamplingConfig,
+def generate_continuations(model, prompts: Sequence[list[int]], sampling: SamplingSettings,
                            pad_token_id: int, batch_tokens: int) -> list[list[int]]:
     """Continuation ids of each prompt (up to and including a stop token).
 

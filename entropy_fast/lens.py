@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from entropy_fast.entropy import LensStatistics, OnlineEntropy, validate_alphas
-from entropy_fast.hooks import StateTap, find_decoder_layers
+from entropy_fast.forward import StateTap, find_decoder_layers
 
 BACKENDS = ("auto", "torch", "triton")
 

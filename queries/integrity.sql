@@ -2,7 +2,7 @@
 -- @param run_id VARCHAR = NULL : only this run
 WITH r AS (
     SELECT model, run_id, any_value(n_prompts) AS corpus_prompts,
-           any_value(len(layer_indices)) AS n_layers, any_value(len(alphas)) AS n_alphas,
+           coalesce(any_value(len(layer_indices)), 0) AS n_layers, any_value(len(alphas)) AS n_alphas,
            bool_and(status = 'complete') AND count(DISTINCT shard) = any_value(n_shards)
                AS complete
     FROM runs WHERE $run_id::VARCHAR IS NULL OR run_id = $run_id GROUP BY ALL),

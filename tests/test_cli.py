@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from entropy_fast.cli import main
-from entropy_fast.sql import ProfileStore, check_store
 from entropy_fast.store import Store
+from entropy_fast.store.check import check_store
+from entropy_fast.store.codec import read_profiles
+from entropy_fast.store.sql import ProfileStore
 from tests.tiny_models import forbid_hf_weights, tiny_model, tiny_tokenizer
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
@@ -57,17 +59,17 @@ def test_profile_store_and_every_command(models, corpus, tmp_path, capsys):
             "--no-progress"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert out.count("| 5 prompts, ") == 2 and "alpha=1 (nats) | 4 layers" in out
+    assert out.count("| 5 prompts, ") == 2 and "alpha=1 (nats) | 4 layers (" in out
     assert "layer    mean     std" in out
     assert plot.read_bytes()[:4] == PNG
-    code, out, _ = run_cli(capsys, *argv)  # complete: nothing redone
-    assert code == 0 and out.count("nothing to do") == 2
+    code, out, err = run_cli(capsys, *argv)  # complete: nothing redone
+    assert code == 0 and err.count("nothing to do") == 2
 
     with ProfileStore(store) as db:
         rows = db.sql("SELECT model, count(DISTINCT prompt_id) AS n FROM entropy "
                       "GROUP BY ALL ORDER BY model").to_pylist()
     assert [r["n"] for r in rows] == [5, 5]
-    stored = dict(Store(store).read_profiles(models["llama"]))
+    stored = dict(read_profiles(Store(store), models["llama"]))
     from entropy_fast.profiler import EntropyProfiler
 
     direct = EntropyProfiler(models["llama"], alpha=(1.0, 2.0)).profile_text(PROMPTS[2], 3)
@@ -103,7 +105,7 @@ def test_profile_without_a_store(models, corpus, tmp_path, capsys):
     code, out, err = run_cli(capsys, "profile", models["gpt2"], "--prompts", corpus,
                              "--max-new-tokens", "0", "--no-plot", "--layer-stride", "2")
     assert code == 0, err
-    assert "(text mode)" in out and "| 3 layers |" in out and "store:" not in out
+    assert "(text mode)" in out and "| 3 layers (" in out and "store:" not in out
 
 
 @pytest.mark.parametrize("command", ["profile", "query", "compare", "info", "check",
@@ -185,24 +187,24 @@ def test_resume_after_sigkill(models, tmp_path, capsys):
     done_before = sum(e.n_prompts for e in Store(store).manifest())
     assert 5 <= done_before < 80
 
-    code, out, err = run_cli(capsys, *argv)  # the same command again, in-process
+    code, _, err = run_cli(capsys, *argv)  # the same command again, in-process
     assert code == 0, err
-    assert f"{done_before} prompts already committed" in out
+    assert f"{done_before} of 80 prompts already committed" in err
     entries = Store(store).manifest()
     assert all((store / f).stat().st_mtime_ns == t for f, t in before.items())  # not redone
     assert sorted(i for e in entries for i in e.prompt_ids) == list(range(80))
-    assert check_store(store)[0] == []
+    assert check_store(store).problems == []
     assert Store(store).runs()[0].status == "complete"
 
 
 def test_main_job_defaults():
     """`entropy-fast profile` alone: the built-in model over the bundled sample corpus."""
     from entropy_fast.cli import build_parser
-    from entropy_fast.loading import DEFAULT_MODEL
+    from entropy_fast.models import DEFAULT_MODEL
 
     args = build_parser().parse_args(["profile"])
     assert args.models == [DEFAULT_MODEL] and args.prompts is None
-    assert args.plot == "entropy_profile.png" and args.out is None and args.alpha is None
+    assert args.plot == "entropy_profile.png" and args.out is None and args.alphas is None
 
 
 @pytest.mark.slow
@@ -214,7 +216,7 @@ def test_main_job_with_the_real_model(tmp_path, capsys):
     code, out, err = run_cli(capsys, "profile", "--prompts", str(corpus), "--max-new-tokens",
                              "4", "--plot", str(plot), "--no-progress")
     assert code == 0, err
-    assert "smollm2-135m | run " in out and "| 31 layers |" in out
+    assert "smollm2-135m | run " in out and "| 31 layers (" in out
     assert plot.read_bytes()[:4] == PNG
 
 
@@ -245,8 +247,8 @@ def test_unfinished_generation_stage_leaves_the_store_untouched(models, corpus, 
 
     monkeypatch.setattr(profiler, "EntropyProfiler", no_model)
     # gpt2 could run, but it comes first: no run starts when any of them cannot.
-    code, out, err = run_cli(capsys, "profile", models["gpt2"], models["llama"], *generation,
-                             "--no-plot")
+    code, _, err = run_cli(capsys, "profile", models["gpt2"], models["llama"], *generation,
+                           "--no-plot")
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "lacks 2 of the prompts to profile" in err
     assert "run `entropy-fast generate` again" in err and "to finish it" in err
@@ -259,9 +261,9 @@ def test_unfinished_generation_stage_leaves_the_store_untouched(models, corpus, 
     monkeypatch.undo()  # finish the stage as the message says; then the run starts
     code, _, err = run_cli(capsys, "generate", models["llama"], *generation, "--shard", "1/2")
     assert code == 0, err
-    code, out, err = run_cli(capsys, "profile", models["llama"], *generation, "--no-plot")
+    code, _, err = run_cli(capsys, "profile", models["llama"], *generation, "--no-plot")
     assert code == 0, err
-    assert "profiling the continuations of generation" in out
+    assert "profiling the continuations of generation" in err
     assert sorted(r.status for r in Store(store).runs()) == ["complete", "complete"]
 
 
@@ -297,7 +299,7 @@ def test_generate_with_vllm_loads_no_hf_weights(models, corpus, tmp_path, monkey
               "vllm", "--dtype", "float32", "--out", store, "--no-progress"]
     with monkeypatch.context() as patch:
         forbid_hf_weights(patch)
-        code, out, err = run_cli(capsys, "generate", *common)
+        code, _, err = run_cli(capsys, "generate", *common)
     assert code == 0, err
     assert FakeEngine.made == [(models["llama"], "float32", {})]  # no GPU share off-CUDA
     tokenizer = AutoTokenizer.from_pretrained(models["llama"])
@@ -310,10 +312,10 @@ def test_generate_with_vllm_loads_no_hf_weights(models, corpus, tmp_path, monkey
     assert {r["generator"] for r in rows} == {"vllm"}
 
     # profile with the same settings profiles those ids with the HF model; no engine starts
-    code, out, err = run_cli(capsys, "profile", *common, "--no-plot")
+    code, _, err = run_cli(capsys, "profile", *common, "--no-plot")
     assert code == 0, err
-    assert "profiling the continuations of generation" in out and len(FakeEngine.made) == 1
-    profiles = dict(Store(store).read_profiles(models["llama"]))
+    assert "profiling the continuations of generation" in err and len(FakeEngine.made) == 1
+    profiles = dict(read_profiles(Store(store), models["llama"]))
     assert [profiles[i].token_ids.tolist() for i in range(len(PROMPTS))] == expected
 
 

@@ -74,7 +74,7 @@ def test_parquet_problems(tmp_path):
 
 
 def test_missing_empty_and_unsupported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+    with pytest.raises(CorpusError, match="corpus file not found"):
         read_corpus(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(CorpusError, match="has no prompts"):

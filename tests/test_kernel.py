@@ -18,10 +18,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from entropy_fast.kernels import lens_entropy
-from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
 from torch import nn
 
+from entropy_fast.kernels import lens_entropy
+from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
 from entropy_fast.lens import Lens
 from tests.tiny_models import ARCHITECTURES, tiny_model
 

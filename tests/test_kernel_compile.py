@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+
 from entropy_fast.kernels.resources import cuda_tool
 
 pytestmark = pytest.mark.skipif(cuda_tool("ptxas") is None or cuda_tool("cuobjdump") is None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from entropy_fast.lens import Lens
-from entropy_fast.loading import ModelNotFoundError
+from entropy_fast.models import ModelNotFoundError
 from entropy_fast.profiler import EntropyProfiler, select_layers
 from tests.reference import entropy_from_logits, lens_logits_float64
 from tests.tiny_models import N_LAYERS, tiny_model

@@ -44,8 +44,7 @@ def test_vllm_stage_reads_tokenizer_and_config_from_the_gguf_file(smollm2_profil
     """`generate --generator vllm` given the .gguf file itself (no weights loaded) must
     tokenize as the profiler does, or the ids it stores would not be the ids profiled."""
     from entropy_fast.data import sample_prompts
-    from entropy_fast.loading import BUILTIN_MODELS
-    from entropy_fast.vllm_generation import load_tokenizer_and_config
+    from entropy_fast.models import BUILTIN_MODELS, load_tokenizer_and_config
 
     tokenizer, config = load_tokenizer_and_config(str(BUILTIN_MODELS["smollm2-135m"]()))
     for prompt in [*sample_prompts()[:8], "def fibonacci(n):\n    return n"]:

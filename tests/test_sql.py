@@ -11,8 +11,9 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
 from entropy_fast.corpus import Corpus
-from entropy_fast.sql import ProfileStore, QueryError, check_store, named_queries
 from entropy_fast.store import Store
+from entropy_fast.store.check import check_store
+from entropy_fast.store.sql import ProfileStore, QueryError, named_queries
 from tests.test_store import fill, random_profile, run_info
 
 MODELS = {"org/a": [0, 2, 4, 6], "b": list(range(9)), "c": [0, 3, 6]}
@@ -250,13 +251,14 @@ def test_integrity_and_check_find_damage(tmp_path):
     profiles[3].entropies[1.0][1, 1] = float("inf")
     store = Store(tmp_path / "s", create=True)
     fill(store, run_info("m", corpus, alphas=(1.0,)), corpus, profiles, rows_per_part=10)
-    problems, _ = check_store(store.root)
+    problems = check_store(store.root).problems
     assert len(problems) == 1 and "1 NaN entropies; 1 infinite entropies" in problems[0]
     # a committed file deleted behind the store's back, and a stray file
     entry = store.manifest()[0]
     (store.root / entry.entropy_file).unlink()
     (store.root / entry.entropy_file).with_name("part-s0of1-999999.parquet").write_bytes(b"x")
-    problems, notes = check_store(store.root)
+    report = check_store(store.root)
+    problems, notes = report.problems, report.notes
     assert any("committed in the manifest but missing" in p for p in problems)
     assert any("uncommitted file" in n for n in notes)
 

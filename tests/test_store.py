@@ -15,8 +15,11 @@ import torch
 
 from entropy_fast.corpus import Corpus
 from entropy_fast.profile import EntropyProfile
-from entropy_fast.sql import ProfileStore, check_store
-from entropy_fast.store import MARKER, RunInfo, Store, StoreError
+from entropy_fast.settings import LensSettings, SamplingSettings
+from entropy_fast.store import MARKER, PROFILE, SCHEMA_VERSION, RunInfo, Store, StoreError
+from entropy_fast.store.check import check_store
+from entropy_fast.store.codec import aggregated, read_profiles
+from entropy_fast.store.sql import ProfileStore
 
 ALPHAS = (2.0, 1.0, float("inf"))  # primary first, and not the smallest
 
@@ -40,8 +43,10 @@ def random_profile(rng: np.random.Generator, n_tokens: int, layers: list[int],
 
 
 def run_info(model: str, corpus: Corpus, alphas=ALPHAS, **kw) -> RunInfo:
-    return RunInfo.new(model, corpus.path, corpus.fingerprint, len(corpus), alphas=alphas,
-                       layer_stride=1, max_new_tokens=0, dtype="float32", generator="hf", **kw)
+    return RunInfo(model=model, corpus=corpus.path, corpus_sha256=corpus.fingerprint,
+                   n_prompts=len(corpus), lens=LensSettings(alphas=alphas),
+                   sampling=SamplingSettings(max_new_tokens=0), dtype="float32",
+                   generator="hf", **kw)
 
 
 def fill(store: Store, info: RunInfo, corpus: Corpus, profiles: dict[int, EntropyProfile],
@@ -68,7 +73,7 @@ def test_round_trip_is_exact(tmp_path, corpus, profiles):
     store = Store(tmp_path / "s", create=True)
     info = run_info("org/model name", corpus)
     fill(store, info, corpus, profiles, rows_per_part=100)
-    back = dict(store.read_profiles("org/model name"))
+    back = dict(read_profiles(store, "org/model name"))
     assert sorted(back) == list(range(len(corpus)))
     for prompt_id, profile in back.items():
         original = profiles[prompt_id]
@@ -83,8 +88,8 @@ def test_round_trip_is_exact(tmp_path, corpus, profiles):
             assert torch.equal(profile.top_token_ids, original.top_token_ids)
             assert torch.equal(profile.target_surprisal, original.target_surprisal)
             assert torch.equal(profile.target_rank, original.target_rank)
-    aggregated = store.aggregated("org/model name", alpha=1.0)
-    assert [p.alpha for p in aggregated] == [1.0] * len(corpus)
+    collection = aggregated(store, "org/model name", alpha=1.0)
+    assert [p.alpha for p in collection] == [1.0] * len(corpus)
 
 
 def test_parquet_layout(tmp_path, corpus, profiles):
@@ -97,7 +102,7 @@ def test_parquet_layout(tmp_path, corpus, profiles):
         assert f"model=org%2Fm/run={info.run_id}/" in entry.entropy_file
         meta = pq.ParquetFile(store.root / entry.entropy_file).metadata
         assert meta.num_row_groups == 1 and meta.num_rows == entry.n_rows
-        assert meta.metadata[b"entropy_fast.schema_version"] == b"1"
+        assert meta.metadata[b"entropy_fast.schema_version"] == str(SCHEMA_VERSION).encode()
         columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
                    for i in range(meta.num_columns)}
         assert "model" not in columns and "run" not in columns  # hive folders carry them
@@ -130,14 +135,14 @@ def test_resume_skips_committed_and_removes_uncommitted(tmp_path, corpus, profil
     writer.commit()
     for prompt_id in range(5, 8):  # buffered, then "killed": never committed
         writer.add(corpus.prompts[prompt_id], profiles[prompt_id])
-    os.close(writer._lock)  # what the kernel does when the process dies
+    writer._lock.release()  # what the kernel does when the process dies
     # a part renamed into place but not recorded, and a temp file: a kill between steps
-    entropy, _ = store.part_paths(info, 2)
+    entropy, _ = store.part_paths(PROFILE, info, 2)
     orphan = entropy.parent / entropy.name
     orphan.write_bytes(b"junk")
     temp = entropy.parent / f".{entropy.name}.123.tmp"
     temp.write_bytes(b"junk")
-    manifest_temp = store.manifest_dir(info.run_id) / ".s0of1-000002.json.123.tmp"
+    manifest_temp = store.manifest_dir(PROFILE, info.run_id) / ".s0of1-000002.json.123.tmp"
     manifest_temp.write_text("{")
     with ProfileStore(store.root) as db:  # readers see committed rows only
         assert db.sql("SELECT count(DISTINCT prompt_id) AS n FROM entropy")["n"][0].as_py() == 4
@@ -150,7 +155,7 @@ def test_resume_skips_committed_and_removes_uncommitted(tmp_path, corpus, profil
     assert store.run(info.run_id).status == "complete"
     ids = [i for e in store.manifest() for i in e.prompt_ids]
     assert sorted(ids) == list(range(len(corpus)))  # nothing twice, nothing lost
-    problems, _ = check_store(store.root)
+    problems = check_store(store.root).problems
     assert problems == []
 
 
@@ -167,7 +172,7 @@ def test_explicit_run_id_with_other_settings_is_refused(tmp_path, corpus):
     store.writer(run_info("m", corpus, run_id="r1")).close()
     with pytest.raises(StoreError, match=r"already exists .* with other settings"):
         store.writer(run_info("m", corpus, alphas=(1.0,), run_id="r1"))
-    with pytest.raises(StoreError, match="shards"):
+    with pytest.raises(StoreError, match="shard"):
         store.writer(run_info("m", corpus, run_id="r1", shard=0, n_shards=2))
 
 
@@ -182,7 +187,7 @@ def test_shards_split_the_corpus(tmp_path, corpus, profiles):
 
 
 def test_store_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(StoreError, match="does not exist"):
         Store(tmp_path / "none")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "data.csv").write_text("x")
@@ -241,7 +246,7 @@ def test_two_processes_write_one_store(tmp_path):
     store = Store(root)
     assert sorted(r.model for r in store.runs()) == ["model-a", "model-b"]
     assert all(r.status == "complete" for r in store.runs())
-    problems, _ = check_store(root)
+    problems = check_store(root).problems
     with ProfileStore(root) as db:
         counts = db.sql("SELECT model, count(*) AS n FROM entropy GROUP BY ALL").to_pydict()
     assert problems == []
@@ -267,27 +272,37 @@ OLD_GENERATION_RECORD = (
     '"2024-01-01T00:00:00+00:00"}')
 
 
-def test_record_files_and_run_ids_are_unchanged():
+def test_schema_1_records_are_read_with_their_run_ids():
+    """Records written by schema version 1 (flat settings) read into the v2 classes."""
+    from entropy_fast.store import GenerationInfo
+
+    run = RunInfo.from_json(json.loads(OLD_RUN_RECORD))
+    assert run.run_id == "448827dc439d59bc" and run.layer_indices == [0, 2, 4]
+    assert run.lens == LensSettings(alphas=(2.0, 1.0, float("inf")), layer_stride=2)
+    assert run.sampling == SamplingSettings(max_new_tokens=4)
+    assert (run.shard_key, run.revision) == ("s1of3", "deadbeef")
+    generation = GenerationInfo.from_json(json.loads(OLD_GENERATION_RECORD))
+    assert generation.run_id == "e4159ce06a7dc2eb" and generation.generator == "vllm"
+    assert generation.sampling == SamplingSettings(max_new_tokens=4, do_sample=True, seed=3)
+    assert list(generation.prompt_ids) == [1, 4]
+
+
+def test_records_round_trip_and_ids_follow_the_identity():
     from dataclasses import replace
 
     from entropy_fast.store import GenerationInfo
 
-    stamp = {"tool_version": "0.1.0", "created_at": "2024-01-01T00:00:00+00:00",
-             "updated_at": "2024-01-01T00:00:00+00:00"}
-    run = RunInfo.new("org/m", "c.txt", "abc123", 7, alphas=[2.0, 1.0, float("inf")],
-                      layer_stride=2, max_new_tokens=4, dtype="float32", generator="hf",
-                      settings={"do_sample": False, "seed": None}, shard=1, n_shards=3)
-    generation = GenerationInfo.new("org/m", "c.txt", "abc123", 7, max_new_tokens=4,
-                                    dtype="float32", generator="vllm",
-                                    settings={"do_sample": True, "seed": 3}, shard=1,
-                                    n_shards=3)
-    run = replace(run, **stamp, layer_indices=[0, 2, 4], revision="deadbeef")
-    generation = replace(generation, **stamp)
-    for info, old in ((run, OLD_RUN_RECORD), (generation, OLD_GENERATION_RECORD)):
-        assert json.dumps(info.to_json()) == old  # same keys, values and key order
-        back = type(info).from_json(json.loads(old))
-        assert back == info and json.dumps(back.to_json()) == old
-        assert back.identity_hash() == info.run_id
-    assert (run.run_id, generation.run_id) == ("448827dc439d59bc", "e4159ce06a7dc2eb")
-    assert run.alphas == (2.0, 1.0, float("inf")) and run.shard_key == "s1of3"
-    assert list(generation.prompt_ids) == [1, 4]
+    run = RunInfo(model="org/m", corpus="c.txt", corpus_sha256="abc123", n_prompts=7,
+                  lens=LensSettings(alphas=(2.0, float("inf")), base=2.0, top_token=True),
+                  sampling=SamplingSettings(4, do_sample=True, top_k=5, seed=3),
+                  dtype="float32", generator="hf", weights="0123456789abcdef")
+    back = RunInfo.from_json(json.loads(json.dumps(run.to_json())))
+    assert back == run and back.lens.base == 2.0 and back.sampling.top_k == 5
+    for change in ({"weights": "fedcba9876543210"}, {"dtype": "bfloat16"},
+                   {"lens": replace(run.lens, base=None)},
+                   {"sampling": replace(run.sampling, top_k=None)}):
+        other = replace(run, run_id="", **change)
+        assert other.run_id != run.run_id, change
+    assert replace(run, run_id="", shard=1, n_shards=2).run_id == run.run_id
+    generation = run.generation_identity()
+    assert isinstance(generation, GenerationInfo) and generation.run_id != run.run_id

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from entropy_fast.cli import main
-from entropy_fast.sql import ProfileStore, check_store
 from entropy_fast.store import GENERATION, Store
+from entropy_fast.store.check import check_store
+from entropy_fast.store.codec import read_profiles
+from entropy_fast.store.sql import ProfileStore
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
@@ -58,16 +60,16 @@ def test_profile_of_stored_continuations_equals_direct(llama, corpus, tmp_path, 
                              "--part-prompts", "4")
     assert code == 0, err
     assert "6 prompts" in out
-    code, out, _ = run_cli(capsys, "generate", llama, *settings, "--out", store)
-    assert code == 0 and "nothing to do" in out
+    code, out, err = run_cli(capsys, "generate", llama, *settings, "--out", store)
+    assert code == 0 and "nothing to do" in err
 
     code, out, err = run_cli(capsys, "profile", llama, *settings, "--out", store, "--no-plot")
     assert code == 0, err
-    assert "profiling the continuations of generation" in out and "| 6 prompts, " in out
+    assert "profiling the continuations of generation" in err and "| 6 prompts, " in out
     code, out, err = run_cli(capsys, "profile", llama, *settings, "--out", direct, "--no-plot")
-    assert code == 0 and "profiling the continuations" not in out, err
+    assert code == 0 and "profiling the continuations" not in err, err
 
-    stored, fresh = (dict(Store(s).read_profiles(llama)) for s in (store, direct))
+    stored, fresh = (dict(read_profiles(Store(s), llama)) for s in (store, direct))
     assert sorted(stored) == list(range(len(PROMPTS)))
     for prompt_id, profile in stored.items():
         assert profile.token_ids.tolist() == fresh[prompt_id].token_ids.tolist()
@@ -88,9 +90,9 @@ def test_profile_of_stored_continuations_equals_direct(llama, corpus, tmp_path, 
     code, out, _ = run_cli(capsys, "check", store)
     assert code == 0 and out.strip().endswith("OK")
 
-    code, out, _ = run_cli(capsys, "profile", llama, *settings[:3], "3", "--out", store,
-                           "--no-plot", "--no-progress")  # other settings: generates itself
-    assert code == 0 and "profiling the continuations" not in out
+    code, out, err = run_cli(capsys, "profile", llama, *settings[:3], "3", "--out", store,
+                             "--no-plot", "--no-progress")  # other settings: generates itself
+    assert code == 0 and "profiling the continuations" not in err and "| 6 prompts" in out
 
 
 def test_generate_resumes_after_sigkill(llama, tmp_path, capsys):
@@ -118,16 +120,16 @@ def test_generate_resumes_after_sigkill(llama, tmp_path, capsys):
     done_before = sum(e.n_prompts for e in entries)
     assert 5 <= done_before < n
 
-    code, out, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert f"{done_before} prompts already committed" in out
+    assert f"{done_before} of 120 prompts already committed" in err
     entries = Store(store).entries(GENERATION)
     assert all((store / f).stat().st_mtime_ns == t for f, t in before.items())
     assert sorted(i for e in entries for i in e.prompt_ids) == list(range(n))
     with ProfileStore(store) as db:
         ids = db.sql("SELECT prompt_id FROM continuations ORDER BY 1").column(0).to_pylist()
     assert ids == list(range(n))
-    assert check_store(store)[0] == []
+    assert check_store(store).problems == []
     assert Store(store).generations()[0].status == "complete"
 
 
@@ -153,7 +155,8 @@ def test_check_finds_broken_generation_parts(llama, corpus, tmp_path, capsys):
     pq.write_table(pq.read_table(store / first.continuations_file), stray)
     with ProfileStore(store) as db:  # the view reads committed files only
         assert db.sql("SELECT count(*) FROM continuations").column(0).to_pylist() == [6]
-    problems, notes = check_store(store)
+    report = check_store(store)
+    problems, notes = report.problems, report.notes
     assert problems == [] and any("uncommitted" in n for n in notes)
 
     table = pq.read_table(store / second.continuations_file)
@@ -161,7 +164,8 @@ def test_check_finds_broken_generation_parts(llama, corpus, tmp_path, capsys):
                                pa.array([[1]] * 3, pa.list_(pa.int32())))
     pq.write_table(shorter, store / second.continuations_file)
     code, out, _ = run_cli(capsys, "check", str(store))
-    assert code == 1 and "tokens, the manifest says" in out
+    assert code == 1 and "damaged: its sha256 differs from the one recorded at commit" in out
+    assert f"prompts {', '.join(map(str, second.prompt_ids))}" in out
     (store / first.continuations_file).unlink()
     code, out, _ = run_cli(capsys, "check", str(store))
     assert code == 1 and "committed in the manifest but missing" in out

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from entropy_fast.data import sample_prompts
-from entropy_fast.generation import SamplingConfig, generate_continuations, stop_token_ids
+from entropy_fast.generation import generate_continuations, stop_token_ids
+from entropy_fast.settings import SamplingSettings
 from entropy_fast.vllm_generation import vllm_available
 from tests.tiny_models import forbid_hf_weights
 
@@ -69,13 +70,13 @@ def prompt_ids(vllm_profiler):
 @pytest.fixture(scope="module")
 def vllm_greedy(engine, prompt_ids):
     """vLLM's greedy continuations of the sample prompts (one engine call)."""
-    return engine.generate(prompt_ids, SamplingConfig(MAX_NEW))
+    return engine.generate(prompt_ids, SamplingSettings(MAX_NEW))
 
 
 @pytest.fixture(scope="module")
 def greedy_pair(vllm_profiler, vllm_greedy, prompt_ids):
     """(HF greedy continuations, vLLM greedy continuations) of the sample prompts."""
-    theirs = generate_continuations(vllm_profiler.model, prompt_ids, SamplingConfig(MAX_NEW),
+    theirs = generate_continuations(vllm_profiler.model, prompt_ids, SamplingSettings(MAX_NEW),
                                     vllm_profiler._pad_id(), vllm_profiler.batch_tokens)
     return theirs, vllm_greedy
 
@@ -104,9 +105,9 @@ def test_generated_ids_are_valid(vllm_profiler, engine, prompt_ids, vllm_greedy)
         assert all(isinstance(t, int) and 0 <= t < vocab for t in ids)
         assert not stops & set(ids[:-1])  # a stop token can only end a continuation
         assert len(ids) == MAX_NEW or ids[-1] in stops
-    assert engine.generate(prompt_ids[:3], SamplingConfig(0)) == [[], [], []]
+    assert engine.generate(prompt_ids[:3], SamplingSettings(0)) == [[], [], []]
     with pytest.raises(ValueError, match="no tokens"):
-        engine.generate([[]], SamplingConfig(4))
+        engine.generate([[]], SamplingSettings(4))
 
 
 @needs_vllm
@@ -183,11 +184,11 @@ def test_greedy_divergences_are_near_ties(vllm_profiler, greedy_pair, prompt_ids
 
 @needs_vllm
 def test_seeded_sampling_is_reproducible(engine, prompt_ids):
-    sampling = SamplingConfig(12, do_sample=True, temperature=1.0, top_p=0.95, top_k=50,
+    sampling = SamplingSettings(12, do_sample=True, temperature=1.0, top_p=0.95, top_k=50,
                               seed=7)
     first = engine.generate(prompt_ids[:6], sampling)
     again = engine.generate(prompt_ids[:6], sampling)
-    other = engine.generate(prompt_ids[:6], SamplingConfig(12, do_sample=True, seed=8))
+    other = engine.generate(prompt_ids[:6], SamplingSettings(12, do_sample=True, seed=8))
     assert first == again
     assert first != other
     # Per-prompt streams: a prompt's sample does not depend on the prompts after it.
@@ -203,8 +204,9 @@ def test_two_stage_cli_run_with_vllm(vllm_profiler, engine, prompt_ids, monkeypa
     """
     from entropy_fast import vllm_generation
     from entropy_fast.cli import main
-    from entropy_fast.sql import ProfileStore
     from entropy_fast.store import Store
+    from entropy_fast.store.codec import read_profiles
+    from entropy_fast.store.sql import ProfileStore
 
     class SharedEngine:  # the module's engine; the CLI's profilers must not close it
         name = "vllm"
@@ -235,17 +237,17 @@ def test_two_stage_cli_run_with_vllm(vllm_profiler, engine, prompt_ids, monkeypa
         forbid_hf_weights(patch)
         assert main(["generate", *common]) == 0
     assert main(["profile", *common, "--layer-stride", "10", "--no-plot"]) == 0
-    out = capsys.readouterr().out
-    assert "profiling the continuations of generation" in out
+    err = capsys.readouterr().err
+    assert "profiling the continuations of generation" in err
     assert asked == [(engine.model, "float32")] * 2  # the check above and generate only
 
-    expected = engine.generate(prompt_ids[:5], SamplingConfig(8))
+    expected = engine.generate(prompt_ids[:5], SamplingSettings(8))
     with ProfileStore(store) as db:
         rows = db.sql("SELECT prompt_id, prompt_token_ids, continuation_token_ids, generator "
                       "FROM continuations ORDER BY prompt_id").to_pylist()
     assert [r["prompt_token_ids"] for r in rows] == prompt_ids[:5]
     assert [r["continuation_token_ids"] for r in rows] == expected
     assert {r["generator"] for r in rows} == {"vllm"}
-    profiles = dict(Store(store).read_profiles("smollm2-135m"))
+    profiles = dict(read_profiles(Store(store), "smollm2-135m"))
     assert [profiles[i].token_ids.tolist() for i in range(5)] == expected
     assert {p.metadata["generator"] for p in profiles.values()} == {"vllm"}

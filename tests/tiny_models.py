@@ -61,15 +61,15 @@ def tiny_tokenizer():
 
 
 def forbid_hf_weights(monkeypatch) -> None:
-    """Make any load of HF model weights (profiler, loading, transformers) fail the test."""
+    """Make any load of HF model weights (profiler, models, transformers) fail the test."""
     import transformers
 
-    from entropy_fast import loading, profiler
+    from entropy_fast import models, profiler
 
     def no_weights(*args, **kwargs):
         raise AssertionError("HF model weights were loaded")
 
     monkeypatch.setattr(profiler, "EntropyProfiler", no_weights)
     monkeypatch.setattr(profiler, "load_model", no_weights)
-    monkeypatch.setattr(loading, "load_model", no_weights)
+    monkeypatch.setattr(models, "load_model", no_weights)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)

@@ -1,4 +1,5 @@
-"""Tapping the residual stream: every block's hidden state, pre-norm, during one forward.
+"""The teacher-forced forward, with taps on the residual stream: every block's hidden
+state, pre-norm, as soon as it exists.
 
 Hidden-state index i follows HF's `output_hidden_states` numbering: 0 is the input of
 the first block (the embedding output), i >= 1 is the output of block i - 1. Unlike HF's
@@ -11,6 +12,7 @@ one layer's states at a time, not L + 1 of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -78,3 +80,51 @@ class StateTap:
         def hook(module, args, output):
             self.callback(index, _first_tensor(output))
         return hook
+
+
+@dataclass
+class TeacherForced:
+    """One token sequence to run teacher-forced: rows predict ids[first_target:].
+
+    index: the caller's name for it (a prompt index); generated: whether ids after
+    first_target were generated (else they are the text's own tokens).
+    """
+
+    index: int
+    ids: list[int]
+    first_target: int
+    generated: bool
+
+    @property
+    def n_rows(self) -> int:
+        """Profile rows: one per target token."""
+        return len(self.ids) - self.first_target
+
+
+@torch.no_grad()
+def forward_rows(model: nn.Module, layers: nn.ModuleList, batch: Sequence[TeacherForced],
+                 indices: Sequence[int], pad_id: int, reduce: StateCallback) -> None:
+    """One right-padded teacher-forced forward of the base model over `batch`.
+
+    For each hidden-state index in `indices`, calls reduce(index, rows (n x d)) with the
+    states at the positions that predict each sequence's targets, the sequences' rows
+    concatenated in batch order. The LM head never runs: the lens does its work.
+    """
+    width = max(len(s.ids) - 1 for s in batch)  # the last token is never an input
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    positions = []
+    for row, seq in enumerate(batch):
+        n = len(seq.ids) - 1
+        input_ids[row, :n] = torch.tensor(seq.ids[:-1])
+        attention_mask[row, :n] = 1  # right padding: real tokens never see the pads
+        positions.append(torch.arange(seq.first_target - 1, n) + row * width)
+    device = next(model.parameters()).device
+    flat_positions = torch.cat(positions).to(device)
+
+    def select(index: int, hidden: torch.Tensor) -> None:
+        reduce(index, hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions))
+
+    with StateTap(layers, indices, select):
+        model.base_model(input_ids=input_ids.to(device),
+                         attention_mask=attention_mask.to(device), use_cache=False)

@@ -1,0 +1,494 @@
+"""Corpus runs into a store: resumable, sharded, several models, exactly once.
+
+`profile_corpus` profiles a corpus with one or more models into a profile store;
+`generate_corpus` stores continuations (a generation stage) that a later
+`profile_corpus` with the same model, corpus and sampling profiles instead of generating.
+Both are what `entropy-fast profile` / `generate` run, and what a scheduler (SLURM, Ray)
+calls per shard. Each run shard:
+
+1. settles its record (identity: model label and weights fingerprint, corpus, settings)
+   and whether a stored generation stage serves it, before any model loads;
+2. tokenizes its pending prompts with the model's tokenizer and checks their lengths
+   against the context window (fail, skip or truncate), before any model loads;
+3. takes the shard's lock and registers in the store, then loads the model;
+4. profiles in waves sized to about half of `flush_seconds` each, committing a part at
+   the end of a wave when half of `flush_seconds` has passed: a kill loses at most
+   `flush_seconds` of work, and a rerun resumes where the manifest says.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from entropy_fast.corpus import Corpus, Prompt, read_corpus
+from entropy_fast.errors import ConfigError
+from entropy_fast.models import identify
+from entropy_fast.settings import LensSettings, ModelSettings, SamplingSettings, split_options
+from entropy_fast.store import GENERATION, PROFILE, GenerationInfo, RunInfo, Store, StoreError
+
+log = logging.getLogger("entropy_fast")
+
+LONG_PROMPTS = ("fail", "skip", "truncate_left", "truncate_right")
+"""What to do with a prompt longer than the context window allows."""
+
+Progress = Callable[[str, int, int, int], None]
+"""on_progress(label, prompts done, tokens done, prompts in all), called per batch."""
+
+
+@dataclass
+class RunResult:
+    """What one run shard of `profile_corpus` / `generate_corpus` did.
+
+    info: its record. done_before: prompts already committed when it started (a resume).
+    prompts, tokens: profiled (or generated) by this call. skipped: prompt ids left out as
+    too long (with long_prompts="skip"). seconds: time spent profiling (generating),
+    model loading excluded. generation: the stored generation stage it profiled, if any.
+    """
+
+    info: RunInfo | GenerationInfo
+    done_before: int = 0
+    prompts: int = 0
+    tokens: int = 0
+    skipped: tuple[int, ...] = ()
+    seconds: float = 0.0
+    generation: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens profiled per second of profiling (0 when nothing was done)."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def as_corpus(corpus: Corpus | str | Path | Sequence[str] | None, **read_options: Any
+              ) -> Corpus:
+    """A Corpus from a Corpus, a file path, a list of texts, or None (the bundled sample)."""
+    if isinstance(corpus, Corpus):
+        return corpus
+    if corpus is None:
+        from entropy_fast.data import sample_corpus_path
+
+        corpus = sample_corpus_path()
+    if isinstance(corpus, (str, Path)):
+        return read_corpus(corpus, **read_options)
+    return Corpus.from_texts(list(corpus))
+
+
+def profile_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Sequence[str]
+                   | None, store: Store | str | Path, *, lens: LensSettings | None = None,
+                   sampling: SamplingSettings | None = None,
+                   settings: ModelSettings | None = None, shard: tuple[int, int] = (0, 1),
+                   run_id: str | None = None, names: Sequence[str] | None = None,
+                   long_prompts: str = "fail", part_rows: int = 1 << 20,
+                   flush_seconds: float = 60.0, on_progress: Progress | None = None,
+                   **options: Any) -> list[RunResult]:
+    """Profile `corpus` with each of `models` into `store`; returns one RunResult per model.
+
+    Args:
+        models: one model or several (alias, folder, .gguf, hub id, or a loaded model).
+        corpus: a Corpus, a corpus file, a list of texts, or None for the bundled sample.
+        store: a Store or a folder (created if missing).
+        lens, sampling, settings: LensSettings, SamplingSettings, ModelSettings; or give
+            their fields as keyword options (alpha=..., max_new_tokens=..., dtype=...).
+        shard: (I, N): only prompts with prompt_id % N == I.
+        run_id: a fixed run id (default: a hash of model, weights, corpus and settings).
+        names: labels to file the models under (default: alias, hub id or absolute path).
+        long_prompts: over-long prompts: "fail" (before any work), "skip",
+            "truncate_left" (keep their end) or "truncate_right" (keep their start).
+        part_rows, flush_seconds: commit a part at this many rows, and at least this often.
+        on_progress: called as batches finish (see `Progress`).
+
+    A run whose prompts are all committed is not redone; an interrupted one resumes. Runs
+    that generate reuse a matching stored generation stage (see `generate_corpus`).
+    """
+    lens, sampling, settings = _settings(lens, sampling, settings, options)
+    models = _as_list(models)
+    corpus = as_corpus(corpus)
+    _check_long_prompts(long_prompts)
+    _check_generator(settings)
+    store = store if isinstance(store, Store) else Store(store, create=True)
+    infos = [RunInfo(**_identity(model, name, corpus, sampling, _own(model, settings), shard),
+                     lens=_own(model, lens), run_id=run_id or "")
+             for model, name in zip(models, _names(names, models), strict=True)]
+    # Every run's source is settled before any model loads or any record is written: a
+    # run that cannot start (an unfinished generation stage) leaves the store as it was.
+    sources = [reusable_generation(store, info) for info in infos]
+    return [_profile_run(store, info, model, corpus, generation, settings, long_prompts,
+                         part_rows, flush_seconds, on_progress)
+            for info, model, generation in zip(infos, models, sources, strict=True)]
+
+
+def generate_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Sequence[str]
+                    | None, store: Store | str | Path, *,
+                    sampling: SamplingSettings | None = None,
+                    settings: ModelSettings | None = None, shard: tuple[int, int] = (0, 1),
+                    names: Sequence[str] | None = None, long_prompts: str = "fail",
+                    part_prompts: int = 1024, on_progress: Progress | None = None,
+                    generator_options: dict | None = None, **options: Any) -> list[RunResult]:
+    """Generate continuations of `corpus` with each model and store them (a generation
+    stage); `profile_corpus` with the same model, corpus, sampling, dtype and generator
+    then profiles them. Arguments as in `profile_corpus`; `part_prompts` prompts are
+    generated per call and committed per part."""
+    _, sampling, settings = _settings(None, sampling, settings, options)
+    if not sampling.generating:
+        raise ConfigError("a generation stage needs max_new_tokens >= 1",
+                          "max_new_tokens=0 profiles the text itself: use profile_corpus",
+                          param="max_new_tokens")
+    if part_prompts < 1:
+        raise ConfigError(f"part_prompts must be >= 1, got {part_prompts}",
+                          param="part_prompts")
+    models = _as_list(models)
+    corpus = as_corpus(corpus)
+    _check_long_prompts(long_prompts)
+    _check_generator(settings)
+    store = store if isinstance(store, Store) else Store(store, create=True)
+    infos = [GenerationInfo(**_identity(model, name, corpus, sampling, settings, shard))
+             for model, name in zip(models, _names(names, models), strict=True)]
+    return [_generate_run(store, info, model, corpus, settings, long_prompts, part_prompts,
+                          on_progress, generator_options or {})
+            for info, model in zip(infos, models, strict=True)]
+
+
+def reusable_generation(store: Store, info: RunInfo) -> GenerationInfo | None:
+    """The stored generation stage whose continuations this profile run should use.
+
+    None when the run does not generate, has nothing pending, or no stage with its model,
+    weights, corpus, sampling, dtype and generator exists. A stage that lacks some of the
+    run's pending prompts is an error (finish it first) rather than a silent mix of stored
+    and fresh continuations. Reads the store only: prompts committed later by another
+    process only shrink what is pending, so the answer stays right.
+    """
+    if not info.sampling.generating:
+        return None
+    pending = store.pending(PROFILE, info)
+    wanted = info.generation_identity()
+    if not pending or all(r.run_id != wanted.run_id for r in store.generations()):
+        return None
+    stored = {i for e in store.entries(GENERATION, wanted.run_id) for i in e.prompt_ids}
+    missing = [i for i in pending if i not in stored]
+    if missing:
+        raise StoreError(
+            f"generation {wanted.run_id} of {info.model} in {store.root} lacks {len(missing)} "
+            f"of the prompts to profile (e.g. prompt {missing[0]})",
+            "run `entropy-fast generate` again with the same model, corpus and generation "
+            "settings to finish it first")
+    return wanted
+
+
+# -- one profile run ----------------------------------------------------------------------
+
+
+def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
+                 generation: GenerationInfo | None, settings: ModelSettings,
+                 long_prompts: str, part_rows: int, flush_seconds: float,
+                 on_progress: Progress | None) -> RunResult:
+    pending = store.pending(PROFILE, info)
+    result = RunResult(info, done_before=len(info.prompt_ids) - len(pending),
+                       generation=generation.run_id if generation else None)
+    if not pending:
+        log.info("%s: run %s is complete in %s; nothing to do", info.model, info.run_id,
+                 store.root)
+        return result
+    work = None
+    if generation is None:  # over-long prompts are found before anything heavy loads
+        with _tokenizer(model) as tokenizer:
+            work = _tokenized(tokenizer, corpus, pending, info.sampling, long_prompts)
+    with store.writer(info, rows_per_part=part_rows, flush_seconds=flush_seconds) as writer:
+        pending = writer.pending
+        result.done_before = len(info.prompt_ids) - len(pending)
+        if result.done_before:
+            log.info("%s: resuming run %s: %d of %d prompts already committed", info.model,
+                     info.run_id, result.done_before, len(info.prompt_ids))
+        with _profiler(model, info.lens, settings) as profiler:
+            writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
+            if work is not None:
+                result.skipped = tuple(i for i in pending if i not in work)
+                work = {i: work[i] for i in pending if i in work}
+                stream = _profile_waves(profiler, work, info.sampling, flush_seconds, writer)
+            else:
+                log.info("%s: profiling the continuations of generation %s", info.model,
+                         generation.run_id)
+                stream = _stored_profiles(store, profiler, generation, pending)
+            _consume(stream, writer, corpus, result, on_progress)
+    return result
+
+
+def _own(model: Any, settings: Any) -> Any:
+    """A given profiler's own settings of the kind of `settings`, else `settings`."""
+    if not _is_profiler(model):
+        return settings
+    return model.lens_settings if isinstance(settings, LensSettings) else model.model_settings
+
+
+def _is_profiler(model: Any) -> bool:
+    """Whether `model` is an EntropyProfiler (checked by shape: importing the class would
+    load torch, and tests replace it)."""
+    return hasattr(model, "lens_settings") and hasattr(model, "iter_prompt_ids")
+
+
+@contextmanager
+def _tokenizer(model: Any) -> Iterator[Any]:
+    """Something with tokenize() and context_length: a given profiler, or the model's
+    tokenizer and config alone."""
+    if _is_profiler(model):
+        yield model
+        return
+    from entropy_fast.models import TokenizerOnly
+
+    with TokenizerOnly(model) as tokenizer:
+        yield tokenizer
+
+
+@contextmanager
+def _profiler(model: Any, lens: LensSettings, settings: ModelSettings) -> Iterator[Any]:
+    """A profiler of `model` with these settings: a given one as it is (it must match),
+    or one loaded now and unloaded afterwards."""
+    if _is_profiler(model):
+        if model.lens_settings != lens:
+            raise ConfigError("the given EntropyProfiler profiles with other lens settings "
+                              f"({model.lens_settings}) than the run ({lens})")
+        yield model
+        return
+    from entropy_fast.profiler import EntropyProfiler  # torch loads here, not at import
+
+    with EntropyProfiler(model, lens=lens, settings=settings) as profiler:
+        yield profiler
+
+
+def _consume(stream: Iterator[tuple[int, Any]], writer: Any, corpus: Corpus,
+             result: RunResult, on_progress: Progress | None) -> None:
+    """Write every (prompt_id, profile) into the run, counting and reporting progress."""
+    total = len(writer.pending)
+    start = time.perf_counter()
+    try:
+        for prompt_id, profile in stream:
+            writer.add(corpus.prompts[prompt_id], profile)
+            result.prompts += 1
+            result.tokens += profile.n_tokens
+            if on_progress is not None:
+                on_progress(result.info.model, result.prompts, result.tokens, total)
+    finally:
+        result.seconds = time.perf_counter() - start
+
+
+def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: SamplingSettings,
+                   flush_seconds: float, writer: Any) -> Iterator[tuple[int, Any]]:
+    """(prompt_id, profile) of `work` (prompt_id -> token ids), wave by wave.
+
+    Waves are sized to take about half of `flush_seconds` at the rate measured so far
+    (the first has 8 prompts), and a part is committed at the end of a wave once half of
+    `flush_seconds` has passed since the last commit.
+    """
+    ids = list(work)
+    target = flush_seconds / 2
+    size, position, last_commit = 8, 0, time.monotonic()
+    while position < len(ids):
+        wave = ids[position:position + size]
+        position += len(wave)
+        started = time.monotonic()
+        yield from profiler.iter_prompt_ids([work[i] for i in wave], sampling,
+                                            indices=wave, texts=[""] * len(wave))
+        elapsed = max(time.monotonic() - started, 1e-3)
+        if time.monotonic() - last_commit >= target:
+            writer.commit()
+            last_commit = time.monotonic()
+        size = max(1, min(4 * size, math.floor(len(wave) * target / elapsed)))
+
+
+def _stored_profiles(store: Store, profiler: Any, generation: GenerationInfo,
+                     pending: list[int]) -> Iterator[tuple[int, Any]]:
+    """Profile stored continuations, one committed generation part at a time."""
+    for rows in store.read_continuations(generation.run_id, pending):
+        pairs = [(r["prompt_token_ids"], r["continuation_token_ids"]) for r in rows]
+        stream = profiler.profile_token_ids(pairs, [r["text"] for r in rows],
+                                            generator=generation.generator)
+        for index, profile in stream:
+            yield rows[index]["prompt_id"], profile
+
+
+# -- one generation run -------------------------------------------------------------------
+
+
+def _generate_run(store: Store, info: GenerationInfo, model: Any, corpus: Corpus,
+                  settings: ModelSettings, long_prompts: str, part_prompts: int,
+                  on_progress: Progress | None, generator_options: dict) -> RunResult:
+    pending = store.pending(GENERATION, info)
+    result = RunResult(info, done_before=len(info.prompt_ids) - len(pending))
+    if not pending:
+        log.info("%s: generation %s is complete in %s; nothing to do", info.model,
+                 info.run_id, store.root)
+        return result
+    with _tokenizer(model) as tokenizer:
+        work = _tokenized(tokenizer, corpus, pending, info.sampling, long_prompts)
+    with store.writer(info, rows_per_part=part_prompts, flush_seconds=math.inf) as writer, \
+            _load_generation(model, info, settings, generator_options) as loaded:
+        pending = writer.pending
+        result.done_before = len(info.prompt_ids) - len(pending)
+        if result.done_before:
+            log.info("%s: resuming generation %s: %d of %d prompts already committed",
+                     info.model, info.run_id, result.done_before, len(info.prompt_ids))
+        writer.info.revision = loaded.revision
+        result.skipped = tuple(i for i in pending if i not in work)
+        work = {i: work[i] for i in pending if i in work}
+        ids = list(work)
+        start = time.perf_counter()
+        for first in range(0, len(ids), part_prompts):
+            chunk = ids[first:first + part_prompts]
+            continuations = loaded.generator.generate([work[i] for i in chunk], info.sampling)
+            for prompt_id, new in zip(chunk, continuations, strict=True):
+                writer.add(corpus.prompts[prompt_id], work[prompt_id], new,
+                           loaded.tokenizer.decode(new))
+                result.tokens += len(new)
+            writer.commit()
+            result.prompts += len(chunk)
+            if on_progress is not None:
+                on_progress(info.model, result.prompts, result.tokens, len(ids))
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def _load_generation(model: Any, info: GenerationInfo, settings: ModelSettings,
+                     generator_options: dict) -> Any:
+    """What generation runs on: the HF profiler, or for vLLM only its tokenizer, config and
+    engine (a vLLM engine loads the weights itself; an HF copy as well would take memory
+    that the engine's KV cache needs)."""
+    if info.generator != "vllm":
+        from entropy_fast.profiler import EntropyProfiler
+
+        return _HFGeneration(EntropyProfiler(model, settings=settings))
+    from entropy_fast.vllm_generation import VllmGenerationModel
+
+    return VllmGenerationModel(info.source or info.model, dtype=info.dtype or "auto",
+                               **generator_options)
+
+
+class _HFGeneration:
+    """An EntropyProfiler seen as what `_generate_run` needs (tokenizer, generator, ...)."""
+
+    def __init__(self, profiler: Any) -> None:
+        self.profiler = profiler
+        self.tokenizer = profiler.tokenizer
+        self.generator = profiler.generator
+        self.context_length = profiler.context_length
+        self.revision = getattr(profiler.model.config, "_commit_hash", None)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.profiler.tokenize(text)
+
+    def __enter__(self) -> _HFGeneration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.profiler.unload()
+
+
+# -- shared steps -------------------------------------------------------------------------
+
+
+def _tokenized(model: Any, corpus: Corpus, pending: Sequence[int],
+               sampling: SamplingSettings, long_prompts: str) -> dict[int, list[int]]:
+    """prompt_id -> token ids of the pending prompts, over-long ones handled per
+    `long_prompts` (all checked before any work); skipped prompts are left out."""
+    limit = model.context_length
+    budget = None if limit is None else limit - sampling.max_new_tokens
+    minimum = 1 if sampling.generating else 2
+    work: dict[int, list[int]] = {}
+    for prompt_id in pending:
+        prompt = corpus.prompts[prompt_id]
+        ids = model.tokenize(prompt.text)
+        if budget is not None and len(ids) > budget:
+            if long_prompts == "fail":
+                raise _too_long(corpus, prompt, len(ids), limit, sampling)
+            if long_prompts == "skip":
+                log.warning("skipping %s line %d: %d tokens, over the %d the context window "
+                            "leaves", corpus.path, prompt.source_line, len(ids), budget)
+                continue
+            ids = ids[-budget:] if long_prompts == "truncate_left" else ids[:budget]
+        if len(ids) < minimum:
+            raise ConfigError(f"{corpus.path} line {prompt.source_line}: the prompt has "
+                              f"{len(ids)} token; text mode needs at least 2 (rows are "
+                              "tokens 1..T-1)", "use max_new_tokens > 0",
+                              param="max_new_tokens")
+        work[prompt_id] = ids
+    return work
+
+
+def _too_long(corpus: Corpus, prompt: Prompt, n_tokens: int, limit: int,
+              sampling: SamplingSettings) -> ConfigError:
+    new = f" + {sampling.max_new_tokens} new tokens" if sampling.generating else ""
+    hint = ("skip or truncate over-long prompts (long_prompts='skip', 'truncate_left' or "
+            "'truncate_right')")
+    if sampling.generating:
+        hint += ", or lower max_new_tokens"
+    return ConfigError(f"{corpus.path} line {prompt.source_line} (prompt {prompt.prompt_id}) "
+                       f"has {n_tokens} tokens{new}: more than the model's context window of "
+                       f"{limit}", hint, param="long_prompts")
+
+
+def _settings(lens: LensSettings | None, sampling: SamplingSettings | None,
+              settings: ModelSettings | None, options: dict[str, Any]
+              ) -> tuple[LensSettings, SamplingSettings, ModelSettings]:
+    parsed = split_options(options, (LensSettings, SamplingSettings, ModelSettings))
+    given = (lens, sampling, settings)
+    for mine, theirs in zip(given, parsed, strict=True):
+        if mine is not None and theirs != type(theirs)():
+            raise TypeError("give settings as settings objects or as keyword options, "
+                            "not both")
+    return tuple(g or p for g, p in zip(given, parsed, strict=True))
+
+
+def _check_generator(settings: ModelSettings) -> None:
+    """Fail before any model loads when the chosen generator is not installed."""
+    if settings.generator == "vllm":
+        from entropy_fast.vllm_generation import require_vllm
+
+        require_vllm()
+
+
+def _check_long_prompts(long_prompts: str) -> None:
+    if long_prompts not in LONG_PROMPTS:
+        raise ConfigError(f"long_prompts must be one of {LONG_PROMPTS}, got {long_prompts!r}",
+                          param="long_prompts")
+
+
+def _as_list(models: Any) -> list[Any]:
+    if isinstance(models, (list, tuple)):
+        if not models:
+            raise ConfigError("no models given", "name at least one model")
+        return list(models)
+    return [models]
+
+
+def _names(names: Sequence[str] | None, models: list[Any]) -> list[str | None]:
+    if names is None:
+        return [None] * len(models)
+    if len(names) != len(models):
+        raise ConfigError(f"{len(names)} names for {len(models)} models", param="names")
+    return list(names)
+
+
+def _identity(model: Any, name: str | None, corpus: Corpus, sampling: SamplingSettings,
+              settings: ModelSettings, shard: tuple[int, int]) -> dict[str, Any]:
+    """The record fields every stage shares, computed without loading the model."""
+    if _is_profiler(model):
+        model = model._source if isinstance(model._source, str) else model.model
+    identity = identify(model, name)
+    return {"model": identity.label, "source": identity.source, "weights": identity.weights,
+            "corpus": corpus.path, "corpus_sha256": corpus.fingerprint,
+            "n_prompts": len(corpus), "sampling": sampling, "dtype": _dtype_name(settings),
+            "generator": settings.generator, "quantization": settings.quantization,
+            "shard": shard[0], "n_shards": shard[1]}
+
+
+def _dtype_name(settings: ModelSettings) -> str:
+    """The dtype the model will run in ('float32', 'bfloat16', ...)."""
+    from entropy_fast.models import resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    return str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")

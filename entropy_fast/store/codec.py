@@ -1,0 +1,157 @@
+"""Profiles to rows and back: the only part of the store that knows torch and profiles.
+
+`profile_rows` turns one `EntropyProfile` into long-format rows (ENTROPY_SCHEMA);
+`read_profiles` rebuilds profiles from committed parts, verifying each file's checksum
+as it is read (a damaged part raises instead of returning wrong numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from entropy_fast.profile import AggregatedProfile, EntropyProfile
+from entropy_fast.settings import describe
+from entropy_fast.store.errors import StoreError
+from entropy_fast.store.layout import Store
+from entropy_fast.store.records import ManifestEntry, RunInfo
+from entropy_fast.store.schema import ENTROPY_SCHEMA
+
+_OPTIONAL = {
+    "top_token_id": ("top_token_ids", np.int32, torch.int64),
+    "target_surprisal": ("target_surprisal", np.float32, torch.float32),
+    "target_rank": ("target_rank", np.int32, torch.int64),
+}
+"""Nullable column -> (EntropyProfile attribute, stored dtype, dtype read back)."""
+
+
+def profile_rows(prompt_id: int, profile: EntropyProfile,
+                 alphas: Sequence[float]) -> pa.RecordBatch:
+    """The long-format rows of one profile, ordered by (alpha, pos, layer).
+
+    (n_alphas * n_tokens * n_layers) rows in ENTROPY_SCHEMA; the optional statistics,
+    which do not depend on alpha, repeat for each alpha.
+    """
+    missing = [a for a in alphas if a not in profile.entropies]
+    if missing:
+        raise StoreError(f"profile of prompt {prompt_id} lacks alphas {missing}")
+    n_a, (n_t, n_l) = len(alphas), profile.entropy.shape
+    n = n_a * n_t * n_l
+    values = np.stack([profile.entropies[a].detach().cpu().numpy() for a in alphas])
+    token_ids = profile.token_ids.cpu().numpy().astype(np.int32)
+    columns = {
+        "prompt_id": np.full(n, prompt_id, dtype=np.int32),
+        "pos": np.tile(np.repeat(np.arange(n_t, dtype=np.int32), n_l), n_a),
+        "token_id": np.tile(np.repeat(token_ids, n_l), n_a),
+        "layer": np.tile(np.asarray(profile.layer_indices, dtype=np.int16), n_a * n_t),
+        "alpha": np.repeat(np.asarray(alphas, dtype=np.float64), n_t * n_l),
+        "entropy": values.astype(np.float32).reshape(-1),
+    }
+    for column, (attr, dtype, _) in _OPTIONAL.items():
+        extra = getattr(profile, attr)
+        columns[column] = (pa.nulls(n, ENTROPY_SCHEMA.field(column).type) if extra is None
+                           else np.tile(extra.detach().cpu().numpy().reshape(-1), n_a)
+                           .astype(dtype))
+    arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c)
+              for f in ENTROPY_SCHEMA]
+    return pa.RecordBatch.from_arrays(arrays, schema=ENTROPY_SCHEMA)
+
+
+def read_profiles(store: Store, model: str | None = None, run_id: str | None = None, *,
+                  alpha: float | None = None) -> Iterator[tuple[int, EntropyProfile]]:
+    """Yield (prompt_id, profile) for the committed prompts of the matching runs.
+
+    Profiles carry every alpha of their run in `entropies`; the primary order is `alpha`
+    (default: the run's first). Memory holds one part (~1M rows) at a time.
+    """
+    runs = {r.run_id: r for r in store.runs()
+            if (model is None or r.model == model) and (run_id is None or r.run_id == run_id)}
+    if not runs:
+        raise StoreError(f"no run in {store.root} matches model={model!r} run_id={run_id!r}")
+    for entry in store.manifest():
+        if entry.run_id in runs:
+            yield from _part_profiles(store, entry, runs[entry.run_id], alpha)
+
+
+def aggregated(store: Store, model: str, run_id: str | None = None, *,
+               alpha: float | None = None) -> AggregatedProfile:
+    """All committed profiles of a model (one run) as an AggregatedProfile, by prompt_id."""
+    pairs = sorted(read_profiles(store, model, run_id, alpha=alpha), key=lambda p: p[0])
+    return AggregatedProfile([p for _, p in pairs], model_name=model)
+
+
+def read_part_file(store: Store, entry: Any, relative: str) -> pa.Table:
+    """One committed file, its bytes checked against the manifest's sha256 first."""
+    path = store.root / relative
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{relative} is committed in the manifest but missing",
+                         "run `entropy-fast check --repair STORE`, then rerun the run to "
+                         "recompute its prompts") from None
+    expected = (entry.checksums or {}).get(relative)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise StoreError(f"{relative} is damaged: its sha256 differs from the one recorded "
+                         f"at commit (prompts {_ids(entry.prompt_ids)})",
+                         "run `entropy-fast check --repair STORE`, then rerun the run to "
+                         "recompute them")
+    return pq.read_table(pa.BufferReader(data))
+
+
+def _ids(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:8])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+
+
+def _part_profiles(store: Store, entry: ManifestEntry, info: RunInfo,
+                   alpha: float | None) -> Iterator[tuple[int, EntropyProfile]]:
+    """The profiles of one committed part."""
+    rows = read_part_file(store, entry, entry.entropy_file).sort_by(
+        [(c, "ascending") for c in ("prompt_id", "alpha", "pos", "layer")])
+    prompts = read_part_file(store, entry, entry.prompts_file).to_pylist()
+    ids = rows.column("prompt_id").to_numpy()
+    starts = np.searchsorted(ids, [p["prompt_id"] for p in prompts], side="left")
+    stops = np.searchsorted(ids, [p["prompt_id"] for p in prompts], side="right")
+    for prompt, start, stop in zip(prompts, starts, stops, strict=True):
+        block = rows.slice(start, stop - start)
+        yield prompt["prompt_id"], _block_profile(block, prompt, info, alpha)
+
+
+def _block_profile(block: pa.Table, prompt: dict[str, Any], info: RunInfo,
+                   alpha: float | None) -> EntropyProfile:
+    """Rebuild one prompt's profile from its rows, sorted by (alpha, pos, layer)."""
+    alphas = info.lens.alphas
+    n_tok, layers = prompt["n_tokens"], info.layer_indices or []
+    by_value = sorted(alphas)
+    shape = (len(by_value), n_tok, len(layers))
+    values = block.column("entropy").to_numpy().reshape(shape)
+    entropies = {a: torch.from_numpy(values[by_value.index(a)].copy()) for a in alphas}
+    primary = alphas[0] if alpha is None else float(alpha)
+    if primary not in entropies:
+        raise StoreError(f"run {info.run_id} has alphas {alphas}, not {primary}")
+    token_ids = block.column("token_id").to_numpy()[: n_tok * len(layers): len(layers) or 1]
+    extra = {attr: _optional(block, column, shape, dtype)
+             for column, (attr, _, dtype) in _OPTIONAL.items()}
+    metadata = {**describe(info.lens, info.sampling, info.dtype, info.generator),
+                "prompt": prompt["text"], "prompt_token_ids": prompt["prompt_token_ids"],
+                "run_id": info.run_id, "weights": info.weights, "source": prompt["source"],
+                "source_line": prompt["source_line"]}
+    return EntropyProfile(entropy=entropies[primary], token_ids=torch.as_tensor(token_ids.copy()),
+                          layer_indices=layers, alpha=primary, model_name=info.model,
+                          metadata=metadata, entropies=entropies, **extra)
+
+
+def _optional(block: pa.Table, column: str, shape: tuple[int, int, int],
+              dtype: torch.dtype) -> torch.Tensor | None:
+    """The (n_tokens x n_layers) values of a nullable column, or None when all null."""
+    col = block.column(column)
+    if len(col) == 0 or col.null_count == len(col):
+        return None
+    values = col.to_numpy(zero_copy_only=False).reshape(shape)[0]
+    return torch.from_numpy(values.copy()).to(dtype)

@@ -1,0 +1,109 @@
+"""The store's declared schemas: the Parquet files, and the Arrow types of record fields.
+
+Data files hold no model or run column: those come from the manifest entry that commits
+the file (see `sql`), so a store reads the same wherever it is and whatever its path.
+Schema version 2 (this one) differs from 1 in its JSON records only (settings nested per
+settings class, a weights fingerprint, checksums in manifest entries); version-1 stores
+stay readable.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MARKER = "entropy-fast-store.json"
+FORMAT = "entropy-fast profile store"
+
+_VERSION = {"entropy_fast.schema_version": str(SCHEMA_VERSION)}
+
+ENTROPY_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("pos", pa.int32()),
+        ("token_id", pa.int32()),
+        ("layer", pa.int16()),
+        ("alpha", pa.float64()),
+        ("entropy", pa.float32()),
+        ("top_token_id", pa.int32()),
+        ("target_surprisal", pa.float32()),
+        ("target_rank", pa.int32()),
+    ],
+    metadata=_VERSION,
+)
+"""One row per (prompt, pos, layer, alpha). `layer` is the hidden-state index (0 = the
+embedding output, L = the last block); the last three columns are nullable."""
+
+KEY_COLUMNS = ("prompt_id", "pos", "token_id", "layer", "alpha")
+
+PROMPTS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("text", pa.string()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+        ("source", pa.string()),
+        ("source_line", pa.int32()),
+    ],
+    metadata=_VERSION,
+)
+"""One row per profiled prompt; n_tokens is the number of profile rows (tokens)."""
+
+CONTINUATIONS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("text", pa.string()),
+        ("source_line", pa.int32()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("continuation_token_ids", pa.list_(pa.int32())),
+        ("continuation_text", pa.string()),
+        ("generator", pa.string()),
+    ],
+    metadata=_VERSION,
+)
+"""One row per prompt of a generation stage; continuation_text is decoded for humans only
+(profiling reads continuation_token_ids and never re-tokenizes it)."""
+
+_SCALARS = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def arrow_type(hint: Any) -> pa.DataType:
+    """The Arrow type of a record field's type hint (X | None is nullable X; a dict is
+    stored as its JSON text)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return arrow_type(inner)
+    if origin in (tuple, list):
+        return pa.list_(arrow_type(typing.get_args(hint)[0]))
+    if origin is dict or hint is dict:
+        return pa.string()
+    return _SCALARS[hint]
+
+
+def flat_fields(cls: type) -> list[tuple[str, Any]]:
+    """(name, type hint) of a record dataclass, nested settings dataclasses flattened into
+    their own fields (their names are unique across a record)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            out.extend(flat_fields(hint))
+        else:
+            out.append((f.name, hint))
+    names = [name for name, _ in out]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__}: flattened field names collide: {names}")
+    return out
+
+
+def record_schema(cls: type) -> pa.Schema:
+    """The Arrow schema of a record dataclass, one column per (flattened) field."""
+    return pa.schema([(name, arrow_type(hint)) for name, hint in flat_fields(cls)])

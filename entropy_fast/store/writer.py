@@ -1,0 +1,426 @@
+"""Writing into a store: streaming whole prompts into committed parts, exactly once.
+
+Commit protocol of one part (see docs/store.md for the guarantees):
+
+1. every file of the part is written under a dot-prefixed temporary name, fsynced, its
+   size and sha256 taken, and renamed into place;
+2. the manifest entry naming those files, checksums and prompt ids is written the same
+   way. That rename is the commit: readers list files from the manifest only, so a file
+   renamed but never recorded (a kill between 1 and 2) is invisible, and the next writer
+   of that shard deletes it and redoes its prompts.
+
+A writer holds its shard's lock (flock) for its whole life, so one process writes a run
+shard at a time; it registers under the run's lock, so two processes cannot start one run
+with two shard layouts. The buffer of a part is taken out before the part is written, so
+an interrupt at any step (even between the manifest entry and the bookkeeping after it)
+never commits the same prompts twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from entropy_fast.store.errors import StoreError
+from entropy_fast.store.layout import (
+    GENERATION,
+    PROFILE,
+    Stage,
+    Store,
+    fsync_dir,
+    write_atomic,
+    write_json_atomic,
+)
+from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo, now
+from entropy_fast.store.schema import (
+    CONTINUATIONS_SCHEMA,
+    ENTROPY_SCHEMA,
+    KEY_COLUMNS,
+    PROMPTS_SCHEMA,
+)
+
+ROWS_PER_PART = 1 << 20
+FLUSH_SECONDS = 60.0
+
+_ENTROPY_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": [*KEY_COLUMNS, "top_token_id"],
+    "use_byte_stream_split": ["entropy", "target_surprisal"],
+    "write_page_checksum": True,
+}
+"""Parquet options of entropy parts: zstd, dictionary keys, byte-stream-split floats, and
+page CRCs that pyarrow readers verify."""
+_PLAIN_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_page_checksum": True}
+
+
+def _not_writable(root: Path, err: OSError) -> StoreError:
+    return StoreError(f"cannot write into the store {root}: {err.strerror or err}",
+                      "free disk space or make it writable; everything committed so far is "
+                      "kept, and the same command resumes")
+
+
+class FileLock:
+    """An exclusive flock on a file, held from construction to `release()`.
+
+    wait=False: a lock held by another process is a StoreError naming `what`.
+    """
+
+    def __init__(self, path: Path, what: str, *, wait: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise StoreError(f"{what} is being written by another process",
+                             "wait for it to finish or stop it first") from None
+        except OSError as err:
+            self.release()
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise StoreError(f"the filesystem of {path.parent} does not support file "
+                                 "locks, so concurrent writers cannot be kept apart",
+                                 "put the store on a local or lock-capable filesystem"
+                                 ) from None
+            raise
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class PartWriter:
+    """Streams one run shard of a stage into a store, committing whole parts.
+
+    Opening takes the shard's lock, registers the run shard (its record) under the run's
+    lock, deletes files an earlier killed writer left uncommitted, and reads the stage's
+    manifest to learn which prompts are done (`done`, `pending`). Subclasses buffer one row
+    dict per prompt (`_append`); a part is committed when `rows_per_part` rows are buffered
+    or `flush_seconds` have passed since the last commit, and at `close`. Used as a context
+    manager, an exception commits what is buffered (all of it is valid) and records the run
+    as failed (or interrupted, for Ctrl-C).
+
+    Args:
+        store: the store.
+        info: the run record (identity and settings); an existing record of the same
+            run shard must have the same identity.
+        rows_per_part: rows per part file (= one Parquet row group).
+        flush_seconds: commit at least this often while rows arrive.
+    """
+
+    stage: Stage
+    part_options: tuple[dict[str, Any], ...]
+    """Parquet options of each file of a part, in the order of `stage.data`."""
+    step_hook: Callable[[str], None] | None = None
+    """Called after each commit step ('files', 'entry'); tests inject interrupts here."""
+
+    def __init__(self, store: Store, info: Any, *, rows_per_part: int = ROWS_PER_PART,
+                 flush_seconds: float = FLUSH_SECONDS) -> None:
+        self.store, self.info = store, info
+        self.rows_per_part, self.flush_seconds = rows_per_part, flush_seconds
+        shard = f"{self.stage.name} run {info.run_id} shard {info.shard_key} of {info.model}"
+        try:
+            self._lock = FileLock(store.lock_path(self.stage, f"{info.run_id}.{info.shard_key}"),
+                                  shard, wait=False)
+        except PermissionError as err:
+            raise _not_writable(store.root, err) from None
+        try:
+            self._register()
+            entries = [e for e in store.entries(self.stage, info.run_id)
+                       if e.shard == info.shard]
+            self.done: set[int] = {i for e in entries for i in e.prompt_ids}
+            self._seq = max((e.seq for e in entries), default=0)
+            self._remove_uncommitted({f for e in entries for f in e.files})
+        except OSError as err:
+            self._lock.release()
+            raise _not_writable(store.root, err) from None
+        except BaseException:
+            self._lock.release()
+            raise
+        self._reset()
+        self._last_commit = time.monotonic()
+
+    def _register(self) -> None:
+        """Check the run's other records and write this shard's, under the run's lock."""
+        info = self.info
+        with FileLock(self.store.lock_path(self.stage, info.run_id),
+                      f"{self.stage.name} run {info.run_id}", wait=True):
+            old = self.store.record(self.stage, info.run_id, info.shard_key)
+            if old is not None:
+                if old.identity() != info.identity():
+                    raise StoreError(f"run {info.run_id} already exists in {self.store.root} "
+                                     "with other settings or other model weights",
+                                     "drop --run-id (run ids then follow the settings and "
+                                     "the weights) or pick another")
+                info.created_at, info.revision = old.created_at, info.revision or old.revision
+                self._merge(old)
+            layouts = {r.n_shards for r in self.store.records(self.stage)
+                       if r.run_id == info.run_id}
+            if layouts - {info.n_shards}:
+                raise StoreError(f"run {info.run_id} is written with {sorted(layouts)} "
+                                 f"shard(s), not {info.n_shards}",
+                                 "use the same --shard I/N as the rest of the run")
+            self.store.upgrade_marker()
+            info.status, info.error = "running", None
+            self._write_record()
+
+    def _merge(self, old: Any) -> None:
+        """Take over what an earlier writer of this shard learned (hook)."""
+
+    def _remove_uncommitted(self, committed: set[str]) -> None:
+        """Delete this shard's temp files and parts renamed but never recorded."""
+        key, root, run_id = self.info.shard_key, self.store.root, self.info.run_id
+        folders = [p.parent for p in self.store.part_paths(self.stage, self.info, 0)]
+        leftovers = [*(p for folder in folders for p in folder.glob(f"*part-{key}-*")),
+                     *self.store.manifest_dir(self.stage, run_id).glob(f".{key}-*.tmp"),
+                     *(root / self.stage.records).glob(f".{run_id}.{key}.json.*.tmp")]
+        for path in leftovers:
+            if str(path.relative_to(root)) not in committed:
+                path.unlink(missing_ok=True)
+
+    @property
+    def pending(self) -> list[int]:
+        """Prompt ids of this shard not committed yet, ascending."""
+        return [i for i in self.info.prompt_ids if i not in self.done]
+
+    def _check_new(self, prompt_id: int) -> None:
+        if prompt_id in self.done or prompt_id in self._buffered:
+            raise StoreError(f"prompt {prompt_id} is already committed or buffered in run "
+                             f"{self.info.run_id}")
+        if prompt_id not in self.info.prompt_ids:
+            raise StoreError(f"prompt {prompt_id} does not belong to shard "
+                             f"{self.info.shard_key} of run {self.info.run_id}")
+
+    def _append(self, row: dict[str, Any], n_rows: int) -> None:
+        """Buffer one prompt's row (and `n_rows` data rows); commit at a threshold."""
+        self._prompts.append(row)
+        self._buffered.add(row["prompt_id"])
+        self._n_rows += n_rows
+        if (self._n_rows >= self.rows_per_part
+                or time.monotonic() - self._last_commit >= self.flush_seconds):
+            self.commit()
+
+    def _reset(self) -> None:
+        """Empty the buffers (subclasses clear theirs too)."""
+        self._prompts: list[dict[str, Any]] = []
+        self._buffered: set[int] = set()
+        self._n_rows = 0
+
+    def _record_state(self) -> tuple[Any, ...]:
+        """What readers need in the run record before the first part (hook)."""
+        return (self.info.revision,)
+
+    def _tables(self) -> list[pa.Table]:
+        """The buffered rows as one table per file of a part, as `stage.data` (hook)."""
+        raise NotImplementedError
+
+    def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
+               tables: list[pa.Table], prompts: list[dict[str, Any]]) -> Any:
+        """The manifest entry of a part (hook)."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Write the buffered prompts as one part and record it in the manifest."""
+        if not self._prompts:
+            return
+        tables, prompts = self._tables(), self._prompts
+        self._reset()  # taken out first: an interrupt from here on never commits them twice
+        try:
+            self._commit(tables, prompts)
+        except OSError as err:
+            raise _not_writable(self.store.root, err) from None
+        self._last_commit = time.monotonic()
+
+    def _commit(self, tables: list[pa.Table], prompts: list[dict[str, Any]]) -> None:
+        if self._recorded != self._record_state():
+            self._write_record()  # readers need e.g. the layers before the first part
+        self._seq += 1
+        paths = self.store.part_paths(self.stage, self.info, self._seq)
+        sums: dict[str, tuple[str, int]] = {}
+        for path, table, options in zip(paths, tables, self.part_options, strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            relative = str(path.relative_to(self.store.root))
+
+            def write(tmp: Path, t: pa.Table = table, o: dict = options,
+                      r: str = relative) -> None:
+                pq.write_table(t, tmp, row_group_size=max(t.num_rows, 1), **o)
+                sums[r] = (_sha256(tmp), tmp.stat().st_size)
+
+            write_atomic(path, write)
+            fsync_dir(path.parent)
+        self._step("files")
+        ids = sorted(p["prompt_id"] for p in prompts)
+        files = {folder: str(p.relative_to(self.store.root))
+                 for folder, p in zip(self.stage.data, paths, strict=True)}
+        entry = self._entry(files, sums, tables, prompts)
+        folder = self.store.manifest_dir(self.stage, self.info.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / f"{self.info.shard_key}-{self._seq:06d}.json", asdict(entry))
+        fsync_dir(folder)
+        self.done.update(ids)
+        self._step("entry")
+
+    def _step(self, name: str) -> None:
+        if self.step_hook is not None:
+            self.step_hook(name)
+
+    def _write_record(self) -> None:
+        self._recorded = self._record_state()
+        self.info.updated_at = now()
+        path = self.store.record_path(self.stage, self.info.run_id, self.info.shard_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, self.info.to_json())
+
+    def close(self, error: str | None = None, status: str | None = None) -> None:
+        """Commit what is buffered, record the final status and release the lock.
+
+        status: "complete" when nothing is pending, else `status` (default "failed" with
+        an error, "incomplete" without).
+        """
+        if self._lock.fd < 0:
+            return
+        try:
+            self.commit()
+            self.done |= self.store.committed(self.stage, self.info)
+            complete = error is None and not self.pending
+            self.info.status = "complete" if complete else (
+                status or ("failed" if error else "incomplete"))
+            self.info.error = error
+            # On a full disk the record keeps its last state: the manifest, not the
+            # record, says what is committed.
+            with contextlib.suppress(OSError):
+                self._write_record()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 _tb: object) -> None:
+        if err is None:
+            self.close()
+        elif isinstance(err, KeyboardInterrupt):
+            self.close("interrupted (Ctrl-C)", status="interrupted")
+        else:
+            self.close(f"{kind.__name__}: {err}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunWriter(PartWriter):
+    """Streams the profiles of one profile run shard into a store (see `PartWriter`)."""
+
+    stage = PROFILE
+    part_options = (_ENTROPY_OPTIONS, _PLAIN_OPTIONS)
+    info: RunInfo
+
+    def _merge(self, old: RunInfo) -> None:
+        self.info.layer_indices = self.info.layer_indices or old.layer_indices
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._batches: list[pa.RecordBatch] = []
+
+    def _record_state(self) -> tuple[Any, ...]:
+        return (self.info.layer_indices, self.info.revision)
+
+    def add(self, prompt: Any, profile: Any) -> None:
+        """Buffer one prompt's EntropyProfile; commits a part when a threshold is reached."""
+        from entropy_fast.store.codec import profile_rows
+
+        self.add_rows(prompt, profile_rows(prompt.prompt_id, profile, self.info.lens.alphas),
+                      profile.n_tokens, list(profile.layer_indices),
+                      profile.metadata.get("prompt_token_ids") or [])
+
+    def add_rows(self, prompt: Any, rows: pa.RecordBatch, n_tokens: int,
+                 layers: Sequence[int], prompt_token_ids: Sequence[int]) -> None:
+        """Buffer one prompt's rows (ENTROPY_SCHEMA, as `codec.profile_rows` makes them)."""
+        self._check_new(prompt.prompt_id)
+        layers = [int(i) for i in layers]
+        if self.info.layer_indices is None:
+            self.info.layer_indices = layers
+        elif layers != self.info.layer_indices:
+            raise StoreError(f"profile of prompt {prompt.prompt_id} has layers {layers}, the "
+                             f"run has {self.info.layer_indices}")
+        self._batches.append(rows)
+        self._append({"prompt_id": prompt.prompt_id, "text": prompt.text,
+                      "prompt_token_ids": [int(t) for t in prompt_token_ids],
+                      "n_tokens": n_tokens, "source": self.info.corpus,
+                      "source_line": prompt.source_line}, rows.num_rows)
+
+    def _tables(self) -> list[pa.Table]:
+        return [pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA),
+                pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA)]
+
+    def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
+               tables: list[pa.Table], prompts: list[dict[str, Any]]) -> ManifestEntry:
+        rows, info = tables[0], self.info
+        values = rows.column("entropy").to_numpy()
+        return ManifestEntry(
+            run_id=info.run_id, model=info.model, shard=info.shard, n_shards=info.n_shards,
+            seq=self._seq, entropy_file=files["entropy"], prompts_file=files["prompts"],
+            n_rows=rows.num_rows, n_prompts=len(prompts),
+            n_tokens=sum(p["n_tokens"] for p in prompts), n_nan=int(np.isnan(values).sum()),
+            n_inf=int(np.isinf(values).sum()),
+            prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
+            checksums={f: s for f, (s, _) in sums.items()},
+            sizes={f: n for f, (_, n) in sums.items()})
+
+
+class GenerationWriter(PartWriter):
+    """Streams the continuations of one generation shard into a store (see `PartWriter`)."""
+
+    stage = GENERATION
+    part_options = (_PLAIN_OPTIONS,)
+    info: GenerationInfo
+
+    def add(self, prompt: Any, prompt_token_ids: Sequence[int],
+            continuation_token_ids: Sequence[int], continuation_text: str) -> None:
+        """Buffer one prompt's continuation; commits a part when a threshold is reached."""
+        self._check_new(prompt.prompt_id)
+        self._append({
+            "prompt_id": prompt.prompt_id, "text": prompt.text,
+            "source_line": prompt.source_line,
+            "prompt_token_ids": [int(t) for t in prompt_token_ids],
+            "continuation_token_ids": [int(t) for t in continuation_token_ids],
+            "continuation_text": continuation_text, "generator": self.info.generator}, 1)
+
+    def _tables(self) -> list[pa.Table]:
+        return [pa.Table.from_pylist(self._prompts, schema=CONTINUATIONS_SCHEMA)]
+
+    def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
+               tables: list[pa.Table], prompts: list[dict[str, Any]]) -> GenerationEntry:
+        info = self.info
+        return GenerationEntry(
+            run_id=info.run_id, model=info.model, shard=info.shard, n_shards=info.n_shards,
+            seq=self._seq, continuations_file=files["continuations"], n_prompts=len(prompts),
+            n_tokens=sum(len(p["continuation_token_ids"]) for p in prompts),
+            prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
+            checksums={f: s for f, (s, _) in sums.items()},
+            sizes={f: n for f, (_, n) in sums.items()})
