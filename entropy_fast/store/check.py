@@ -12,7 +12,6 @@ is touched.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from entropy_fast.store.errors import StoreError
-from entropy_fast.store.layout import GENERATION, STAGES, Stage, Store
+from entropy_fast.store.layout import GENERATION, STAGES, Stage, Store, write_json_atomic
+from entropy_fast.store.verify import file_problem
 
 
 @dataclass
@@ -82,7 +82,7 @@ def _check_parts(store: Store, stage: Stage, records: list[Any], entries: list[A
                                    f"{entry.run_id}.{entry.shard_key}.json)")
         file_problems = [f"{relative}: {problem}"
                          for relative, rows in entry.files.items()
-                         if (problem := _file_problem(store.root, entry, relative, rows))]
+                         if (problem := _file_problem(store, entry, relative, rows))]
         if file_problems:
             held = ", ".join(str(i) for i in entry.prompt_ids[:10])
             more = " ..." if len(entry.prompt_ids) > 10 else ""
@@ -103,26 +103,15 @@ def _check_parts(store: Store, stage: Stage, records: list[Any], entries: list[A
     return bad
 
 
-def _file_problem(root: Path, entry: Any, relative: str, rows: int) -> str | None:
-    path = root / relative
-    if not path.is_file():
-        return "committed in the manifest but missing"
-    expected = (entry.checksums or {}).get(relative)
-    if expected is not None and _sha256(path) != expected:
-        return "damaged: its sha256 differs from the one recorded at commit"
+def _file_problem(store: Store, entry: Any, relative: str, rows: int) -> str | None:
+    problem = file_problem(store, entry, relative, always_hash=True)
+    if problem is not None:
+        return problem
     try:
-        found = pq.ParquetFile(path).metadata.num_rows
+        found = pq.ParquetFile(store.root / relative).metadata.num_rows
     except (OSError, pa.ArrowException) as err:
         return f"unreadable ({err})"
     return None if found == rows else f"{found} rows, the manifest says {rows}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_generated_tokens(store: Store, entries: list[Any]) -> list[str]:
@@ -187,11 +176,22 @@ def _quarantine(store: Store, damaged_files: list[Path],
         manifest = (store.manifest_dir(stage, entry.run_id)
                     / f"{entry.shard_key}-{entry.seq:06d}.json")
         moved.append(_move_aside(store, manifest)
-                     + f" (its prompts {len(entry.prompt_ids)} will be recomputed by the "
+                     + f" (its {len(entry.prompt_ids)} prompts will be recomputed by the "
                      "next run of that shard)")
         moved += [_move_aside(store, store.root / f) for f in entry.files
                   if (store.root / f).exists()]
+        _mark_incomplete(store, stage, entry)
     return moved
+
+
+def _mark_incomplete(store: Store, stage: Stage, entry: Any) -> None:
+    """A run shard that lost a part is no longer complete: the same command resumes it."""
+    record = store.record(stage, entry.run_id, entry.shard_key)
+    if record is not None:
+        record.status = "incomplete"
+        record.error = "check --repair set a damaged part aside"
+        write_json_atomic(store.record_path(stage, entry.run_id, entry.shard_key),
+                          record.to_json())
 
 
 def _move_aside(store: Store, path: Path) -> str:

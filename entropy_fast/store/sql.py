@@ -47,6 +47,7 @@ from entropy_fast.store.schema import (
     PROMPTS_SCHEMA,
     record_schema,
 )
+from entropy_fast.store.verify import damaged_runs
 
 _PARAM = re.compile(
     r"^--\s*@param\s+(?P<name>\w+)\s+(?P<type>[A-Z]+(?:\[\])?)"
@@ -164,9 +165,10 @@ class ProfileStore:
     """A DuckDB connection over the committed files of a profile store.
 
     The views are a snapshot of the manifest taken at open (and at `refresh()`): files
-    committed later, and files that were never committed, are not seen. A run with a
-    committed file that is missing or has another size than at commit is left out of the
-    views with a warning (see `damaged`), so the other runs stay queryable.
+    committed later, and files that were never committed, are not seen. Every committed
+    file is checked against the size and sha256 recorded at commit, each file once (see
+    `store.verify`); a run with a missing or damaged file is left out of the views with a
+    warning (see `damaged`), so the other runs stay queryable and none reads wrong.
 
     Args:
         path: the store directory.
@@ -201,7 +203,7 @@ class ProfileStore:
         root = self.store.root.resolve()
         entries = self.store.manifest()
         generated = self.store.entries(GENERATION)
-        self.damaged = _damaged_runs(root, [*entries, *generated])
+        self.damaged = damaged_runs(self.store, [*entries, *generated])
         if self.damaged:
             warnings.warn(
                 f"{self.store.root}: runs {', '.join(sorted(self.damaged))} have missing or "
@@ -287,22 +289,6 @@ def _require_pandas() -> None:
         raise MissingDependencyError("output='pandas' needs pandas, which is not installed",
                                      "pip install pandas, or use output='arrow' (the "
                                      "default; .to_pylist()) or output='numpy'")
-
-
-def _damaged_runs(root: Path, entries: Sequence[Any]) -> dict[str, list[str]]:
-    """{run id: files} of committed files that are missing or changed size since commit."""
-    damaged: dict[str, list[str]] = defaultdict(list)
-    for entry in entries:
-        for relative in entry.files:
-            expected = (entry.sizes or {}).get(relative)
-            try:
-                size = (root / relative).stat().st_size
-            except FileNotFoundError:
-                damaged[entry.run_id].append(relative)
-                continue
-            if expected is not None and size != expected:
-                damaged[entry.run_id].append(relative)
-    return dict(damaged)
 
 
 def _records_table(records: Sequence[Any], kind: type) -> pa.Table:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +49,7 @@ from entropy_fast.store.schema import (
     KEY_COLUMNS,
     PROMPTS_SCHEMA,
 )
+from entropy_fast.store.verify import sha256_file
 
 ROWS_PER_PART = 1 << 20
 FLUSH_SECONDS = 60.0
@@ -263,7 +263,7 @@ class PartWriter:
             def write(tmp: Path, t: pa.Table = table, o: dict = options,
                       r: str = relative) -> None:
                 pq.write_table(t, tmp, row_group_size=max(t.num_rows, 1), **o)
-                sums[r] = (_sha256(tmp), tmp.stat().st_size)
+                sums[r] = (sha256_file(tmp), tmp.stat().st_size)
 
             write_atomic(path, write)
             fsync_dir(path.parent)
@@ -323,14 +323,6 @@ class PartWriter:
             self.close("interrupted (Ctrl-C)", status="interrupted")
         else:
             self.close(f"{kind.__name__}: {err}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RunWriter(PartWriter):
