@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import signal
 import sys
 import tempfile
 import typing
@@ -48,14 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already printed
         return int(exit_.code or 0)
-    with _log_to_stderr():
+    with _log_to_stderr(), _terminate_as_interrupt():
         try:
             return args.run(args)
         except BrokenPipeError:  # output piped into e.g. head, which stopped reading
             return 141
         except KeyboardInterrupt:
-            print("entropy-fast: interrupted; every committed part is kept and the same "
-                  "command resumes", file=sys.stderr)
+            kept = ("every committed part is kept and the same command resumes"
+                    if getattr(args, "out", None) else "nothing was kept (no --out STORE)")
+            print(f"entropy-fast: interrupted; {kept}", file=sys.stderr)
             return 130
         except EntropyFastError as err:
             if args.traceback:
@@ -63,6 +65,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"entropy-fast {args.command}: error: {_for_cli(err, parser)}",
                   file=sys.stderr)
             return 1
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: the writer commits
+    what it holds and records the run as interrupted."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (in-process callers): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -64,7 +64,8 @@ class EntropyProfiler:
         lens, settings: a `LensSettings` and a `ModelSettings`, or give their fields as
             keyword options: alpha (one order or several, the first primary), layer_stride,
             base, top_token, target_stats (LensSettings); dtype, device, load_in_8bit,
-            load_in_4bit, backend, batch_tokens (ModelSettings). See entropy_fast.settings.
+            load_in_4bit, backend, batch_tokens, threads (ModelSettings). See
+            entropy_fast.settings.
 
     Example: ``EntropyProfiler("gpt2", alpha=(1.0, 2.0), dtype="bfloat16")``.
     """
@@ -84,6 +85,8 @@ class EntropyProfiler:
         self.lens_settings: LensSettings = lens or parsed_lens
         self.model_settings: ModelSettings = settings or parsed_model
         ms = self.model_settings
+        if ms.threads is not None:  # process-wide in torch: the last profiler's setting wins
+            torch.set_num_threads(ms.threads)
         self.model, self.tokenizer, self.model_name = load_model(
             model, tokenizer, ms.dtype, ms.device, ms.load_in_8bit, ms.load_in_4bit)
         self.layers = find_decoder_layers(self.model)

@@ -188,6 +188,10 @@ class ModelSettings(_Settings):
     batch_tokens: int = option(8192, "token budget of one padded batch (forward and "
                                "generation); lower it when memory runs out", identity=False,
                                metavar="N")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's, one per "
+                                 "core); on a machine shared with other jobs, 1 avoids "
+                                 "threads spinning against each other", identity=False,
+                                 metavar="N")
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -197,6 +201,8 @@ class ModelSettings(_Settings):
         if self.backend not in BACKENDS:
             _fail("backend", f"must be one of {BACKENDS}, got {self.backend!r}")
         _check_int("batch_tokens", self.batch_tokens, 1)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
         if self.load_in_8bit and self.load_in_4bit:
             _fail("load_in_8bit", "and load_in_4bit exclude each other: choose one")
         if self.generator == "vllm" and (self.load_in_8bit or self.load_in_4bit):
