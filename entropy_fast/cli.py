@@ -740,7 +740,7 @@ def _add_queries(p: argparse.ArgumentParser) -> None:
 
 def cmd_queries(args: argparse.Namespace) -> int:
     """List the named queries and their parameters."""
-    from entropy_fast.store.sql import named_queries
+    from entropy_fast.store.queries import named_queries
 
     del args
     for query in named_queries().values():

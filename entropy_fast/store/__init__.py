@@ -13,8 +13,14 @@ Parts of the package, in data-flow order (none imports torch except `codec`):
 
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import GENERATION, PROFILE, Stage, Store
-from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo
-from entropy_fast.store.schema import MARKER, SCHEMA_VERSION
+from entropy_fast.store.records import (
+    MARKER,
+    SCHEMA_VERSION,
+    GenerationEntry,
+    GenerationInfo,
+    ManifestEntry,
+    RunInfo,
+)
 
 __all__ = ["GENERATION", "MARKER", "PROFILE", "SCHEMA_VERSION", "GenerationEntry",
            "GenerationInfo", "ManifestEntry", "RunInfo", "Stage", "Store", "StoreError"]

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import pyarrow.parquet as pq
-
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.records import (
+    FORMAT,
+    MARKER,
+    READABLE_VERSIONS,
+    SCHEMA_VERSION,
     GenerationEntry,
     GenerationInfo,
     ManifestEntry,
@@ -39,7 +41,6 @@ from entropy_fast.store.records import (
     read_json,
     tool_version,
 )
-from entropy_fast.store.schema import FORMAT, MARKER, READABLE_VERSIONS, SCHEMA_VERSION
 
 Damaged = Callable[[Path, StoreError], None]
 """Called with a damaged record or entry file and its error, when the caller tolerates it."""
@@ -264,6 +265,8 @@ class Store:
         Only the rows of `prompt_ids` (default: all) come back, and only parts that hold
         some of them are read; memory holds one part at a time.
         """
+        import pyarrow.parquet as pq
+
         wanted = None if prompt_ids is None else set(prompt_ids)
         for entry in self.entries(GENERATION, run_id):
             if wanted is not None and wanted.isdisjoint(entry.prompt_ids):

@@ -23,7 +23,12 @@ from typing import Any, ClassVar
 
 from entropy_fast.settings import LensSettings, SamplingSettings
 from entropy_fast.store.errors import StoreError
-from entropy_fast.store.schema import SCHEMA_VERSION
+
+SCHEMA_VERSION = 2
+"""Version 2: settings nested per settings class, weights fingerprint, checksums."""
+READABLE_VERSIONS = (1, 2)
+MARKER = "entropy-fast-store.json"
+FORMAT = "entropy-fast profile store"
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

@@ -1,4 +1,4 @@
-"""The store's declared schemas: the Parquet files, and the Arrow types of record fields.
+"""The store's declared Arrow schemas: the Parquet files, and the types of record fields.
 
 Data files hold no model or run column: those come from the manifest entry that commits
 the file (see `sql`), so a store reads the same wherever it is and whatever its path.
@@ -16,10 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-MARKER = "entropy-fast-store.json"
-FORMAT = "entropy-fast profile store"
+from entropy_fast.store.records import SCHEMA_VERSION
 
 _VERSION = {"entropy_fast.schema_version": str(SCHEMA_VERSION)}
 

@@ -1,45 +1,37 @@
-"""DuckDB over a profile store: views, macros and the named queries of queries/*.sql.
-
-`ProfileStore` is a DuckDB connection whose views see the committed files of a store
-only; `NamedQuery` is a SQL file with declared, typed parameters that are always bound,
-never pasted into the SQL text.
+"""DuckDB over a profile store: `ProfileStore`, a connection whose views see the committed
+files of a store only, and runs its SQL and named queries.
 
 Views: `entropy` (one row per token, layer, alpha), `prompts`, `runs` (one row per run
 shard, its settings flattened into columns), `manifest` (committed parts),
 `continuations` (stored generation stages, one row per prompt), `generations` (one row per
 generation shard), `prompt_profile` (per-prompt mean profile), `model_layers` and
 `layer_map` (layer matching between models). Macros: `hist_bin`, `jsd_term`, `jsd_layers`,
-`w1_layers` and the sample selectors (queries/_macros.sql).
+`w1_layers` and the sample selectors (queries/_macros.sql). The named queries themselves
+are parsed in `store.queries`.
 
 Model and run of every row come from the manifest entry that committed its file, never
 from the file's path, and file paths reach DuckDB with their glob characters escaped, so
 a store reads the same wherever it lives. The `runs`, `generations` and `manifest` views
 take their columns from the record classes, so a new record field is a new column.
-
-A named query file starts with comment lines: the first is its description, then one
-``-- @param NAME TYPE [= DEFAULT] [: help]`` per parameter (TYPE one of VARCHAR,
-DOUBLE, INTEGER, VARCHAR[], INTEGER[]; no default = required).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
-from functools import cache
-from importlib.resources import files
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from entropy_fast.errors import EntropyFastError, MissingDependencyError
+from entropy_fast.errors import MissingDependencyError
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import GENERATION, Store
+from entropy_fast.store.queries import QueryError, macros_sql, named_queries
 from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo
 from entropy_fast.store.schema import (
     CONTINUATIONS_SCHEMA,
@@ -49,105 +41,10 @@ from entropy_fast.store.schema import (
 )
 from entropy_fast.store.verify import damaged_runs
 
-_PARAM = re.compile(
-    r"^--\s*@param\s+(?P<name>\w+)\s+(?P<type>[A-Z]+(?:\[\])?)"
-    r"(?:\s*=\s*(?P<default>'[^']*'|[^\s:]+))?\s*(?::\s*(?P<help>.*))?$")
-_SCALARS = {"VARCHAR": str, "DOUBLE": float, "INTEGER": int}
 _DUCK_TYPES = {pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
                pa.float64(): "DOUBLE", pa.string(): "VARCHAR",
                pa.list_(pa.int32()): "INTEGER[]"}
 OUTPUTS = ("arrow", "numpy", "pandas")
-
-
-class QueryError(EntropyFastError, ValueError):
-    """An unknown query or parameter, a bad parameter value, or an error from DuckDB."""
-
-
-@dataclass(frozen=True)
-class QueryParam:
-    """One declared parameter of a named query."""
-
-    name: str
-    type: str
-    default: Any
-    required: bool
-    help: str
-
-    def convert(self, value: Any) -> Any:
-        """`value` (a Python value, or a string from the command line) as this type."""
-        if value is None:
-            return None
-        base = _SCALARS[self.type.removesuffix("[]")]
-        if self.type.endswith("[]"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [self._scalar(base, item) for item in items]
-        return self._scalar(base, value)
-
-    def _scalar(self, base: type, value: Any) -> Any:
-        try:
-            return base(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise QueryError(
-                f"parameter {self.name} must be {self.type}, got {value!r}") from None
-
-
-@dataclass(frozen=True)
-class NamedQuery:
-    """A query of queries/*.sql: name, description, declared parameters and SQL text."""
-
-    name: str
-    description: str
-    params: tuple[QueryParam, ...]
-    sql: str
-
-    @classmethod
-    def parse(cls, name: str, text: str) -> NamedQuery:
-        """Read the header comments (description, @param lines) of a query file."""
-        header = [line for line in text.splitlines() if line.startswith("--")]
-        description = header[0].lstrip("- ").strip() if header else ""
-        params = []
-        for line in header[1:]:
-            match = _PARAM.match(line)
-            if match is None:
-                continue
-            kind, default = match["type"], match["default"]
-            if kind.removesuffix("[]") not in _SCALARS:
-                raise QueryError(f"query {name}: unknown parameter type {kind}")
-            param = QueryParam(match["name"], kind, None, default is None, match["help"] or "")
-            if default not in (None, "NULL"):
-                param = replace(param, default=param.convert(default.strip("'")))
-            params.append(param)
-        return cls(name, description, tuple(params), text)
-
-    def bind(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Every declared parameter's value: given (converted), else the default."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise QueryError(f"query {self.name} has no parameter {', '.join(unknown)}; "
-                             f"its parameters: {', '.join(known) or 'none'}")
-        missing = [p.name for p in self.params if p.required and values.get(p.name) is None]
-        if missing:
-            raise QueryError(f"query {self.name} needs {', '.join(missing)}",
-                             f"e.g. --param {missing[0]}=...")
-        return {p.name: p.convert(values[p.name]) if p.name in values else p.default
-                for p in self.params}
-
-
-@cache
-def named_queries() -> dict[str, NamedQuery]:
-    """The named queries shipped in entropy_fast.queries, by name."""
-    folder = files("entropy_fast.queries")
-    return {
-        entry.name.removesuffix(".sql"): NamedQuery.parse(entry.name.removesuffix(".sql"),
-                                                          entry.read_text(encoding="utf-8"))
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-        if entry.name.endswith(".sql") and not entry.name.startswith("_")
-    }
-
-
-def _macros_sql() -> str:
-    return files("entropy_fast.queries").joinpath("_macros.sql").read_text(encoding="utf-8")
 
 
 def glob_literal(path: Path | str) -> str:
@@ -220,7 +117,7 @@ class ProfileStore:
                                                         GenerationInfo))
         self.con.register("manifest", _entries_table(entries, ManifestEntry))
         self.con.register("generation_manifest", _entries_table(generated, GenerationEntry))
-        self.con.execute(_macros_sql())
+        self.con.execute(macros_sql())
 
     def _file_view(self, name: str, schema: pa.Schema, root: Path, entries: Sequence[Any],
                    attr: str) -> None:
@@ -305,5 +202,4 @@ def _entries_table(entries: Sequence[Any], kind: type) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-__all__ = ["OUTPUTS", "NamedQuery", "ProfileStore", "QueryError", "QueryParam",
-           "named_queries"]
+__all__ = ["OUTPUTS", "ProfileStore", "QueryError", "named_queries"]
