@@ -113,7 +113,12 @@ def _dequantized_folder(gguf: Path, name: str) -> Path:
 
 
 def _gguf_folder(path: Path) -> Path:
-    """The dequantized folder of any .gguf file, keyed by its name and fingerprint."""
+    """The dequantized folder of any .gguf file: a built-in alias's own folder for its
+    file, else one keyed by the file's name and fingerprint."""
+    for alias, locate in BUILTIN_MODELS.items():
+        with contextlib.suppress(ModelNotFoundError):
+            if locate().resolve() == path.resolve():
+                return _builtin_folder(alias)
     return _dequantized_folder(path, f"gguf-{path.stem}-{weights_fingerprint(str(path))}")
 
 
@@ -179,7 +184,7 @@ def _load_by_name(name: str, dtype: torch.dtype, extra: dict):
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
-        return _load_gguf(path, dtype, extra)
+        path = _gguf_folder(path)  # the first load dequantizes once; later ones take 1 s
     elif not path.exists():
         _refuse_unlikely_hub_id(name)
     source = str(path) if path.exists() else name

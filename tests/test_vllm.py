@@ -41,16 +41,22 @@ NEAR_TIE_LOGIT_GAP = 0.05  # fp32 kernels differ by ~1e-5 in logits; a flip need
 
 @pytest.fixture(scope="module")
 def vllm_profiler():
-    """EntropyProfiler on SmolLM2 with generator="vllm": its engine is the shared one."""
+    """EntropyProfiler on SmolLM2 with generator="vllm": its engine is the shared one.
+
+    The model is given as the .gguf file itself (a source the README lists): vLLM gets the
+    dequantized folder, which a .gguf path could not be handed to it as.
+    """
     if not vllm_available():
         pytest.fail(SKIP_REASON) if REQUIRE else pytest.skip(SKIP_REASON)
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from entropy_fast.models import BUILTIN_MODELS
     from entropy_fast.profiler import EntropyProfiler
 
     # Every 6th state (0, 6, ..., 30) keeps the lens work small on 2 shared cores.
-    profiler = EntropyProfiler("smollm2-135m", dtype="float32", alpha=(1.0, 2.0),
-                               layer_stride=6, generator="vllm")
+    gguf = str(BUILTIN_MODELS["smollm2-135m"]())
+    profiler = EntropyProfiler(gguf, dtype="float32", alpha=(1.0, 2.0), layer_stride=6,
+                               generator="vllm")
     yield profiler
     profiler.unload()  # closes the engine
 
