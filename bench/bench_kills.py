@@ -1,12 +1,15 @@
 """Randomized kill loop: `entropy-fast profile --out` killed at uniformly random moments.
 
 Each round profiles a corpus into a fresh store with a tiny random model (text mode, one
-prompt per part: many small commits), killing the process `--kills-per-round` times at a
-moment drawn uniformly over the run's duration (SIGKILL, SIGINT or SIGTERM, drawn too),
-restarting it after each kill, then letting it finish. The finished store is compared
-row by row with an uninterrupted reference run: rows lost, duplicated and wrong must all be
-0, and `check` must find nothing. Also reports, for kills that land while the process is
-profiling (after its first commit), the work lost: the seconds since its last commit.
+prompt per part: many small commits), killing the process `--kills-per-round` times
+(SIGKILL, SIGINT or SIGTERM, drawn at random), restarting it after each kill, then letting
+it finish. A kill lands at a moment drawn uniformly over the profiling phase (after the
+process's first commit, over the span the uninterrupted run spent committing), or, one
+time in four, uniformly over the whole run from process start (start-up included). The
+finished store is compared row by row with an uninterrupted reference run: rows lost,
+duplicated and wrong must all be 0, and `check` must find nothing. Also reports, for
+kills that land while the process is profiling (after its first commit), the work lost:
+the seconds since its last commit.
 
     python bench/bench_kills.py --rounds 6 --kills-per-round 9      # >= 50 kills
 """
@@ -64,15 +67,27 @@ def commit_times(store: Path) -> list[float]:
     return sorted(p.stat().st_mtime for p in store.glob("manifest/*/*.json"))
 
 
-def kill_round(model: Path, corpus: Path, store: Path, duration: float, kills: int,
-               rng: random.Random, env: dict) -> list[dict]:
+def wait_for_commit(proc: subprocess.Popen, store: Path, before: int) -> bool:
+    """Wait until the process has committed a part; False if it ended first."""
+    while len(commit_times(store)) <= before:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kill_round(model: Path, corpus: Path, store: Path, duration: float, span: float,
+               kills: int, rng: random.Random, env: dict) -> list[dict]:
     events = []
     while len(events) < kills:
         started = time.time()
         before = len(commit_times(store))
         proc = subprocess.Popen(command(model, corpus, store), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0, duration))
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0, duration))
+        elif wait_for_commit(proc, store, before):
+            time.sleep(rng.uniform(0, span))
         name = rng.choice(list(SIGNALS))
         if proc.poll() is not None:  # finished before the kill: the round's run is done
             break
@@ -92,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--kills-per-round", type=int, default=9)
-    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results_kills.json"))
     args = parser.parse_args()
@@ -108,13 +123,15 @@ def main() -> None:
         started = time.time()
         subprocess.run(command(tmp / "model", corpus, tmp / "reference"), env=env, check=True)
         duration = time.time() - started
+        stamps = commit_times(tmp / "reference")
+        span = stamps[-1] - stamps[0]
         reference = rows(tmp / "reference")
         results = []
         from entropy_fast.store.check import check_store
 
         for round_ in range(args.rounds):
             store = tmp / f"round{round_}"
-            events = kill_round(tmp / "model", corpus, store, duration,
+            events = kill_round(tmp / "model", corpus, store, duration, span,
                                 args.kills_per_round, rng, env)
             got = rows(store)
             results.append({
@@ -131,6 +148,7 @@ def main() -> None:
     summary = {
         "date": str(date.today()), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "prompts": args.prompts, "reference_run_s": round(duration, 2),
+        "reference_commit_span_s": round(span, 2),
         "kills": len(kills), "by_signal": {s: sum(e["signal"] == s for e in kills)
                                            for s in SIGNALS},
         "rows_reference": len(reference),

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a network
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Never the user's real cache: the dequantized SmolLM2 goes under the checkout (ignored by
+# git), where later test sessions reuse it.
+os.environ.setdefault("ENTROPY_FAST_CACHE", os.path.join(os.path.dirname(__file__), "..",
+                                                         ".cache", "entropy-fast-tests"))
 
 import pytest
 import torch
@@ -24,6 +28,19 @@ def tokenizer():
 def arch_model(request):
     """(kind, model) for every supported architecture, built once per session."""
     return request.param, tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny random Llama and GPT-2, saved with the tokenizer: loadable by path."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for kind, seed in (("llama", 0), ("gpt2", 1)):
+        folder = root / f"tiny-{kind}"
+        tiny_model(kind, seed=seed).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        paths[kind] = str(folder)
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from entropy_fast.cli import main
 from entropy_fast.store import Store
 from entropy_fast.store.check import check_store
 from entropy_fast.store.codec import read_profiles
 from entropy_fast.store.sql import ProfileStore
-from tests.tiny_models import forbid_hf_weights, tiny_model, tiny_tokenizer
+from tests.cli_runner import run_cli
+from tests.tiny_models import forbid_hf_weights
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
            "1, 2, 3, 4,", "Why is the sky blue?"]
@@ -27,16 +27,8 @@ PNG = b"\x89PNG"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    """Tiny random Llama and GPT-2 saved with a tokenizer, loadable by path."""
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for kind, seed in (("llama", 0), ("gpt2", 1)):
-        folder = root / f"tiny-{kind}"
-        tiny_model(kind, seed=seed).save_pretrained(folder)
-        tiny_tokenizer().save_pretrained(folder)
-        paths[kind] = str(folder)
-    return paths
+def models(saved_models) -> dict[str, str]:
+    return saved_models
 
 
 @pytest.fixture
@@ -44,12 +36,6 @@ def corpus(tmp_path) -> str:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return str(path)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_profile_store_and_every_command(models, corpus, tmp_path, capsys):

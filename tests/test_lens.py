@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from entropy_fast.forward import StateTap, find_decoder_layers
 
+from entropy_fast.forward import StateTap, find_decoder_layers
 from entropy_fast.lens import Lens, UnsupportedArchitectureError
 from tests.reference import entropy_from_logits, lens_logits_float64
 from tests.tiny_models import N_LAYERS, tiny_model

