@@ -91,7 +91,8 @@ def profile_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Se
     """Profile `corpus` with each of `models` into `store`; returns one RunResult per model.
 
     Args:
-        models: one model or several (alias, folder, .gguf, hub id, or a loaded model).
+        models: one model or several: alias, folder, .gguf file, hub id, or an
+            EntropyProfiler (used as it is; its settings are the run's).
         corpus: a Corpus, a corpus file, a list of texts, or None for the bundled sample.
         store: a Store or a folder (created if missing).
         lens, sampling, settings: LensSettings, SamplingSettings, ModelSettings; or give
@@ -282,12 +283,12 @@ def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: Sampling
     """(prompt_id, profile) of `work` (prompt_id -> token ids), wave by wave.
 
     Waves are sized to take about half of `flush_seconds` at the rate measured so far
-    (the first has 8 prompts), and a part is committed at the end of a wave once half of
-    `flush_seconds` has passed since the last commit.
+    (the first has one prompt; each may grow 4x), and a part is committed at the end of a
+    wave once half of `flush_seconds` has passed since the last commit.
     """
     ids = list(work)
     target = flush_seconds / 2
-    size, position, last_commit = 8, 0, time.monotonic()
+    size, position, last_commit = 1, 0, time.monotonic()
     while position < len(ids):
         wave = ids[position:position + size]
         position += len(wave)
@@ -458,11 +459,15 @@ def _check_long_prompts(long_prompts: str) -> None:
 
 
 def _as_list(models: Any) -> list[Any]:
-    if isinstance(models, (list, tuple)):
-        if not models:
-            raise ConfigError("no models given", "name at least one model")
-        return list(models)
-    return [models]
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not models:
+        raise ConfigError("no models given", "name at least one model")
+    for model in models:
+        if hasattr(model, "parameters") and not _is_profiler(model):
+            raise ConfigError("a corpus run takes model names or paths, or EntropyProfiler "
+                              "objects, not a bare model object",
+                              "wrap it: EntropyProfiler(model, tokenizer=tokenizer)")
+    return models
 
 
 def _names(names: Sequence[str] | None, models: list[Any]) -> list[str | None]:

@@ -8,6 +8,7 @@ import math
 import os
 import time
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -150,23 +151,36 @@ def test_generation_stage_then_profile_from_python(folder, tmp_path):
         generate_corpus(str(folder), TEXTS, store, max_new_tokens=0)
 
 
-def test_a_kill_loses_at_most_flush_seconds(folder, tmp_path, monkeypatch):
-    """Waves end with a commit once half of flush_seconds has passed: a long corpus run
-    commits steadily instead of at its end."""
-    commits = []
-    from entropy_fast.store.writer import PartWriter
+@pytest.mark.parametrize("seconds_per_prompt", [0.001, 0.05, 0.7, 3.0])
+def test_waves_commit_at_least_every_flush_seconds(monkeypatch, seconds_per_prompt):
+    """Waves are sized to half of flush_seconds and commit when half has passed, so a kill
+    loses at most flush_seconds of work, whatever a prompt costs (deterministic clock)."""
+    from entropy_fast import pipeline
 
-    monkeypatch.setattr(PartWriter, "step_hook",
-                        staticmethod(lambda step: commits.append(time.monotonic())
-                                     if step == "entry" else None))
-    texts = [f"{TEXTS[i % 6]} {i}" for i in range(60)]
-    started = time.monotonic()
-    (result,) = profile_corpus(str(folder), texts, tmp_path / "s", max_new_tokens=4,
-                               flush_seconds=1.0)
-    ended = time.monotonic()
-    assert result.prompts == 60 and len(commits) >= 2
-    gaps = [b - a for a, b in zip([started, *commits], [*commits, ended], strict=True)]
-    assert max(gaps[1:]) <= 1.0 + max(gaps[0], 1.0), gaps  # first gap includes loading
+    clock = [0.0]
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: clock[0])
+
+    class Profiler:  # costs seconds_per_prompt of the fake clock per prompt
+        def iter_prompt_ids(self, ids, sampling, indices, texts):
+            for index in indices:
+                clock[0] += seconds_per_prompt
+                yield index, None
+
+    commits: list[float] = []
+
+    class Writer:
+        def commit(self):
+            commits.append(clock[0])
+
+    work = {i: [1, 2, 3] for i in range(400)}
+    done = [i for i, _ in pipeline._profile_waves(Profiler(), work, SamplingSettings(0), 10.0,
+                                                  Writer())]
+    assert done == list(work)
+    # uncommitted work at any moment: between commits, and before the final one at close
+    marks = [0.0, *commits, clock[0]]
+    gaps = [b - a for a, b in pairwise(marks)]
+    slack = seconds_per_prompt  # a single prompt cannot be split
+    assert max(gaps) <= 10.0 + slack, gaps
 
 
 def test_cli_errors_name_flags_and_help_shows_defaults(folder, capsys):
