@@ -282,3 +282,57 @@ def test_pandas_output_without_pandas_is_a_clear_error(folder, tmp_path):
         else:
             with pytest.raises(MissingDependencyError, match="pip install pandas"):
                 db.sql("SELECT 1 AS x", output="pandas")
+
+
+def test_an_unwritable_store_is_one_line_even_for_root(folder, tmp_path, monkeypatch, capsys):
+    """What a read-only --out gives a normal user, simulated where root could write."""
+    from entropy_fast.store import writer
+
+    real_open = os.open
+
+    def refuse(path, flags, *args):
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    Store(tmp_path / "ro", create=True)
+    monkeypatch.setattr(writer.os, "open", refuse)
+    code = main(["profile", str(folder), "--out", str(tmp_path / "ro"), "--max-new-tokens",
+                 "0", "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot write into the store" in err and ".tmp" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_says_what_was_kept(folder, tmp_path, monkeypatch, capsys):
+    from entropy_fast import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_consume", interrupted)
+    argv = ["profile", str(folder), "--max-new-tokens", "0", "--no-plot"]
+    assert main(argv) == 130
+    assert "nothing was kept (no --out STORE)" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 130
+    assert "every committed part is kept" in capsys.readouterr().err
+    assert Store(tmp_path / "s").runs()[0].status == "interrupted"
+
+
+def test_summary_and_plot_say_how_they_average(folder, tmp_path, capsys):
+    assert main(["profile", str(folder), "--max-new-tokens", "0", "--prompts",
+                 _write(tmp_path, TEXTS[:3]), "--plot", str(tmp_path / "p.png"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "each token weighs the same" in out and "0 = embeddings, 3 = last block" in out
+
+
+def test_a_nearly_constant_profile_is_plotted_at_its_level():
+    from entropy_fast.viz import plot_mean_curves
+
+    figure = plot_mean_curves({"flat": ([0, 1, 2], [7.50001, 7.50002, 7.50003], [0, 0, 0])})
+    figure.canvas.draw()
+    axis = figure.axes[0].yaxis
+    assert axis.get_major_formatter().get_offset() == ""
+    assert all(7.4 < float(t.get_text().replace("−", "-")) < 7.6
+               for t in axis.get_ticklabels() if t.get_text())
