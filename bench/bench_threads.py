@@ -57,10 +57,11 @@ def main() -> None:
     profiler.profile_batch(prompts[:2], 4)  # warm-up (and the CPU statistics' compilation)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}; {args.prompts} prompts x {args.new_tokens} new tokens")
-    print("| machine | threads | median s | tok/s |")
-    print("|---|---:|---:|---:|")
+    print("| extra load | load avg (1 min) at start | threads | median s | tok/s |")
+    print("|---|---:|---:|---:|---:|")
     for busy in (False, True):
         times: dict[int, list[float]] = {default_threads: [], 1: []}
+        load = os.getloadavg()[0]
         with busy_core(busy):
             for _ in range(args.repeat):
                 for threads in times:
@@ -70,8 +71,8 @@ def main() -> None:
                     times[threads].append(time.perf_counter() - started)
         for threads, runs in times.items():
             seconds = statistics.median(runs)
-            print(f"| {'one core busy' if busy else 'quiet'} | {threads} | {seconds:.2f} | "
-                  f"{args.prompts * args.new_tokens / seconds:.1f} |")
+            print(f"| {'one busy core' if busy else 'none'} | {load:.1f} | {threads} | "
+                  f"{seconds:.2f} | {args.prompts * args.new_tokens / seconds:.1f} |")
 
 
 if __name__ == "__main__":

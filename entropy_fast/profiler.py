@@ -19,6 +19,7 @@ indices 0, k, 2k, ... for layer_stride=k, and always the last state L (the model
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -41,8 +42,19 @@ from entropy_fast.settings import (
     split_options,
 )
 
+_TORCH_THREADS = torch.get_num_threads()  # torch's own default, before any profiler set it
 Progress = Callable[[int, int], None]
 """Called with (prompts, tokens) as each batch of profiles is done."""
+
+
+def idle_cores() -> int:
+    """Cores not busy with other work: the usable cores minus the 1-minute load average,
+    at least 1. Torch's default (one thread per core) makes every parallel region wait
+    for threads whose cores another job holds: measured 4x slower generation on a busy
+    2-core machine (bench/bench_threads.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(_TORCH_THREADS, math.floor((cores or 1) - busy + 0.5)))
 
 
 def select_layers(n_blocks: int, layer_stride: int) -> list[int]:
@@ -85,10 +97,11 @@ class EntropyProfiler:
         self.lens_settings: LensSettings = lens or parsed_lens
         self.model_settings: ModelSettings = settings or parsed_model
         ms = self.model_settings
-        if ms.threads is not None:  # process-wide in torch: the last profiler's setting wins
-            torch.set_num_threads(ms.threads)
         self.model, self.tokenizer, self.model_name = load_model(
             model, tokenizer, ms.dtype, ms.device, ms.load_in_8bit, ms.load_in_4bit)
+        if ms.threads is not None or self.device.type == "cpu":
+            # process-wide in torch: the last profiler's setting wins
+            torch.set_num_threads(ms.threads or idle_cores())
         self.layers = find_decoder_layers(self.model)
         self.layer_indices = select_layers(len(self.layers), self.lens_settings.layer_stride)
         self.lens = Lens.from_model(self.model)

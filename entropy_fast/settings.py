@@ -188,10 +188,9 @@ class ModelSettings(_Settings):
     batch_tokens: int = option(8192, "token budget of one padded batch (forward and "
                                "generation); lower it when memory runs out", identity=False,
                                metavar="N")
-    threads: int | None = option(None, "CPU threads for torch (default: torch's, one per "
-                                 "core); on a machine shared with other jobs, 1 avoids "
-                                 "threads spinning against each other", identity=False,
-                                 metavar="N")
+    threads: int | None = option(None, "CPU threads for torch (default on CPU: the cores "
+                                 "other jobs leave idle, by the load average, at least 1)",
+                                 identity=False, metavar="N")
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
