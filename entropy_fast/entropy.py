@@ -154,14 +154,14 @@ class Partials:
         if first.target_logit is not None:
             target_logit = torch.stack([p.target_logit for p in parts]).sum(0)
 
-        def cat(name: str) -> torch.Tensor | None:
+        def joined(name: str) -> torch.Tensor | None:
             values = [getattr(p, name) for p in parts]
             return None if values[0] is None else torch.cat(values)
 
-        return cls(m=cat("m"), s=cat("s"), u=cat("u"),
+        return cls(m=joined("m"), s=joined("s"), u=joined("u"),
                    d=tuple(torch.cat(ds) for ds in zip(*(p.d for p in parts), strict=True)),
-                   orders=first.orders, vocab=sum(p.vocab for p in parts), top=cat("top"),
-                   above=cat("above"), target_logit=target_logit)
+                   orders=first.orders, vocab=sum(p.vocab for p in parts), top=joined("top"),
+                   above=joined("above"), target_logit=target_logit)
 
     def merge(self) -> Partials:
         """One part (1 x n) holding the sums of all k, at the common maximum."""

@@ -20,6 +20,7 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from entropy_fast.entropy import (
     validate_alphas,
 )
 from entropy_fast.hooks import StateTap, find_decoder_layers
+
+if TYPE_CHECKING:  # the kernels import triton: only where the kernel runs
+    from entropy_fast.kernels.lens_entropy import KernelConfig
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -253,7 +257,8 @@ class Lens:
     @torch.no_grad()
     def kernel_statistics(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
                           *, normed: bool = False, targets: torch.Tensor | None = None,
-                          with_top_token: bool = False, config=None) -> LensStatistics:
+                          with_top_token: bool = False,
+                          config: KernelConfig | None = None) -> LensStatistics:
         """`statistics(..., backend="triton")` with an optional kernels.lens_entropy.KernelConfig
         (benchmarks, tests): the lens's tensors through the fused kernel, then finalize.
 
@@ -263,10 +268,10 @@ class Lens:
 
         alphas = validate_alphas(alphas)
         rows, norm = hidden, {}
-        if not normed and self.norm_spec is not None:
-            norm = self.norm_spec.kernel_arguments()  # fused into the kernel's prologue
-        elif not normed:  # a projection or an unrecognized norm: the modules, in torch
+        if not normed and self.norm_spec is None:  # a projection or an unknown norm: torch
             rows = self.normalize(hidden)
+        elif not normed:  # fused into the kernel's prologue
+            norm = self.norm_spec.kernel_arguments()
         bias = getattr(self.head, "bias", None)
         partials = lens_entropy_partials(
             rows, self.head.weight.detach(), None if bias is None else bias.detach(), **norm,
@@ -275,14 +280,12 @@ class Lens:
         return finalize(partials, alphas, targets)
 
     def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token):
-        parts = []
-        step = self.row_block
+        parts, orders, step = [], tilted_orders(alphas), self.row_block
         for start in range(0, max(len(hidden), 1), step):  # one empty block for no rows
             rows = hidden[start:start + step]
             rows = rows if normed else self.normalize(rows)
             row_targets = None if targets is None else targets[start:start + step]
-            partials = self._stream_partials(rows, tilted_orders(alphas), row_targets,
-                                             with_top_token)
+            partials = self._stream_partials(rows, orders, row_targets, with_top_token)
             parts.append(finalize(partials, alphas, row_targets))
         return _concat(parts)
 
