@@ -61,10 +61,10 @@ _import_working_tree()
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import triton  # noqa: E402
-from entropy_fast.forward import StateTap, find_decoder_layers  # noqa: E402
 from torch import nn  # noqa: E402
 
-from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton  # noqa: E402
+from entropy_fast.forward import StateTap, find_decoder_layers  # noqa: E402
+from entropy_fast.kernels.lens_entropy import KernelConfig  # noqa: E402
 from entropy_fast.lens import Lens  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # the float64 reference of the tests (torch only)
@@ -348,14 +348,14 @@ def kernel_alone(run: Run, rate: float) -> dict[str, KernelConfig]:
                 lens = synthetic_lens(d, vocab, kind)
                 hidden = realistic_rows(lens, N_ROWS)
                 started = time.time()
-                ref = lens_statistics_triton(lens, hidden, (1.0,), config=config)
+                ref = lens.kernel_statistics(hidden, (1.0,), config=config)
                 sync()
                 compile_s = time.time() - started
                 base = out.get(f"{name}/default", {}).get("_entropy")
                 ms = cuda_ms(lambda lens=lens, hidden=hidden, config=config:
-                             lens_statistics_triton(lens, hidden, (1.0,), config=config),
+                             lens.kernel_statistics(hidden, (1.0,), config=config),
                              reps=5 if d >= 2048 else 10)
-                got = lens_statistics_triton(lens, hidden, (1.0,), config=config).entropy
+                got = lens.kernel_statistics(hidden, (1.0,), config=config).entropy
                 row = {**summary(ms), "first_call_s": round(compile_s, 2)}
                 flops = 2.0 * N_ROWS * d * vocab
                 row["tflops"] = flops / row["p50_ms"] / 1e9
@@ -374,10 +374,10 @@ def kernel_alone(run: Run, rate: float) -> dict[str, KernelConfig]:
                             ("all stats", (1.0, 2.0, math.inf), everything),
                             ("all stats 128x256", (1.0, 2.0, math.inf),
                              everything | dict(config=CONFIGS["default"]))):
-                        lens_statistics_triton(lens, hidden, alphas, **extra)
+                        lens.kernel_statistics(hidden, alphas, **extra)
                         t = statistics.median(cuda_ms(
                             lambda a=alphas, e=extra, lens=lens, hidden=hidden: (
-                                lens_statistics_triton(lens, hidden, a, **e)), reps=3))
+                                lens.kernel_statistics(hidden, a, **e)), reps=3))
                         row[f"tflops_{label}"] = flops / t / 1e9
                 out[key] = row
                 if row["max_diff_vs_default"] < 1e-3 and (
@@ -417,7 +417,7 @@ def teacher_forced(model, lens, ids, method: str, config: KernelConfig | None):
     def reduce(index: int, hidden: torch.Tensor) -> None:
         rows = hidden.reshape(-1, hidden.shape[-1])
         if method == "fused":
-            kept.append(lens_statistics_triton(lens, rows, (1.0,), config=config).entropy)
+            kept.append(lens.kernel_statistics(rows, (1.0,), config=config).entropy)
         else:
             kept.append(lens.statistics(rows, (1.0,), backend="torch").entropy)
 

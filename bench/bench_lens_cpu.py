@@ -1,7 +1,7 @@
 """CPU tuning of the streaming torch lens path, and CPU accuracy of both lens paths.
 
 Tuning (default): for each shape (random weights; rows spanning flat to peaked
-distributions) it times `Lens._statistics_torch` over a grid of (row_block, vocab_chunk),
+distributions) it times the torch backend over a grid of `Lens.row_block` x `Lens.vocab_chunk`,
 beside the floor (the same chunked matmuls with no statistics) and, for the matmul dtype
 choice, one float32 and one bfloat16 GEMM of the same size. Prints markdown tables;
 --out writes JSON too.
@@ -97,7 +97,7 @@ def synthetic_rows(d: int, vocab: int, dtype: torch.dtype, n: int = 32):
 
 @torch.no_grad()
 def accuracy(out: str | None, only: str = "") -> None:
-    from entropy_fast.kernels.lens_entropy import KernelConfig, lens_statistics_triton
+    from entropy_fast.kernels.lens_entropy import KernelConfig
 
     # Big tiles keep the interpreter's step count down at V = 128256 (same math).
     big = KernelConfig(block_n=64, block_v=1024, block_k=256, n_splits=2)
@@ -117,8 +117,8 @@ def accuracy(out: str | None, only: str = "") -> None:
                 worst = torch.zeros(len(ALPHAS), dtype=torch.float64)
                 for hidden, normed in parts:
                     truth = entropy_from_logits(lens_logits_float64(lens, hidden, normed), ALPHAS)
-                    got = (lens_statistics_triton(lens, hidden, ALPHAS, normed=normed,
-                                                  config=config) if backend == "triton" else
+                    got = (lens.kernel_statistics(hidden, ALPHAS, normed=normed, config=config)
+                           if backend == "triton" else
                            lens.statistics(hidden, ALPHAS, backend=backend, normed=normed)).entropy
                     worst = torch.maximum(worst, (got.double() - truth).abs().amax(0))
                 errors[backend] = dict(zip(map(str, ALPHAS), worst.tolist(), strict=True))
@@ -164,19 +164,20 @@ def main(argv: list[str] | None = None) -> None:
         row["floor_s"] = best_of(lambda lens=lens, h=hidden: floor(lens, h, 4096), args.reps)
         for rb in args.row_blocks:
             for vc in args.vocab_chunks:
-                t = best_of(lambda lens=lens, h=hidden, rb=rb, vc=vc: lens._statistics_torch(
-                    h, (1.0,), False, None, False, row_block=rb, vocab_chunk=vc), args.reps)
+                lens.row_block, lens.vocab_chunk = rb, vc
+                t = best_of(lambda lens=lens, h=hidden: lens.statistics(h, (1.0,), backend="torch"),
+                            args.reps)
                 row["grid_s"][f"{rb}x{vc}"] = t
                 print(f"{name} row_block={rb} vocab_chunk={vc}: {t:.3f}s "
                       f"({gflop / t:.0f} GFLOP/s)", flush=True)
         best = min(row["grid_s"], key=row["grid_s"].get)
-        rb, vc = (int(v) for v in best.split("x"))
+        lens.row_block, lens.vocab_chunk = (int(v) for v in best.split("x"))
         row["best"] = best
         row["default_s"] = row["grid_s"].get("1024x4096", float("nan"))
         row["best_3_orders_all_stats_s"] = best_of(
-            lambda lens=lens, h=hidden, rb=rb, vc=vc: lens._statistics_torch(
-                h, (1.0, 2.0, float("inf")), False, torch.zeros(len(h), dtype=torch.long), True,
-                row_block=rb, vocab_chunk=vc), args.reps)
+            lambda lens=lens, h=hidden: lens.statistics(
+                h, (1.0, 2.0, float("inf")), backend="torch",
+                targets=torch.zeros(len(h), dtype=torch.long), with_top_token=True), args.reps)
         results["shapes"][name] = row
     print(f"\n{results['threads']} threads, {args.rows} rows, best of {args.reps}, seconds\n")
     print("| shape | matmul fp32 | matmul bf16 | floor (norm + chunked GEMMs) | old default "

@@ -1,66 +1,57 @@
-"""Entropy math: Shannon and Rényi entropies, exact and streamed over vocabulary chunks.
+"""Entropy math of both lens backends: per-part online-softmax sums, their merge, entropies.
 
 Two ways in:
 
 * `shannon_entropy(probs)` / `renyi_entropy(probs, alpha)` take probabilities (the seed
   library's functions), for small inputs and references.
-* `OnlineEntropy` takes logits chunk by chunk (columns of the vocabulary) and keeps, per
-  row, only O(1) statistics in float32, so that a (rows x vocabulary) tensor of
-  probabilities is never needed. The Triton kernel runs the same recurrence per tile.
+* `Partials`: per-row sums over parts of the vocabulary, each relative to its part's own
+  maximum. The torch backend makes one part per logit chunk (`chunk_partials`), the Triton
+  kernel (kernels/lens_entropy.py) one per vocabulary split; `finalize` merges the parts
+  and turns the sums into entropies, the argmax token and the targets' surprisal and rank.
+  Memory is O(parts x rows): a (rows x vocabulary) tensor is never needed.
 
-Online statistics per row, for logits z and the running maximum m (x = z - m <= 0):
+For the logits z of one part and its maximum m (x = z - m <= 0, nats):
 
     S   = sum exp(x)                       partition function, relative to m
-    U   = sum exp(x) * x                   Shannon: H = log S - U / S
+    U   = sum exp(x) * x                   Shannon: H_1 = log S - U / S
     D_a = sum exp(a x) - exp(x)            Rényi:   H_a = log S - log1p(D_a / S) / (a - 1)
 
 H_a follows from log sum p^a = log(S + D_a) - a log S. Keeping D_a (instead of
-sum exp(a x)) avoids the cancellation of the textbook form near a = 1: for |a - 1| < 1/2
-each term is computed as exp(x) * expm1((a - 1) x), accurate to float32 precision however
-close a is to 1. Special orders: a = 1 is Shannon; a = inf is -log max p = log S; a = 0 is
-the log of the number of tokens (every finite logit has p > 0). When the running maximum
-moves from m to m' (shift s = m - m' <= 0) the sums are rescaled:
+sum exp(a x)) avoids the cancellation of the textbook form near a = 1: for
+|a - 1| < EXPM1_BAND each term is computed as exp(x) * expm1((a - 1) x), accurate to
+float32 precision however close a is to 1. Special orders need no D_a: a = 1 is Shannon;
+a = inf is -log max p = log S; a = 0 is log V (every finite logit has p > 0). Parts merge
+at the common maximum M: with shift s = m - M <= 0 per part,
 
-    S <- e^s S,   U <- e^s (U + s S),   D_a <- e^(a s) D_a + (e^(a s) - e^s) S.
+    S = sum_parts e^s S,   U = sum_parts e^s (U + s S),
+    D_a = sum_parts e^(a s) D_a + (e^(a s) - e^s) S.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from entropy_fast.settings import validate_alphas
+
 # Beyond this distance below the maximum a token's exp(x) is < 2e-35: negligible against
-# S >= 1. Clamping there keeps exp(x) * expm1(d x) from evaluating 0 * inf.
-_NEGLIGIBLE_LOGIT_GAP = 80.0
+# S >= 1. Clamping there keeps exp(x) * expm1(d x) from evaluating 0 * inf. The kernel
+# clamps at the same distance (in bits).
+NEGLIGIBLE_LOGIT_GAP = 80.0
 # Below this |a - 1| the expm1 form is used; above it the plain difference is exact enough.
-_EXPM1_BAND = 0.5
+# The kernel picks its near-1 branch by the same band.
+EXPM1_BAND = 0.5
 
 
-def validate_alphas(alpha: float | Sequence[float]) -> tuple[float, ...]:
-    """Return the Rényi orders as a tuple of floats, or raise ValueError naming the bad one."""
-    alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
-    if not alphas:
-        raise ValueError("alpha must name at least one Rényi order, e.g. alpha=1.0 (Shannon)")
-    checked = []
-    for a in alphas:
-        try:
-            a = float(a)
-        except (TypeError, ValueError):
-            raise ValueError(f"alpha must be a number >= 0 or inf, got {a!r}") from None
-        if math.isnan(a) or a < 0:
-            raise ValueError(
-                f"alpha must be >= 0 (0 = log support size, 1 = Shannon, inf = min-entropy), "
-                f"got {a}"
-            )
-        checked.append(a)
-    if len(set(checked)) != len(checked):
-        raise ValueError(f"alpha lists an order twice: {checked}")
-    return tuple(checked)
+def tilted_orders(alphas: Sequence[float]) -> tuple[float, ...]:
+    """The orders that need their own sum D_a: all but 0, 1 and inf."""
+    return tuple(a for a in alphas if a not in (0.0, 1.0) and not math.isinf(a))
 
 
 def shannon_entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -85,49 +76,13 @@ def renyi_entropy(probs: torch.Tensor, alpha: float, dim: int = -1) -> torch.Ten
     return torch.log(p.pow(alpha).sum(dim=dim)) / (1.0 - alpha)
 
 
-def _tilted_gap(x: torch.Tensor, alpha: float, exp_x: torch.Tensor | None = None) -> torch.Tensor:
+def tilted_gap(x: torch.Tensor, alpha: float, exp_x: torch.Tensor | None = None) -> torch.Tensor:
     """exp(alpha x) - exp(x) for x <= 0, accurate for alpha near 1 (exp_x: exp(x) if known)."""
     exp_x = torch.exp(x) if exp_x is None else exp_x
     delta = alpha - 1.0
-    if abs(delta) < _EXPM1_BAND:
-        return exp_x * torch.expm1(delta * x.clamp(min=-_NEGLIGIBLE_LOGIT_GAP))
+    if abs(delta) < EXPM1_BAND:
+        return exp_x * torch.expm1(delta * x.clamp(min=-NEGLIGIBLE_LOGIT_GAP))
     return torch.exp(alpha * x) - exp_x
-
-
-def _eager_chunk_moments(logits: torch.Tensor, tilted: tuple[float, ...]):
-    m = logits.amax(dim=1, keepdim=True)
-    x = logits - m
-    e = torch.exp(x)
-    return m[:, 0], e.sum(dim=1), (e * x).sum(dim=1), tuple(
-        _tilted_gap(x, a, e).sum(dim=1) for a in tilted)
-
-
-# Eager torch walks a chunk once per elementwise op (max, sub, exp, sum, mul, sum); on
-# CPU that costs as much again as the GEMM that made the chunk. torch.compile fuses them
-# into two passes over the chunk (measured: statistics from ~1.4x to ~0.2x of the GEMM on
-# SmolLM2's head, at ~1 min of one-time compilation per process), so large CPU chunks use
-# it. ENTROPY_FAST_COMPILE=0 turns it off; a failed compilation falls back to eager.
-_COMPILE_MIN_ELEMENTS = 1 << 20
-_compiled_chunk_moments = None
-
-
-def chunk_moments(logits: torch.Tensor, tilted: tuple[float, ...] = ()):
-    """(m, S, U, (D_a, ...)) of one (n_rows x chunk) block, relative to its own row max m."""
-    global _compiled_chunk_moments
-    tilted = tuple(tilted)
-    if (logits.device.type != "cpu" or logits.numel() < _COMPILE_MIN_ELEMENTS
-            or os.environ.get("ENTROPY_FAST_COMPILE", "1") == "0"
-            or _compiled_chunk_moments is False):
-        return _eager_chunk_moments(logits, tilted)
-    try:
-        if _compiled_chunk_moments is None:
-            _compiled_chunk_moments = torch.compile(_eager_chunk_moments, dynamic=True)
-        return _compiled_chunk_moments(logits, tilted)
-    except Exception as error:  # no C++ compiler, unsupported platform, ...
-        warnings.warn(f"torch.compile of the lens statistics failed ({error!r:.200}); "
-                      "using eager torch", stacklevel=2)
-        _compiled_chunk_moments = False
-        return _eager_chunk_moments(logits, tilted)
 
 
 @dataclass
@@ -136,8 +91,10 @@ class LensStatistics:
 
     entropy: (n_rows x n_alphas) float32 in nats.
     top_token: (n_rows,) int64 argmax token, when asked for.
-    target_surprisal: (n_rows,) float32 -log p(target) in nats, when targets are given.
-    target_rank: (n_rows,) int64 number of tokens with a larger logit, when targets are given.
+    target_surprisal: (n_rows,) float32 -log p(target) in nats, when targets are given
+        (nan where a target is outside [0, V)).
+    target_rank: (n_rows,) int64 number of other tokens with a larger logit, when targets
+        are given (-1 where a target is outside [0, V)).
     """
 
     entropy: torch.Tensor
@@ -146,89 +103,188 @@ class LensStatistics:
     target_rank: torch.Tensor | None = None
 
 
-class OnlineEntropy:
-    """Per-row running statistics over vocabulary chunks (see the module docstring).
+@dataclass
+class Partials:
+    """Online-softmax sums of n rows over k parts of the vocabulary (module docstring).
 
-    Feed (n_rows x chunk) float32 logits with `update`, in vocabulary order, then call
-    `finalize`. Memory is O(n_rows x n_alphas) whatever the vocabulary size.
-
-    Target statistics need `targets` (n_rows,) token ids and `target_logit_estimate`
-    (n_rows,): the target's logit computed up front (one dot product per row), so that its
-    rank can be counted in the same single pass. The surprisal uses the exact logit of the
-    chunk; the rank counts the other tokens whose logit exceeds the estimate.
+    m: (k x n) each part's max logit, nats.   s: (k x n) S.   u: (k x n) U, nats.
+    d: one (k x n) D_a per order of `orders` (entropy.tilted_orders of the alphas).
+    vocab: tokens over all parts (V). top: (k x n) int64 first argmax token of each part.
+    above: (k x n) int64 tokens of each part, the target excluded, whose logit exceeds an
+    estimate of the target's logit made before the sweep. target_logit: (n,) the target's
+    logit in nats (in a Partials of one chunk: its logit there if the chunk holds the
+    target, else 0, so that `cat` adds them up). The last three are None unless asked for.
     """
 
-    def __init__(
-        self,
-        alphas: Sequence[float],
-        targets: torch.Tensor | None = None,
-        target_logit_estimate: torch.Tensor | None = None,
-        track_argmax: bool = False,
-    ) -> None:
-        self.alphas = tuple(alphas)
-        self._tilted = [a for a in self.alphas if a != 1.0 and not math.isinf(a)]
-        self.targets = targets
-        self.target_logit_estimate = target_logit_estimate
-        self.track_argmax = track_argmax
-        self._offset = 0
-        self.m: torch.Tensor | None = None
+    m: torch.Tensor
+    s: torch.Tensor
+    u: torch.Tensor
+    d: tuple[torch.Tensor, ...]
+    orders: tuple[float, ...]
+    vocab: int
+    top: torch.Tensor | None = None
+    above: torch.Tensor | None = None
+    target_logit: torch.Tensor | None = None
 
-    def update(self, logits: torch.Tensor) -> None:
-        """Fold one (n_rows x chunk) block of float32 logits into the statistics."""
-        m_chunk, s_chunk, u_chunk, d_chunk = chunk_moments(logits, self._tilted)
-        argmax_chunk = logits.argmax(dim=1) if self.track_argmax else None
-        self._track_tokens(logits, m_chunk, argmax_chunk)
-        if self.m is None:
-            self.m, self.s, self.u, self.d = m_chunk, s_chunk, u_chunk, list(d_chunk)
-        else:  # both sides move to the common maximum (one of the shifts is 0)
-            m_new = torch.maximum(self.m, m_chunk)
-            old, new = self.m - m_new, m_chunk - m_new
-            self.d = [
-                torch.exp(a * old) * d + _tilted_gap(old, a) * self.s
-                + torch.exp(a * new) * dc + _tilted_gap(new, a) * s_chunk
-                for a, d, dc in zip(self._tilted, self.d, d_chunk, strict=True)
-            ]
-            self.u = (torch.exp(old) * (self.u + old * self.s)
-                      + torch.exp(new) * (u_chunk + new * s_chunk))
-            self.s = torch.exp(old) * self.s + torch.exp(new) * s_chunk
-            self.m = m_new
-        self._offset += logits.shape[1]
+    @classmethod
+    def cat(cls, parts: Sequence[Partials]) -> Partials:
+        """The parts of several Partials of the same rows, in vocabulary order, as one."""
+        first = parts[0]
+        target_logit = None
+        if first.target_logit is not None:
+            target_logit = torch.stack([p.target_logit for p in parts]).sum(0)
 
-    def _track_tokens(self, logits, m_chunk, argmax_chunk) -> None:
-        if self.track_argmax:
-            argmax_chunk = argmax_chunk + self._offset
-            if self.m is None:
-                self.argmax = argmax_chunk
-            else:  # strict: the first maximal token wins, as in torch.argmax
-                self.argmax = torch.where(m_chunk > self.m, argmax_chunk, self.argmax)
-        if self.targets is None:
-            return
-        columns = torch.arange(self._offset, self._offset + logits.shape[1],
-                               device=logits.device)
-        is_target = columns[None, :] == self.targets[:, None]
-        above = (logits > self.target_logit_estimate[:, None]) & ~is_target
-        self.rank = above.sum(dim=1) + (0 if self.m is None else self.rank)
-        exact = (logits * is_target).sum(dim=1)
-        self.target_logit = exact + (0 if self.m is None else self.target_logit)
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
 
-    def finalize(self) -> LensStatistics:
-        """Turn the running sums into entropies (and the optional token statistics)."""
-        if self.m is None:
-            raise ValueError("no logits were given: the vocabulary is empty")
-        log_s = torch.log(self.s)
-        tilted = dict(zip(self._tilted, self.d, strict=True))
-        columns = []
-        for a in self.alphas:
-            if a == 1.0:
-                columns.append(log_s - self.u / self.s)
-            elif math.isinf(a):
-                columns.append(log_s)
-            else:
-                columns.append(log_s - torch.log1p(tilted[a] / self.s) / (a - 1.0))
-        stats = LensStatistics(entropy=torch.stack(columns, dim=1))
-        if self.track_argmax:
-            stats.top_token = self.argmax
-        if self.targets is not None:
-            stats.target_surprisal = log_s - (self.target_logit - self.m)
-            stats.target_rank = self.rank
-        return stats
+        return cls(m=joined("m"), s=joined("s"), u=joined("u"),
+                   d=tuple(torch.cat(ds) for ds in zip(*(p.d for p in parts), strict=True)),
+                   orders=first.orders, vocab=sum(p.vocab for p in parts), top=joined("top"),
+                   above=joined("above"), target_logit=target_logit)
+
+    def merge(self) -> Partials:
+        """One part (1 x n) holding the sums of all k, at the common maximum."""
+        top_m, where = self.m.max(dim=0, keepdim=True)  # first maximal part: lowest token
+        shift = self.m - top_m
+        r = torch.exp(shift)
+        d = tuple((torch.exp(a * shift) * d_a + tilted_gap(shift, a, r) * self.s).sum(0, True)
+                  for a, d_a in zip(self.orders, self.d, strict=True))
+        return Partials(
+            m=top_m, s=(r * self.s).sum(0, True), u=(r * (self.u + shift * self.s)).sum(0, True),
+            d=d, orders=self.orders, vocab=self.vocab,
+            top=None if self.top is None else self.top.gather(0, where),
+            above=None if self.above is None else self.above.sum(0, True),
+            target_logit=self.target_logit)
+
+
+def finalize(partials: Partials, alphas: Sequence[float],
+             targets: torch.Tensor | None = None) -> LensStatistics:
+    """Entropies (n x len(alphas), float32 nats) and token statistics of merged partials.
+
+    targets: (n,) token ids when partials carry target statistics; rows whose target is
+    outside [0, V) get nan surprisal and rank -1.
+    """
+    p = partials.merge()
+    s, m = p.s[0], p.m[0]
+    log_s = torch.log(s)
+    tilted = dict(zip(p.orders, p.d, strict=True))
+    columns = []
+    for a in alphas:
+        if a == 1.0:
+            columns.append(log_s - p.u[0] / s)
+        elif math.isinf(a):
+            columns.append(log_s)
+        elif a == 0.0:
+            columns.append(torch.full_like(log_s, math.log(p.vocab)))
+        else:
+            columns.append(log_s - torch.log1p(tilted[a][0] / s) / (a - 1.0))
+    stats = LensStatistics(entropy=torch.stack(columns, dim=1).float())
+    if p.top is not None:
+        stats.top_token = p.top[0].long()
+    if targets is not None:
+        valid = (targets >= 0) & (targets < p.vocab)
+        surprisal = log_s - (p.target_logit.to(log_s.dtype) - m)  # exact where z_t ~ m
+        stats.target_surprisal = torch.where(valid, surprisal, math.nan).float()
+        stats.target_rank = torch.where(valid, p.above[0].long(), -1)
+    return stats
+
+
+def _eager_chunk_moments(logits: torch.Tensor, orders: tuple[float, ...]):
+    m = logits.amax(dim=1, keepdim=True)
+    x = logits - m
+    e = torch.exp(x)
+    return m[:, 0], e.sum(dim=1), (e * x).sum(dim=1), tuple(
+        tilted_gap(x, a, e).sum(dim=1) for a in orders)
+
+
+def compile_errors() -> tuple[type[Exception], ...]:
+    """How torch.compile fails where it cannot build (no or broken C++ compiler, an
+    inductor lowering error); any other exception is a bug and propagates. (A function:
+    importing torch._dynamo costs time that most imports of this module do not need.)"""
+    import torch._dynamo.exc
+
+    return (torch._dynamo.exc.BackendCompilerFailed,)
+
+
+class ChunkMoments:
+    """(m, S, U, (D_a, ...)) of (rows x chunk) float32 logit blocks, row by row.
+
+    Eager torch walks a chunk once per elementwise op (max, sub, exp, sum, mul, sum); on
+    CPU that costs as much again as the GEMM that made the chunk. torch.compile fuses them
+    into two passes over the chunk (bench/RESULTS.md: statistics from ~1.4x to ~0.2x of the
+    GEMM on SmolLM2's head, at ~1 min of one-time compilation per process), so CPU chunks
+    of at least `min_elements` logits use it when `compile` is on. The first compilation
+    that fails with one of compile_errors() warns once, records the error in `failure` and
+    turns compilation off for this object; every later call runs eager.
+    """
+
+    def __init__(self, compile: bool, min_elements: int = 1 << 20,
+                 compiler: Callable = torch.compile) -> None:
+        self.compile = compile
+        self.min_elements = min_elements
+        self.failure: str | None = None
+        self._compiler = compiler
+        self._compiled: Callable | None = None
+
+    @classmethod
+    def from_environment(cls) -> ChunkMoments:
+        """Compilation on unless ENTROPY_FAST_COMPILE=0, and where dynamo runs at all."""
+        wanted = os.environ.get("ENTROPY_FAST_COMPILE", "1") != "0"
+        return cls(compile=wanted and torch._dynamo.is_dynamo_supported())
+
+    def uses_compiled(self, logits: torch.Tensor) -> bool:
+        """Whether this block goes through torch.compile."""
+        return (self.compile and logits.device.type == "cpu"
+                and logits.numel() >= self.min_elements)
+
+    def __call__(self, logits: torch.Tensor, orders: tuple[float, ...] = ()):
+        """(m, S, U, (D_a per order)) of one (n x chunk) block, each (n,), relative to m."""
+        if not self.uses_compiled(logits):
+            return _eager_chunk_moments(logits, orders)
+        try:
+            if self._compiled is None:
+                self._compiled = self._compiler(_eager_chunk_moments, dynamic=True)
+            return self._compiled(logits, orders)
+        except compile_errors() as error:
+            self.compile, self.failure = False, f"{error!r:.300}"
+            warnings.warn(f"torch.compile of the lens statistics failed ({self.failure}); "
+                          "using eager torch from now on (ENTROPY_FAST_COMPILE=0 skips it)",
+                          stacklevel=2)
+            return _eager_chunk_moments(logits, orders)
+
+
+@functools.cache
+def default_chunk_moments() -> ChunkMoments:
+    """The process's ChunkMoments, built from the environment at first use (one
+    compilation per process; `default_chunk_moments.cache_clear()` rebuilds it)."""
+    return ChunkMoments.from_environment()
+
+
+def chunk_partials(logits: torch.Tensor, orders: tuple[float, ...], *, offset: int = 0,
+                   targets: torch.Tensor | None = None,
+                   target_estimate: torch.Tensor | None = None, with_argmax: bool = False,
+                   moments: ChunkMoments | None = None) -> Partials:
+    """Partials (one part) of an (n x chunk) float32 block of logits: tokens offset.. of V.
+
+    targets, target_estimate: (n,) token ids and their logits (nats) computed before the
+    sweep, for the rank count; the part's target_logit is the chunk's own logit of the
+    target (exact against m), 0 where the chunk does not hold it.
+    moments: the chunk statistics' implementation (default_chunk_moments()).
+    """
+    moments = default_chunk_moments() if moments is None else moments
+    m, s, u, d = moments(logits, orders)
+    width = logits.shape[1]
+    top = above = target_logit = None
+    if with_argmax:
+        top = (logits.argmax(dim=1) + offset)[None]
+    if targets is not None:
+        local = targets - offset
+        inside = (local >= 0) & (local < width)
+        own = logits.gather(1, local.clamp(0, width - 1)[:, None])[:, 0]
+        above = ((logits > target_estimate[:, None]).sum(dim=1)
+                 - (inside & (own > target_estimate)).long())[None]
+        target_logit = torch.where(inside, own, 0.0)
+    return Partials(m=m[None], s=s[None], u=u[None], d=tuple(x[None] for x in d),
+                    orders=orders, vocab=width, top=top, above=above,
+                    target_logit=target_logit)

@@ -6,9 +6,12 @@ project_out), the output head with its optional bias, and the final-logit transf
 to the last block's pre-norm output reproduces the model's own logits.
 
 `lens.entropy(hidden)` maps pre-norm hidden states (n_rows x d_model) of any layer to
-entropies (n_rows x n_alphas) without ever holding an (n_rows x vocabulary) tensor:
-`backend="torch"` streams over vocabulary chunks (`entropy.OnlineEntropy`),
-`backend="triton"` runs the fused kernel, `"auto"` picks the kernel on CUDA.
+entropies (n_rows x n_alphas) without ever holding an (n_rows x vocabulary) tensor.
+Both backends produce per-part online-softmax sums (`entropy.Partials`) that
+`entropy.finalize` turns into entropies: `backend="torch"` streams over vocabulary chunks
+(`entropy.chunk_partials`), `backend="triton"` hands the lens's tensors (rows, head, bias,
+norm parameters, scale, soft-cap) to the fused kernel's launcher
+(`kernels.lens_entropy.lens_entropy_partials`), `"auto"` picks the kernel on CUDA.
 """
 
 from __future__ import annotations
@@ -17,12 +20,23 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from entropy_fast.entropy import LensStatistics, OnlineEntropy, validate_alphas
+from entropy_fast.entropy import (
+    LensStatistics,
+    Partials,
+    chunk_partials,
+    finalize,
+    tilted_orders,
+    validate_alphas,
+)
 from entropy_fast.forward import StateTap, find_decoder_layers
+
+if TYPE_CHECKING:  # the kernels import triton: only where the kernel runs
+    from entropy_fast.kernels.lens_entropy import KernelConfig
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -55,6 +69,12 @@ class NormSpec:
         if self.bias is not None:
             y = y + self.bias.float()
         return y
+
+    def kernel_arguments(self) -> dict:
+        """This norm as the fused kernel's launcher takes it: plain tensors and scalars."""
+        return dict(norm=self.kind, norm_eps=self.eps, norm_offset=self.weight_offset,
+                    norm_weight=None if self.weight is None else self.weight.detach(),
+                    norm_bias=None if self.bias is None else self.bias.detach())
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -111,7 +131,14 @@ def identify_norm(norm: nn.Module | None, width: int) -> NormSpec | None:
 
 
 class Lens:
-    """The unembedding of one model: final norm, projection, head, logit transforms."""
+    """The unembedding of one model: final norm, projection, head, logit transforms.
+
+    row_block x vocab_chunk: the torch backend's logit blocks (1024 x 8192 measured best
+    on CPU with compiled statistics, bench/RESULTS.md); fixed, set per instance to change.
+    """
+
+    row_block: int = 1024
+    vocab_chunk: int = 8192
 
     def __init__(self, head: nn.Module, norm: nn.Module | None = None,
                  projection: nn.Module | None = None, softcap: float | None = None,
@@ -223,42 +250,66 @@ class Lens:
         if targets is not None:
             targets = targets.to(hidden.device, torch.int64)
         if _pick_backend(backend, hidden.device) == "triton":
-            return self._statistics_triton(hidden, alphas, normed, targets, with_top_token)
+            return self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
+                                          with_top_token=with_top_token)
         return self._statistics_torch(hidden, alphas, normed, targets, with_top_token)
 
-    def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,
-                          row_block: int = 1024, vocab_chunk: int = 8192) -> LensStatistics:
-        parts = []
-        for start in range(0, hidden.shape[0], row_block):
-            rows = hidden[start:start + row_block]
+    @torch.no_grad()
+    def kernel_statistics(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
+                          *, normed: bool = False, targets: torch.Tensor | None = None,
+                          with_top_token: bool = False,
+                          config: KernelConfig | None = None) -> LensStatistics:
+        """`statistics(..., backend="triton")` with an optional kernels.lens_entropy.KernelConfig
+        (benchmarks, tests): the lens's tensors through the fused kernel, then finalize.
+
+        hidden: (n_rows x d); targets: (n_rows,) int64 token ids on hidden's device.
+        """
+        from entropy_fast.kernels.lens_entropy import lens_entropy_partials
+
+        alphas = validate_alphas(alphas)
+        rows, norm = hidden, {}
+        if not normed and self.norm_spec is None:  # a projection or an unknown norm: torch
+            rows = self.normalize(hidden)
+        elif not normed:  # fused into the kernel's prologue
+            norm = self.norm_spec.kernel_arguments()
+        bias = getattr(self.head, "bias", None)
+        partials = lens_entropy_partials(
+            rows, self.head.weight.detach(), None if bias is None else bias.detach(), **norm,
+            logit_scale=self.logit_scale, softcap=self.softcap or None, alphas=alphas,
+            targets=targets, with_argmax=with_top_token, config=config)
+        return finalize(partials, alphas, targets)
+
+    def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token):
+        parts, orders, step = [], tilted_orders(alphas), self.row_block
+        for start in range(0, max(len(hidden), 1), step):  # one empty block for no rows
+            rows = hidden[start:start + step]
             rows = rows if normed else self.normalize(rows)
-            row_targets = None if targets is None else targets[start:start + row_block]
-            parts.append(self._stream_rows(rows, alphas, row_targets, with_top_token,
-                                           vocab_chunk))
+            row_targets = None if targets is None else targets[start:start + step]
+            partials = self._stream_partials(rows, orders, row_targets, with_top_token)
+            parts.append(finalize(partials, alphas, row_targets))
         return _concat(parts)
 
-    def _stream_rows(self, normed_rows, alphas, targets, with_top_token, vocab_chunk):
+    def _stream_partials(self, normed_rows: torch.Tensor, orders: tuple[float, ...],
+                         targets: torch.Tensor | None, with_top_token: bool) -> Partials:
+        """One part per vocabulary chunk of normed rows (n x d); logits (n x chunk) float32."""
         weight = self._matmul_weight(normed_rows.device)
         bias = getattr(self.head, "bias", None)
         rows = normed_rows.to(weight.dtype)
         estimate = None
-        if targets is not None:
-            estimate = (rows * weight[targets]).sum(dim=1, keepdim=True)
-            estimate = self._transform(estimate if bias is None else estimate + bias[targets, None])
-        online = OnlineEntropy(alphas, targets, None if estimate is None else estimate[:, 0],
-                               track_argmax=with_top_token)
-        for start in range(0, weight.shape[0], vocab_chunk):
-            chunk = _matmul_float32(rows, weight[start:start + vocab_chunk])
+        if targets is not None:  # one dot product per row; targets outside [0, V) clamped
+            picked = targets.clamp(0, weight.shape[0] - 1)
+            z = (rows * weight[picked]).sum(dim=1, keepdim=True)
+            estimate = self._transform(z if bias is None else z + bias[picked, None])[:, 0]
+        parts = []
+        step = self.vocab_chunk
+        for start in range(0, weight.shape[0], step):
+            chunk = _matmul_float32(rows, weight[start:start + step])
             if bias is not None:
-                chunk = chunk + bias[start:start + vocab_chunk]
-            online.update(self._transform(chunk))
-        return online.finalize()
-
-    def _statistics_triton(self, hidden, alphas, normed, targets, with_top_token):
-        from entropy_fast.kernels.lens_entropy import lens_statistics_triton
-
-        return lens_statistics_triton(self, hidden, alphas, normed=normed, targets=targets,
-                                      with_top_token=with_top_token)
+                chunk = chunk + bias[start:start + step]
+            parts.append(chunk_partials(self._transform(chunk), orders, offset=start,
+                                        targets=targets, target_estimate=estimate,
+                                        with_argmax=with_top_token))
+        return Partials.cat(parts)
 
     @torch.no_grad()
     def verify(self, model: nn.Module, layers: nn.ModuleList | None = None) -> None:

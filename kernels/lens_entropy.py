@@ -1,11 +1,11 @@
-"""Fused logit lens: final norm -> lm_head -> online softmax -> Rényi entropies, one pass.
+"""Fused logit lens: final norm -> lm_head -> online softmax sums, one sweep of the vocabulary.
 
 Per row r and token v the logit is z = t((x_r . W_v + b_v) * scale), where x_r is the
 normed row, b the head bias and t the soft-cap c * tanh(. / c) (identity without one).
 Nothing of size (rows x vocabulary) is written: each program owns BLOCK_N rows and one
 split of the vocabulary, computes BLOCK_N x BLOCK_V logit tiles with tl.dot (bf16/fp16
 operands, fp32 accumulation; fp32 operands use "ieee" precision, never tf32) and folds
-every tile into per-row fp32 statistics, in base 2 (z2 = z * log2 e, so exp is exp2):
+every tile into per-row fp32 sums, in base 2 (z2 = z * log2 e, so exp is exp2):
 
     m  running max of z2            x = z2 - m <= 0,  e = 2^x
     S  = sum e                      U = sum e x       D_a = sum 2^(a x) - e
@@ -14,18 +14,18 @@ When the max moves by s = m_old - m_new <= 0 (r = 2^s) the sums are rescaled:
 
     S <- r S,   U <- r (U + s S),   D_a <- 2^(a s) D_a + (2^(a s) - r) S.
 
-Near a = 1 (|a - 1| < 1/2) the gap terms are computed as e * expm1((a - 1) x ln 2), so
-orders 0.999 and 1.001 are as accurate as any other; a = 2 uses e * e (no second exp);
-a = 1, inf and 0 need no D at all. Splits are merged in torch (O(rows x splits)) with the
-same rescaling in natural units (entropy.OnlineEntropy), then, with log S in nats:
-
-    H_1 = log S - U/S,   H_a = log S - log1p(D_a / S) / (a - 1),   H_inf = log S,
-    H_0 = log V,   surprisal(t) = log S + m - z_t,   rank(t) = #{v != t : z_v > z_t}.
+Near a = 1 (|a - 1| < entropy.EXPM1_BAND) the gap terms are computed as
+e * expm1((a - 1) x ln 2), so orders 0.999 and 1.001 are as accurate as any other; a = 2
+uses e * e (no second exp); a = 1, inf and 0 need no D at all. x is clamped at
+entropy.NEGLIGIBLE_LOGIT_GAP (in bits) wherever it multiplies e, so e * x is 0, not nan,
+past the vocabulary's end. Each program writes its split's sums (m, S, U, D_a x 4 in
+fp32; argmax and the rank count in int32); the launcher returns them as entropy.Partials
+(one part per split, float64, m and U in nats), and entropy.finalize merges the splits and
+computes H_1, H_a, H_inf, H_0, the argmax, surprisal and rank for both lens backends.
 
 The final norm (LayerNorm, RMSNorm, Gemma's 1 + w) runs in a one-row-per-program
-prologue in fp32 that writes the normed rows once in the head's dtype (N x d, a few
-percent of the matmul's time at most) and, for targets, their exact logit z_t.
-All statistics and accumulators are fp32; rank and argmax are int32 per split.
+prologue (lens_prologue.py) in fp32 that writes the normed rows once in the head's dtype
+(N x d, a few percent of the matmul's time at most) and, for targets, their exact logit.
 """
 
 from __future__ import annotations
@@ -33,18 +33,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from entropy_fast.entropy import EXPM1_BAND, NEGLIGIBLE_LOGIT_GAP, Partials, tilted_orders
 from entropy_fast.kernels.lens_prologue import _tanh, prepare_rows
 
-from entropy_fast.entropy import LensStatistics
-
+LOG2E = 1.0 / math.log(2.0)
 # Runtime scalars and constexprs never lead a product with a tensor: the interpreter passes
 # scalars as Python floats, and constexpr * tensor is not a tensor there.
-GAP2 = tl.constexpr(116.0)  # 80 nats in bits: beyond it a token's weight is < 1e-35
+GAP2 = tl.constexpr(NEGLIGIBLE_LOGIT_GAP * LOG2E)  # the same clamp, in bits
 _MAX_TILTED = 4  # D_a slots per launch; more orders take more launches
 _UNUSED, _GENERAL, _NEAR_ONE, _SQUARE = 0, 1, 2, 3
 
@@ -338,7 +340,7 @@ def _operands(cfg: KernelConfig, x: torch.Tensor, weight: torch.Tensor):
 
 
 def _kind(a: float) -> int:
-    return _SQUARE if a == 2.0 else _NEAR_ONE if abs(a - 1.0) < 0.5 else _GENERAL
+    return _SQUARE if a == 2.0 else _NEAR_ONE if abs(a - 1.0) < EXPM1_BAND else _GENERAL
 
 
 def specialization(cfg: KernelConfig, orders: list[float], dtype: torch.dtype, vocab: int,
@@ -354,114 +356,118 @@ def specialization(cfg: KernelConfig, orders: list[float], dtype: torch.dtype, v
                 BLOCK_K=cfg.block_k)
 
 
-def _gap(x: torch.Tensor, a: float) -> torch.Tensor:
-    """exp(a x) - exp(x) for x <= 0, accurate near a = 1 (as entropy.py's tilted gap)."""
-    if abs(a - 1.0) < 0.5:
-        x = x.clamp(min=-80.0)
-        return torch.exp(x) * torch.expm1((a - 1.0) * x)
-    return torch.exp(a * x) - torch.exp(x)
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, vectors: dict, norm: str | None,
+                    logit_scale: float, softcap: float | None) -> None:
+    """Raise ValueError unless the operands fit a launch. vectors: name -> (tensor, length)."""
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1] or (
+            x.device != weight.device):
+        raise ValueError(f"rows {tuple(x.shape)} on {x.device} do not fit the head "
+                         f"{tuple(weight.shape)} on {weight.device}: need (n x d) and (V x d)")
+    for name, (tensor, length) in vectors.items():
+        if tensor is not None and (tensor.shape != (length,) or tensor.device != x.device):
+            raise ValueError(f"{name} must be ({length},) on {x.device}, got "
+                             f"{tuple(tensor.shape)} on {tensor.device}")
+    if norm not in (None, "layernorm", "rmsnorm"):
+        raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm', got {norm!r}")
+    if not logit_scale > 0 or not (softcap is None or softcap > 0):
+        raise ValueError(f"the kernel needs logit_scale > 0 and softcap > 0 or None, got "
+                         f"{logit_scale} and {softcap}; use backend='torch'")
 
 
-def _merge(pf: torch.Tensor, tilted: list[float]):
-    """Combine per-split partials (float64, O(rows x splits)): max in bits, S, U, {a: D_a}."""
-    pf = pf.double()
-    top, where = pf[:, 0].max(dim=0)  # first maximal split: lowest token index on ties
-    shift = (pf[:, 0] - top) * math.log(2.0)
-    r = torch.exp(shift)
-    s_part = pf[:, 1]
-    s_tot = (r * s_part).sum(0)
-    u_tot = (r * (pf[:, 2] * math.log(2.0) + shift * s_part)).sum(0)
-    d = {a: (torch.exp(a * shift) * pf[:, 3 + j] + _gap(shift, a) * s_part).sum(0)
-         for j, a in enumerate(tilted)}
-    return top, where, s_tot, u_tot, d
+def lens_entropy_partials(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    norm: str | None = None, norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5, norm_offset: float = 0.0,
+    logit_scale: float = 1.0, softcap: float | None = None, alphas: Sequence[float] = (1.0,),
+    targets: torch.Tensor | None = None, with_argmax: bool = False,
+    config: KernelConfig | None = None,
+) -> Partials:
+    """Per-split online-softmax sums of the lens distributions of rows x, in one sweep.
 
+    x: (n x d) rows, pre-norm when `norm` names the final norm ("layernorm" or "rmsnorm":
+    (x - mean) / sqrt(var + norm_eps) * (norm_weight + norm_offset) + norm_bias, without
+    the centering for "rmsnorm"; norm_offset 1 for Gemma), else already normed.
+    weight: (V x d) head; bias: (V,) head bias. Logits z = softcap tanh(logit_scale
+    (x W^T + bias) / softcap), no tanh when softcap is None. alphas: Rényi orders as
+    entropy.validate_alphas returns them; every four beyond 0, 1 and inf take one sweep,
+    whose D_a share the first sweep's m, S and U (the same logits, the same arithmetic).
+    targets: (n,) token ids for the rank count and target logits (those outside [0, V)
+    count nothing useful: finalize masks them); with_argmax: each split's first argmax.
 
-def lens_statistics_triton(lens, hidden: torch.Tensor, alphas: tuple[float, ...], *,
-                           normed: bool = False, targets: torch.Tensor | None = None,
-                           with_top_token: bool = False,
-                           config: KernelConfig | None = None) -> LensStatistics:
-    """Entropies (n x len(alphas)) of the lens distributions of hidden (n x d), one pass.
-
-    hidden: pre-norm rows (normed=True: already normed and projected). targets: (n,) int64
-    token ids in [0, V) (others give nan surprisal and rank -1). Orders must be validated
-    (entropy.validate_alphas); more than four orders other than 0, 1 and inf take one
-    extra pass per four.
+    Returns entropy.Partials with one part per vocabulary split (float64, nats);
+    entropy.finalize(partials, alphas, targets) gives the entropies and token statistics.
     """
-    weight = lens.head.weight.detach()
+    _check_operands(x, weight, {"bias": (bias, weight.shape[0]),
+                                "norm_weight": (norm_weight, x.shape[-1]),
+                                "norm_bias": (norm_bias, x.shape[-1]),
+                                "targets": (targets, x.shape[0])}, norm, logit_scale, softcap)
+    x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    bias = getattr(lens.head, "bias", None)
-    n, vocab = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    softcap = float(lens.softcap) if lens.softcap else 0.0
-    if not lens.logit_scale > 0 or softcap < 0:
-        raise ValueError(f"the kernel needs logit_scale > 0 and softcap >= 0, got "
-                         f"{lens.logit_scale} and {softcap}; use backend='torch'")
     if targets is not None:
-        targets = targets.to(device=device, dtype=torch.int64).contiguous()
+        targets = targets.to(torch.int64).contiguous()
+    orders = tilted_orders(alphas)
+    device, n, vocab = x.device, x.shape[0], weight.shape[0]
+    cfg = config or default_config(device, weight.dtype, n_orders=len(orders),
+                                   with_argmax=with_argmax, has_targets=targets is not None)
+    groups = [orders[i:i + _MAX_TILTED] for i in range(0, len(orders), _MAX_TILTED)] or [()]
     if n == 0:
-        empty = torch.empty(0, device=device)
-        return LensStatistics(torch.empty(0, len(alphas), device=device),
-                              empty.long() if with_top_token else None,
-                              None if targets is None else empty,
-                              None if targets is None else empty.long())
-    tilted = [a for a in alphas if a not in (0.0, 1.0) and not math.isinf(a)]
-    cfg = config or default_config(device, weight.dtype, n_orders=len(tilted),
-                                   with_argmax=with_top_token, has_targets=targets is not None)
+        return _to_partials([torch.zeros(1, 7, 0, device=device)] * len(groups),
+                            torch.zeros(1, 2, 0, dtype=torch.int32, device=device), groups,
+                            vocab, torch.zeros(0, device=device), with_argmax, targets)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         # 1. prologue: the final norm applied once, rows in the head's dtype; target logits
-        x, est = prepare_rows(lens, hidden, weight, normed, targets)
-        d = x.shape[1]
+        rows, target_logit = prepare_rows(
+            x, weight, bias, targets, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+            norm_eps=norm_eps, norm_offset=norm_offset, logit_scale=logit_scale,
+            softcap=softcap)
+        # 2. sweep(s): sums per (row block, vocabulary split); argmax and targets in the first
+        n_splits = _n_splits(cfg, device, triton.cdiv(n, cfg.block_n),
+                             triton.cdiv(vocab, cfg.block_v))
+        sweeps = [_sweep(cfg, rows, weight, bias, targets if g == 0 else None, target_logit,
+                         group, n_splits, logit_scale=logit_scale, softcap=softcap,
+                         with_argmax=with_argmax and g == 0) for g, group in enumerate(groups)]
+    return _to_partials([pf for pf, _ in sweeps], sweeps[0][1], groups, vocab, target_logit,
+                        with_argmax, targets)
 
-        # 2. main pass(es): partial statistics per (row block, vocabulary split)
-        n_row_blocks = triton.cdiv(n, cfg.block_n)
-        n_tiles = triton.cdiv(vocab, cfg.block_v)
-        n_splits = _n_splits(cfg, device, n_row_blocks, n_tiles)
-        pf = torch.empty((n_splits, 7, n), device=device, dtype=torch.float32)
-        pi = torch.empty((n_splits, 2, n), device=device, dtype=torch.int32)
-        log2e = 1.0 / math.log(2.0)
-        in_scale = float(lens.logit_scale) / softcap if softcap else 1.0
-        out_scale = softcap * log2e if softcap else float(lens.logit_scale) * log2e
-        groups = [tilted[i:i + _MAX_TILTED] for i in range(0, len(tilted), _MAX_TILTED)] or [[]]
-        gaps: dict[float, torch.Tensor] = {}
-        cfg, x_operand, w_operand = _operands(cfg, x, weight)
-        for g, orders in enumerate(groups):
-            slots = orders + [0.0] * (_MAX_TILTED - len(orders))
-            _lens_entropy_kernel[(n_row_blocks * n_splits,)](
-                x_operand, w_operand, weight if bias is None else bias,
-                pi if targets is None else targets, est, pf, pi, n, vocab, d,
-                x.stride(0), weight.stride(0), triton.cdiv(n_tiles, n_splits), n_splits,
-                in_scale, out_scale, *slots,
-                **specialization(cfg, orders, weight.dtype, vocab, d, has_bias=bias is not None,
-                                 has_softcap=softcap > 0, with_argmax=with_top_token and g == 0,
-                                 has_targets=targets is not None and g == 0,
-                                 interpret=interpret),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
-            top, where, s_tot, u_tot, d_tot = _merge(pf, orders)
-            gaps.update({a: dv / s_tot for a, dv in d_tot.items()})
-            if g == 0:
-                first = (top, where, s_tot, u_tot, pi.clone() if len(groups) > 1 else pi)
 
-    # 3. entropies from the merged sums (module docstring), in nats
-    top, where, s_tot, u_tot, pi = first
-    log_s = torch.log(s_tot)
-    columns = []
-    for a in alphas:
-        if a == 1.0:
-            columns.append(log_s - u_tot / s_tot)
-        elif math.isinf(a):
-            columns.append(log_s)
-        elif a == 0.0:
-            columns.append(torch.full_like(log_s, math.log(vocab)))
-        else:
-            columns.append(log_s - torch.log1p(gaps[a]) / (a - 1.0))
-    stats = LensStatistics(entropy=torch.stack(columns, dim=1).float())
-    if with_top_token:
-        stats.top_token = pi[:, 0].gather(0, where[None])[0].long()
-    if targets is not None:
-        valid = (targets >= 0) & (targets < vocab)
-        surprisal = (log_s + top * math.log(2.0)) - est.double()
-        stats.target_surprisal = torch.where(valid, surprisal, math.nan).float()
-        stats.target_rank = torch.where(valid, pi[:, 1].sum(0).long(), -1)
-    return stats
+def _sweep(cfg: KernelConfig, rows: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None, targets: torch.Tensor | None, target_logit: torch.Tensor,
+           orders: tuple[float, ...], n_splits: int, *, logit_scale: float,
+           softcap: float | None, with_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the vocabulary sweep over normed rows (n x d) for up to four orders:
+    (n_splits x 7 x n) fp32 sums (m and U in bits) and (n_splits x 2 x n) int32 (argmax,
+    rank count). The sums of m, S and U do not depend on the orders, argmax or targets."""
+    (n, d), vocab = rows.shape, weight.shape[0]
+    pf = torch.empty((n_splits, 7, n), device=rows.device, dtype=torch.float32)
+    pi = torch.empty((n_splits, 2, n), device=rows.device, dtype=torch.int32)
+    in_scale = logit_scale / softcap if softcap else 1.0
+    out_scale = (softcap if softcap else logit_scale) * LOG2E
+    n_tiles = triton.cdiv(vocab, cfg.block_v)
+    cfg, x_operand, w_operand = _operands(cfg, rows, weight)
+    interpret = rows.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    _lens_entropy_kernel[(triton.cdiv(n, cfg.block_n) * n_splits,)](
+        x_operand, w_operand, weight if bias is None else bias,
+        pi if targets is None else targets, target_logit, pf, pi, n, vocab, d,
+        rows.stride(0), weight.stride(0), triton.cdiv(n_tiles, n_splits), n_splits,
+        in_scale, out_scale, *orders, *[0.0] * (_MAX_TILTED - len(orders)),
+        **specialization(cfg, list(orders), weight.dtype, vocab, d, has_bias=bias is not None,
+                         has_softcap=bool(softcap), with_argmax=with_argmax,
+                         has_targets=targets is not None, interpret=interpret),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    return pf, pi
 
+
+def _to_partials(pfs: list[torch.Tensor], pi: torch.Tensor, groups: list[tuple[float, ...]],
+                 vocab: int, target_logit: torch.Tensor, with_argmax: bool,
+                 targets: torch.Tensor | None) -> Partials:
+    """The sweeps' sums (one (splits x 7 x n) tensor per group of orders, the argmax and
+    rank counts of the first) as entropy.Partials: float64, m and U in nats."""
+    first, ln2 = pfs[0].double(), math.log(2.0)
+    return Partials(
+        m=first[:, 0] * ln2, s=first[:, 1], u=first[:, 2] * ln2,
+        d=tuple(pf[:, 3 + j].double() for pf, group in zip(pfs, groups, strict=True)
+                for j in range(len(group))),
+        orders=tuple(a for group in groups for a in group), vocab=vocab,
+        top=pi[:, 0].long() if with_argmax else None,
+        above=None if targets is None else pi[:, 1].long(),
+        target_logit=None if targets is None else target_logit)

@@ -70,48 +70,34 @@ def _lens_prologue_kernel(
         tl.store(EST + row, z)
 
 
-def prepare_rows(lens, hidden: torch.Tensor, weight: torch.Tensor, normed: bool,
-                 targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, est): normed rows (n x d) in the head's dtype, and (n,) fp32 target logits in nats.
+_NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
 
-    Norms the kernel cannot fuse (a projection after it, or an unrecognized module) run as
-    the lens's own modules in torch. Rows already normed, contiguous and in the head's
-    dtype are used as they are.
+
+def prepare_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor | None, *, norm: str | None,
+                 norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
+                 norm_eps: float, norm_offset: float, logit_scale: float,
+                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, target_logit): rows (n x d) in the head's dtype, normed when `norm` names a
+    norm (arguments as lens_entropy.lens_entropy_partials), and (n,) fp32 target logits in
+    nats (uninitialized without targets). x: (n x d) with unit column stride; rows already
+    normed and in the head's dtype are used as they are.
     """
-    bias = getattr(lens.head, "bias", None)
-    spec = None
-    if not normed:
-        spec = lens.norm_spec
-        if spec is None:  # projection or unrecognized norm: the module itself, in torch
-            hidden = lens.normalize(hidden)
-    n, d = hidden.shape
-    vocab = weight.shape[0]
-    if d != weight.shape[1] or hidden.device != weight.device:
-        raise ValueError(f"hidden states {tuple(hidden.shape)} on {hidden.device} do not fit "
-                         f"the head {tuple(weight.shape)} on {weight.device}")
-    device = hidden.device
-    softcap = float(lens.softcap) if lens.softcap else 0.0
-    write_y = spec is not None or hidden.dtype != weight.dtype or hidden.stride(1) != 1
-    x = torch.empty((n, d), device=device, dtype=weight.dtype) if write_y else hidden
-    est = torch.empty(n, device=device, dtype=torch.float32)
+    (n, d), vocab = x.shape, weight.shape[0]
+    write_y = norm is not None or x.dtype != weight.dtype
+    rows = torch.empty((n, d), device=x.device, dtype=weight.dtype) if write_y else x
+    est = torch.empty(n, device=x.device, dtype=torch.float32)
     if write_y or targets is not None:
         block_d = triton.next_power_of_2(d)
         _lens_prologue_kernel[(n,)](
-            hidden, x, _ptr(spec, "weight", x), _ptr(spec, "bias", x), weight,
-            x if bias is None else bias, x if targets is None else targets, est,
-            vocab, d, hidden.stride(0), x.stride(0), weight.stride(0),
-            float(spec.eps) if spec else 0.0, float(spec.weight_offset) if spec else 0.0,
-            float(lens.logit_scale), softcap,
-            NORM=0 if spec is None else 1 if spec.kind == "layernorm" else 2,
-            HAS_NW=spec is not None and spec.weight is not None,
-            HAS_NB=spec is not None and spec.bias is not None, HAS_BIAS=bias is not None,
-            HAS_SOFTCAP=softcap > 0, WRITE_Y=write_y, HAS_TARGETS=targets is not None,
-            ROUND_BF16=x.dtype == torch.bfloat16,
+            x, rows, rows if norm_weight is None else norm_weight,
+            rows if norm_bias is None else norm_bias, weight, rows if bias is None else bias,
+            rows if targets is None else targets, est, vocab, d, x.stride(0), rows.stride(0),
+            weight.stride(0), float(norm_eps), float(norm_offset), float(logit_scale),
+            float(softcap or 0.0), NORM=_NORMS[norm],
+            HAS_NW=norm is not None and norm_weight is not None,
+            HAS_NB=norm is not None and norm_bias is not None, HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=bool(softcap), WRITE_Y=write_y, HAS_TARGETS=targets is not None,
+            ROUND_BF16=rows.dtype == torch.bfloat16,
             BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 512)), enable_fp_fusion=True)
-    return x, est
-
-
-def _ptr(spec, name: str, dummy: torch.Tensor) -> torch.Tensor:
-    value = None if spec is None else getattr(spec, name)
-    return dummy if value is None else value.detach()
-
+    return rows, est

@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 from entropy_fast.kernels.lens_entropy import (
     KernelConfig,
     _lens_entropy_kernel,
     specialization,
 )
 from entropy_fast.kernels.lens_prologue import _lens_prologue_kernel
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _MMA = ("HGMMA", "HMMA")  # Hopper warp-group MMA, Ampere-style MMA
