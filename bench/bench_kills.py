@@ -11,7 +11,7 @@ duplicated and wrong must all be 0, and `check` must find nothing. Also reports,
 kills that land while the process is profiling (after its first commit), the work lost:
 the seconds since its last commit.
 
-    python bench/bench_kills.py --rounds 6 --kills-per-round 9      # >= 50 kills
+    python bench/bench_kills.py --kills 50 --kills-per-round 9   # rounds until 50 kills
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def kill_round(model: Path, corpus: Path, store: Path, duration: float, span: fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--kills", type=int, default=50, help="rounds run until this many")
     parser.add_argument("--kills-per-round", type=int, default=9)
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -129,8 +129,10 @@ def main() -> None:
         results = []
         from entropy_fast.store.check import check_store
 
-        for round_ in range(args.rounds):
+        round_ = 0
+        while sum(len(r["kills"]) for r in results) < args.kills:
             store = tmp / f"round{round_}"
+            round_ += 1
             events = kill_round(tmp / "model", corpus, store, duration, span,
                                 args.kills_per_round, rng, env)
             got = rows(store)
