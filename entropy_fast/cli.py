@@ -576,70 +576,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     Wasserstein-1 (see docs/store.md). Only complete runs with the same mode, sampling
     and dtype are compared.
     """
-    from entropy_fast.store import StoreError
+    from entropy_fast.store.compare import compare_runs
     from entropy_fast.store.sql import ProfileStore
 
     with ProfileStore(args.store) as db:
-        runs = _choose_runs(db.store.runs(), args.models, args.runs)
-        lacking = [r.run_id for r in runs if args.alpha not in r.lens.alphas]
-        if lacking:
-            raise StoreError(f"runs {', '.join(lacking)} have no alpha={args.alpha}")
-        _check_comparable(runs)
-        rows = db.query("model_distances", alpha=args.alpha, metric=args.metric,
-                        bin_width=args.bin_width, runs=[r.run_id for r in runs]).to_pylist()
-        models = sorted({r.model for r in runs})
+        result = compare_runs(db, models=args.models, run_ids=args.runs, alpha=args.alpha,
+                              metric=args.metric, bin_width=args.bin_width)
+        if result.note:
+            print(f"note: {result.note}", file=sys.stderr)
         print(f"{args.metric} distance, alpha={_fmt_alpha(args.alpha)}, mean over matched "
-              f"layers; runs: {', '.join(f'{r.model}={r.run_id}' for r in runs)}")
-        matrix = {(r["model_a"], r["model_b"]): r["distance"] for r in rows}
-        table = [{"model": a, **{b: matrix.get((a, b)) for b in models}} for a in models]
-        print(_format_table(table, ["model", *models]))
+              f"layers; runs: {', '.join(f'{r.model}={r.run_id}' for r in result.runs)}")
+        table = [{"model": a, **{b: result.distance(a, b) for b in result.models}}
+                 for a in result.models]
+        print(_format_table(table, ["model", *result.models]))
         if not args.no_plot:
             path = _png_path(args.plot)
-            _plot_runs(db, runs, path)
+            _plot_runs(db, result.runs, path)
             print(f"plot: {path}")
     return 0
-
-
-def _choose_runs(records: list[Any], models: list[str] | None,
-                 run_ids: list[str] | None) -> list[Any]:
-    """One record per chosen run: given ids, else each model's latest complete run."""
-    from entropy_fast.store import StoreError
-
-    by_run = {r.run_id: r for r in records}
-    if run_ids:
-        unknown = [r for r in run_ids if r not in by_run]
-        if unknown:
-            raise StoreError(f"no run {', '.join(unknown)} in the store")
-        chosen = [by_run[r] for r in run_ids]
-    else:
-        complete = {r.run_id: r for r in records if r.status == "complete"}
-        latest: dict[str, Any] = {}
-        for r in sorted(complete.values(), key=lambda r: r.updated_at):
-            latest[r.model] = r
-        chosen = list(latest.values())
-    chosen = [r for r in chosen if models is None or r.model in models]
-    if not chosen:
-        raise StoreError("no runs to compare" + (f" for models {models}" if models else "")
-                         + (" (only complete runs are compared)" if not run_ids else ""),
-                         "finish a run, or name runs with --runs")
-    return sorted(chosen, key=lambda r: r.model)
-
-
-def _check_comparable(runs: list[Any]) -> None:
-    """Refuse runs that differ in what they measured (mode, sampling, dtype); note other
-    corpora."""
-    from entropy_fast.store import StoreError
-
-    kinds = {(json.dumps(r.sampling.identity(), sort_keys=True), r.dtype) for r in runs}
-    if len(kinds) > 1:
-        described = "; ".join(f"{r.model}={r.run_id}: "
-                              f"{'text mode' if not r.sampling.generating else r.sampling}"
-                              f", dtype {r.dtype}" for r in runs)
-        raise StoreError(f"these runs were made differently ({described}), so their "
-                         "distances would mix two effects",
-                         "pick runs with the same mode, sampling and dtype with --runs")
-    if len({r.corpus_sha256 for r in runs}) > 1:
-        print("note: these runs profiled different corpora", file=sys.stderr)
 
 
 # -- info, check, queries -----------------------------------------------------------------
