@@ -40,7 +40,7 @@ from typing import Any
 
 from entropy_fast.corpus import Corpus
 from entropy_fast.errors import ConfigError, EntropyFastError, require
-from entropy_fast.settings import ModelSettings, SamplingSettings
+from entropy_fast.settings import LensSettings, ModelSettings, SamplingSettings
 from entropy_fast.store import PROFILE, GenerationInfo, RunInfo, Store
 
 log = logging.getLogger("entropy_fast")
@@ -88,28 +88,32 @@ def as_engine(engine: str | RayEngine) -> RayEngine:
     return engine
 
 
-Run = tuple[RunInfo, Any, "GenerationInfo | None"]
-"""A run as `pipeline.profile_corpus` settled it: record, model, stored generation."""
-
-
-def profile_on_ray(engine: RayEngine, store: Store, corpus: Corpus, runs: Sequence[Run],
-                   settings: ModelSettings, *, long_prompts: str, part_rows: int,
-                   on_progress: Any = None) -> list[Any]:
-    """Profile each run on a Ray cluster, one after another; one RunResult per run.
+def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: Store,
+                   lens: LensSettings, sampling: SamplingSettings, settings: ModelSettings, *,
+                   shard: tuple[int, int], run_id: str | None, names: Sequence[str] | None,
+                   long_prompts: str, part_rows: int, on_progress: Any = None) -> list[Any]:
+    """Profile `corpus` with each model on a Ray cluster, one model after another; one
+    RunResult per model. Arguments as in `pipeline.profile_corpus`, settings as objects.
 
     Refuses before any work: models given as objects (each worker loads its own copy), a
-    store on a filesystem without locks, CUDA asked of a cluster without GPUs, more
-    workers than the cluster can place.
+    store on a filesystem without locks (before a cluster starts), CUDA asked of a cluster
+    without GPUs, more workers than the cluster can place.
     """
-    for _, model, _ in runs:
+    from entropy_fast.pipeline import plan_profile_runs
+
+    for model in models:
         if not isinstance(model, (str, os.PathLike)):
             raise ConfigError("the Ray engine loads each model on its workers: give the "
                               "model as a name or path, not as a loaded object",
                               param="models")
-    for info, _, _ in runs:  # a filesystem without flock: refused before a cluster starts
-        _probe_locks(store, info)
+    _probe_locks(store)
     with _cluster(engine) as resources:
         placement = _placement(engine, settings, resources)
+        # The run's identity takes the workers' dtype, spelled out: the driver may have
+        # no GPU, so it cannot resolve the workers' device itself.
+        spelled = dataclasses.replace(settings, device="cpu", dtype=placement.settings.dtype)
+        runs = plan_profile_runs(models, corpus, store, lens, sampling, spelled, shard=shard,
+                                 run_id=run_id, names=names)
         return [_profile_run(placement, store, corpus, info, model, generation,
                              long_prompts, part_rows, on_progress)
                 for info, model, generation in runs]
@@ -171,17 +175,23 @@ def _placement(engine: RayEngine, settings: ModelSettings, resources: dict[str, 
     if workers * engine.cpus_per_worker > cpus:
         raise ConfigError(f"workers={workers} x cpus_per_worker={engine.cpus_per_worker:g} "
                           f"is more than the cluster's {cpus:g} CPUs", param="workers")
-    # Inside an actor the GPU Ray gave it is cuda:0; device and backend do not change a
-    # run's identity, so the workers' settings may differ from the driver's here.
-    own = dataclasses.replace(settings, device="cuda" if on_gpu else "cpu")
+    # Inside an actor the GPU Ray gave it is cuda:0. The device does not change a run's
+    # identity, but the default dtype follows it (bfloat16 on CUDA, float32 on CPU).
+    import torch
+
+    from entropy_fast.models import resolve_dtype
+
+    device = "cuda" if on_gpu else "cpu"
+    dtype = str(resolve_dtype(settings.dtype, torch.device(device))).removeprefix("torch.")
+    own = dataclasses.replace(settings, device=device, dtype=dtype)
     return _Placement(workers, 1.0 if on_gpu else 0.0, engine.cpus_per_worker, own)
 
 
-def _probe_locks(store: Store, info: RunInfo) -> None:
+def _probe_locks(store: Store) -> None:
     """StoreError now, naming the filesystem, when the store cannot hold locks."""
-    from entropy_fast.store.writer import commit_lock
+    from entropy_fast.store.writer import FileLock
 
-    commit_lock(store, PROFILE, info).release()
+    FileLock(store.lock_path(PROFILE, "probe"), "the store's lock probe", wait=True).release()
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -322,13 +332,26 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
             "generator": generation.generator if generation else None})
     sink = StoreSink(str(store.root), info)
     try:
-        dataset.write_datasink(sink, ray_remote_args={"runtime_env": env} if env else None)
+        with _logs_of("ray.data", logging.INFO if progress else logging.WARNING):
+            dataset.write_datasink(sink, ray_remote_args={"runtime_env": env} if env else None)
     except Exception as err:
         cause = _user_error(err)
         if cause is None:
             raise
         raise cause from None
     return sink.prompts, sink.tokens
+
+
+@contextmanager
+def _logs_of(name: str, level: int) -> Iterator[None]:
+    """Logger `name` at `level` for the duration (Ray Data logs its progress at INFO)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _user_error(err: BaseException) -> EntropyFastError | None:

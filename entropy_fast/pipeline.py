@@ -116,22 +116,41 @@ def profile_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Se
     _check_long_prompts(long_prompts)
     _check_generator(settings)
     store = store if isinstance(store, Store) else Store(store, create=True)
+    if ray_engine is not None:
+        from entropy_fast.distributed import profile_on_ray
+
+        return profile_on_ray(ray_engine, models, corpus, store, lens, sampling, settings,
+                              shard=shard, run_id=run_id, names=names,
+                              long_prompts=long_prompts, part_rows=part_rows,
+                              on_progress=on_progress)
+    runs = plan_profile_runs(models, corpus, store, lens, sampling, settings, shard=shard,
+                             run_id=run_id, names=names)
+    return [_profile_run(store, info, model, corpus, generation, settings, long_prompts,
+                         part_rows, flush_seconds, on_progress)
+            for info, model, generation in runs]
+
+
+PlannedRun = tuple[RunInfo, Any, "GenerationInfo | None"]
+"""A profile run as `plan_profile_runs` settles it: its record, its model, and the stored
+generation stage whose continuations it profiles (None: it generates, or profiles text)."""
+
+
+def plan_profile_runs(models: list[Any], corpus: Corpus, store: Store, lens: LensSettings,
+                      sampling: SamplingSettings, settings: ModelSettings, *,
+                      shard: tuple[int, int] = (0, 1), run_id: str | None = None,
+                      names: Sequence[str] | None = None) -> list[PlannedRun]:
+    """Each model's run record and source, before any model loads or anything is written.
+
+    This is what an engine (this module's, or `distributed`'s on Ray) then runs; arguments
+    as in `profile_corpus`, settings as objects.
+    """
     infos = [RunInfo(**_identity(model, name, corpus, sampling, _own(model, settings), shard),
                      lens=_own(model, lens), run_id=run_id or "")
              for model, name in zip(models, _names(names, models), strict=True)]
     # Every run's source is settled before any model loads or any record is written: a
     # run that cannot start (an unfinished generation stage) leaves the store as it was.
     sources = [reusable_generation(store, info) for info in infos]
-    if ray_engine is not None:
-        from entropy_fast.distributed import profile_on_ray
-
-        runs = list(zip(infos, models, sources, strict=True))
-        return profile_on_ray(ray_engine, store, corpus, runs, settings,
-                              long_prompts=long_prompts, part_rows=part_rows,
-                              on_progress=on_progress)
-    return [_profile_run(store, info, model, corpus, generation, settings, long_prompts,
-                         part_rows, flush_seconds, on_progress)
-            for info, model, generation in zip(infos, models, sources, strict=True)]
+    return list(zip(infos, models, sources, strict=True))
 
 
 def generate_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Sequence[str]

@@ -47,9 +47,10 @@ PROFILED_SCHEMA = pa.schema([
 
 FAULTS = "ENTROPY_FAST_RAY_FAULTS"
 """Test hook: a JSON object of failures to inject, each at most once per `dir`:
-{"dir": PATH, "lens_exit": K, "lens_raise": K, "write_exit": "files"} (an actor's process
-exits, or raises, at its K-th unit; a write task's process exits after a part's files are
-renamed, before its manifest entry). Each actor also creates `dir`/actor-PID."""
+{"dir": PATH, "lens_exit": K, "write_exit": true, "write_raise": K}. lens_exit: an actor's
+process exits at its K-th unit; write_exit: a write task's process exits after a part's
+files are renamed, before its manifest entry; write_raise: there, once K parts are
+committed, a write task raises. Each actor also creates `dir`/actor-PID."""
 
 
 def unit_row(prompts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class StoreSink(Datasink):
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> tuple[int, int]:
         del ctx
-        store, faults = Store(self.root), _Faults()
+        store, faults = Store(self.root), _Faults(store=self.root)
         prompts = tokens = 0
         for block in blocks:
             writer = WorkerWriter(store, self.info)
@@ -177,10 +178,10 @@ class StoreSink(Datasink):
 class _Faults:
     """The failures FAULTS asks for, each fired once per `dir` (a marker file claims it)."""
 
-    def __init__(self, actor: bool = False) -> None:
+    def __init__(self, actor: bool = False, store: str | None = None) -> None:
         spec = json.loads(os.environ.get(FAULTS) or "{}")
         self.dir = Path(spec["dir"]) if spec else None
-        self.spec, self.units = spec, 0
+        self.spec, self.store, self.units = spec, store, 0
         if self.dir is not None and actor:  # tests kill actors by these pids
             (self.dir / f"actor-{os.getpid()}").touch()
 
@@ -188,12 +189,16 @@ class _Faults:
         self.units += 1
         if self.spec.get("lens_exit") == self.units and self._claim("lens_exit"):
             os._exit(1)
-        if self.spec.get("lens_raise") == self.units and self._claim("lens_raise"):
-            raise RuntimeError("injected fault: a lens actor raised")
 
     def commit_step(self, step: str) -> None:
-        if self.spec.get("write_exit") == step and self._claim("write_exit"):
+        if step != "files":
+            return
+        if self.spec.get("write_exit") and self._claim("write_exit"):
             os._exit(1)
+        after = self.spec.get("write_raise")
+        if (after is not None and len(list(Path(self.store).glob("manifest/*/*.json"))) >= after
+                and self._claim("write_raise")):
+            raise RuntimeError("injected fault: a write task failed")
 
     def _claim(self, fault: str) -> bool:
         try:
