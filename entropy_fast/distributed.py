@@ -1,8 +1,10 @@
 """Scale-out on Ray Data: one call profiles a corpus over every GPU (or CPU worker) of a cluster.
 
 `profile_corpus(..., engine="ray")` (or `engine=RayEngine(...)`) and `entropy-fast profile
---ray` come here once `pipeline.profile_corpus` has settled each run's record and the
-stored generation it reuses. For each run the driver (this process):
+--ray` come here once `pipeline.profile_corpus` has read the settings, corpus and store. The
+driver (this process) joins or starts the cluster, places the actors (refusing what the
+cluster cannot run), settles each run's record and reused generation stage with
+`pipeline.plan_profile_runs` (the dtype being the workers'), then for each run:
 
 1. drops the prompts the manifest holds, tokenizes the rest and applies the long-prompt
    policy exactly as the local engine does, before any model loads (so "fail" still stops
@@ -107,7 +109,7 @@ def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: 
                               "model as a name or path, not as a loaded object",
                               param="models")
     _probe_locks(store)
-    with _cluster(engine) as resources:
+    with ray_cluster(engine) as resources:
         placement = _placement(engine, settings, resources)
         # The run's identity takes the workers' dtype, spelled out: the driver may have
         # no GPU, so it cannot resolve the workers' device itself.
@@ -123,10 +125,11 @@ def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: 
 
 
 @contextmanager
-def _cluster(engine: RayEngine) -> Iterator[dict[str, float]]:
-    """Ray initialized (joined or started) for the duration; yields its resources.
-
-    A cluster this process already joined is used as it is and left running.
+def ray_cluster(engine: RayEngine) -> Iterator[dict[str, float]]:
+    """Ray initialized for the duration, as `engine` says (joined, or started on this
+    machine); yields the cluster's resources. Inside it, every Ray run of this process
+    uses that cluster: wrap several `profile_corpus` calls to start a private one once.
+    A cluster this process had already joined is used as it is and left running.
     """
     import ray
 
@@ -305,7 +308,7 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
                progress: bool) -> tuple[int, int]:
     """Stream the units through lens actors into the store; (prompts, tokens) committed.
 
-    progress: show Ray Data's progress bars. A Ray error whose cause is an entropy-fast
+    progress: show Ray Data's progress and log (else only its errors). A Ray error whose cause is an entropy-fast
     error (a bad store, other weights on a node) is raised as that error, so that the user
     reads its one line.
     """
@@ -332,7 +335,7 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
             "generator": generation.generator if generation else None})
     sink = StoreSink(str(store.root), info)
     try:
-        with _logs_of("ray.data", logging.INFO if progress else logging.WARNING):
+        with _logs_of("ray.data", logging.INFO if progress else logging.ERROR):
             dataset.write_datasink(sink, ray_remote_args={"runtime_env": env} if env else None)
     except Exception as err:
         cause = _user_error(err)
@@ -368,4 +371,4 @@ def _user_error(err: BaseException) -> EntropyFastError | None:
     return None
 
 
-__all__ = ["RayEngine", "as_engine", "profile_on_ray"]
+__all__ = ["RayEngine", "as_engine", "profile_on_ray", "ray_cluster"]

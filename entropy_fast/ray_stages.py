@@ -138,9 +138,15 @@ def _check_node(source: str, root: str, info: RunInfo) -> None:
         raise StoreError(f"a Ray worker cannot open the store: {err.message}", hint) from None
     if store.record(PROFILE, info.run_id, info.shard_key) is None:
         raise StoreError(f"a Ray worker does not see run {info.run_id} in {root}", hint)
-    if info.weights is not None and weights_fingerprint(source) != info.weights:
-        raise StoreError(f"{source} holds other weights on a Ray worker's node than on the "
-                         "driver's", "give every node the same model files")
+    if info.weights is None:
+        return
+    found = weights_fingerprint(source)
+    if found != info.weights:
+        what = (f"has no local copy of {source}" if found is None
+                else f"holds other weights for {source} than the driver's")
+        raise StoreError(f"a Ray worker's node {what}",
+                         "give every node the same model files (or put them on the shared "
+                         "filesystem)")
 
 
 class StoreSink(Datasink):
