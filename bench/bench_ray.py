@@ -1,7 +1,7 @@
 """Benchmark of the Ray engine against the single-process run, on the same machine and corpus.
 
-Profiles one corpus (default 2,000 prompts made from the bundled sample corpus, text
-mode) into fresh stores with:
+Profiles one corpus (default 2,000 prompts: the bundled sample corpus's 42 prompts, each
+with a number appended; text mode; ~11 tokens each) into fresh stores with:
 
 - `local`: `profile_corpus` in this process (torch threads = the machine's cores);
 - `ray1`: `profile_corpus(engine=RayEngine(workers=1, cpus_per_worker=cores))`;
@@ -12,13 +12,17 @@ is shared; see bench/RESULTS.md). A Ray process starts its private local cluster
 (`distributed.ray_cluster`: loopback, no dashboard, the cores plus one logical CPU per
 actor and one more); its wall time is reported with and without that start, since
 joining a running cluster (`--ray-address auto`) skips it. Reported per run: end-to-end
-wall seconds (model loading included), the driver's peak RSS, the peak RSS summed over
+wall seconds (model loading included), the CPU seconds used by the process and every
+process it started (for Ray: raylet, GCS, workers and actors; sampled every 0.25 s, so a
+process's last 0.25 s may be missed; less sensitive than wall time to other jobs on a
+shared machine), the driver's peak RSS, the peak RSS summed over
 the driver and every process it started (raylet, GCS, workers; an upper bound, shared
 pages count twice), and the largest |entropy| difference from the local store of the
 same repeat (keys must be equal).
 
-    python bench/bench_ray.py                                 # SmolLM2-135M, layer stride 10
-    python bench/bench_ray.py --model tiny --repeats 1        # a tiny random Llama: fixed costs
+    python bench/bench_ray.py                           # 'mid' random Llama, layer stride 3
+    python bench/bench_ray.py --model tiny --repeats 1  # the tests' tiny Llama: fixed costs
+    python bench/bench_ray.py --model smollm2-135m --layer-stride 30
 """
 
 from __future__ import annotations
@@ -47,26 +51,46 @@ def make_corpus(path: Path, n_prompts: int) -> None:
     from entropy_fast.data import sample_corpus_path
 
     base = [line for line in sample_corpus_path().read_text().splitlines() if line.strip()]
-    path.write_text("\n".join(f"{base[i % len(base)]} (variant {i})"
-                              for i in range(n_prompts)) + "\n")
+    path.write_text("\n".join(f"{base[i % len(base)]} {i}" for i in range(n_prompts)) + "\n")
 
 
-def make_tiny_model(folder: Path) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.tiny_models import tiny_model, tiny_tokenizer
+def make_model(kind: str, folder: Path) -> str:
+    """A random-weight Llama saved with a tokenizer: 'tiny' (the tests' model: d=48, 3
+    layers, V=211, characters) or 'mid' (d=384, 6 layers, SmolLM2's tokenizer and
+    vocabulary of 49,152: the lens dominates, as in real models)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    if kind == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.tiny_models import tiny_model, tiny_tokenizer
+
+        model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    else:
+        from entropy_fast.models import load_tokenizer_and_config
+
+        tokenizer, _ = load_tokenizer_and_config("smollm2-135m")
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(
+            "llama", vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024,
+            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+            max_position_embeddings=2048, initializer_range=0.1, tie_word_embeddings=True)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return str(folder)
 
 
-class TreeMemory:
-    """Samples the summed RSS of this process and all its descendants (psutil)."""
+class TreeMonitor:
+    """Samples this process and all its descendants (psutil): the peak of their summed RSS,
+    and the CPU time (user + system) each used, as last seen, summed at the end."""
 
     def __init__(self, interval: float = 0.25) -> None:
         import psutil
 
-        self.root, self.peak, self.interval = psutil.Process(), 0, interval
+        self.root, self.interval = psutil.Process(), interval
+        self.peak_rss = 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -79,13 +103,16 @@ class TreeMemory:
             for proc in [self.root, *self.root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):  # a process that just ended
                     total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
+                    times = proc.cpu_times()
+                    self.cpu[proc.pid] = times.user + times.system
+            self.peak_rss = max(self.peak_rss, total)
             self._stop.wait(self.interval)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, float]:
+        """(peak summed RSS in bytes, CPU seconds of every process seen)."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak_rss, sum(self.cpu.values())
 
 
 def run_one(mode: str, model: str, corpus: str, store: str, stride: int) -> dict:
@@ -96,7 +123,7 @@ def run_one(mode: str, model: str, corpus: str, store: str, stride: int) -> dict
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    memory = TreeMemory()
+    monitor = TreeMonitor()
     start = time.perf_counter()
     engine: Any = "local"
     cluster: Any = contextlib.nullcontext()
@@ -111,10 +138,11 @@ def run_one(mode: str, model: str, corpus: str, store: str, stride: int) -> dict
         (result,) = profile_corpus(model, corpus, store, max_new_tokens=0,
                                    layer_stride=stride, engine=engine)
     wall_s = time.perf_counter() - start
+    peak_rss, cpu_s = monitor.stop()
     return {"mode": mode, "wall_s": wall_s, "init_s": init_s, "profile_s": result.seconds,
-            "prompts": result.prompts, "tokens": result.tokens,
+            "prompts": result.prompts, "tokens": result.tokens, "cpu_s": cpu_s,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "tree_peak_rss_mb": memory.stop() / 2**20}
+            "tree_peak_rss_mb": peak_rss / 2**20}
 
 
 def compare(store: str, reference: str) -> float:
@@ -135,9 +163,10 @@ def compare(store: str, reference: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2000)
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="alias, folder, or 'tiny' (a random tiny Llama)")
-    parser.add_argument("--layer-stride", type=int, default=10)
+    parser.add_argument("--model", default="mid",
+                        help="'mid' or 'tiny' (random Llamas, see make_model), or an alias "
+                             "or folder (smollm2-135m: ~4x the work of 'mid')")
+    parser.add_argument("--layer-stride", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -151,7 +180,8 @@ def main() -> None:
     try:
         corpus = work / "corpus.txt"
         make_corpus(corpus, args.prompts)
-        model = make_tiny_model(work / "tiny") if args.model == "tiny" else args.model
+        model = (make_model(args.model, work / args.model) if args.model in ("tiny", "mid")
+                 else args.model)
         rows = []
         for repeat in range(args.repeats):
             for mode in args.modes:
@@ -181,16 +211,20 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
           f"{os.cpu_count()} cores | torch {torch.__version__} | ray {ray.__version__} | "
           f"{args.model}, layer stride {args.layer_stride}, {args.prompts} prompts, text mode")
     print("| repeat | mode | wall s | of which cluster start s | wall without start s "
-          "| vs local | driver peak RSS MB | all processes peak RSS MB | max abs diff | load |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    local = {r["repeat"]: r["wall_s"] for r in rows if r["mode"] == "local"}
+          "| vs local | CPU s | vs local | driver peak RSS MB | all processes peak RSS MB "
+          "| max abs diff | load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    local = {r["repeat"]: r for r in rows if r["mode"] == "local"}
     for r in rows:
         without = r["wall_s"] - r["init_s"]
-        ratio = f"{without / local[r['repeat']]:.2f}x" if r["repeat"] in local else "-"
+        base = local.get(r["repeat"])
+        wall = f"{without / base['wall_s']:.2f}x" if base else "-"
+        cpu = f"{r['cpu_s'] / base['cpu_s']:.2f}x" if base else "-"
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
         print(f"| {r['repeat']} | {r['mode']} | {r['wall_s']:.1f} | {r['init_s']:.1f} | "
-              f"{without:.1f} | {ratio} | {r['driver_peak_rss_mb']:.0f} | "
-              f"{r['tree_peak_rss_mb']:.0f} | {diff} | {r['load']:.1f} |")
+              f"{without:.1f} | {wall} | {r['cpu_s']:.0f} | {cpu} | "
+              f"{r['driver_peak_rss_mb']:.0f} | {r['tree_peak_rss_mb']:.0f} | {diff} | "
+              f"{r['load']:.1f} |")
 
 
 if __name__ == "__main__":

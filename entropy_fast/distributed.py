@@ -308,34 +308,33 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
                progress: bool) -> tuple[int, int]:
     """Stream the units through lens actors into the store; (prompts, tokens) committed.
 
-    progress: show Ray Data's progress and log (else only its errors). A Ray error whose cause is an entropy-fast
-    error (a bad store, other weights on a node) is raised as that error, so that the user
-    reads its one line.
+    progress: show Ray Data's progress and log (else only its errors). A Ray error whose
+    cause is an entropy-fast error (a bad store, other weights on a node) is raised as that
+    error, so that the user reads its one line.
     """
     import ray
 
     from entropy_fast.ray_stages import LensWorker, StoreSink, unit_row, worker_env
 
     env = worker_env()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.enable_operator_progress_bars = progress
-    # from_items builds the blocks here (one per unit): no remote task runs before the
-    # actors start.
-    dataset = ray.data.from_items([unit_row(u) for u in units], override_num_blocks=len(units))
-    dataset = dataset.map_batches(
-        LensWorker, batch_size=1, batch_format="pyarrow", num_gpus=placement.gpus,
-        num_cpus=placement.cpus, runtime_env=env,
-        # Two units in flight per actor: the next one is at hand when a unit ends, and
-        # the units left over balance across the actors at the end.
-        compute=ray.data.ActorPoolStrategy(size=placement.workers,
-                                           max_tasks_in_flight_per_actor=2),
-        fn_constructor_kwargs={
-            "source": source, "root": str(store.root), "info": info,
-            "settings": placement.settings, "threads": max(1, int(placement.cpus)),
-            "generator": generation.generator if generation else None})
     sink = StoreSink(str(store.root), info)
     try:
-        with _logs_of("ray.data", logging.INFO if progress else logging.ERROR):
+        with _ray_data_output(progress):  # a dataset copies the context when it is made
+            # from_items builds the blocks here (one per unit): no remote task runs before
+            # the actors start.
+            dataset = ray.data.from_items([unit_row(u) for u in units],
+                                          override_num_blocks=len(units))
+            dataset = dataset.map_batches(
+                LensWorker, batch_size=1, batch_format="pyarrow", num_gpus=placement.gpus,
+                num_cpus=placement.cpus, runtime_env=env,
+                # Two units in flight per actor: the next one is at hand when a unit ends,
+                # and the last units balance across the actors.
+                compute=ray.data.ActorPoolStrategy(size=placement.workers,
+                                                   max_tasks_in_flight_per_actor=2),
+                fn_constructor_kwargs={
+                    "source": source, "root": str(store.root), "info": info,
+                    "settings": placement.settings, "threads": max(1, int(placement.cpus)),
+                    "generator": generation.generator if generation else None})
             dataset.write_datasink(sink, ray_remote_args={"runtime_env": env} if env else None)
     except Exception as err:
         cause = _user_error(err)
@@ -346,15 +345,19 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
 
 
 @contextmanager
-def _logs_of(name: str, level: int) -> Iterator[None]:
-    """Logger `name` at `level` for the duration (Ray Data logs its progress at INFO)."""
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.setLevel(level)
+def _ray_data_output(progress: bool) -> Iterator[None]:
+    """Ray Data's progress bars and INFO logs on, or off (errors only), for the duration."""
+    import ray
+
+    context, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    saved = (context.enable_progress_bars, context.enable_operator_progress_bars, logger.level)
+    context.enable_progress_bars = context.enable_operator_progress_bars = progress
+    logger.setLevel(logging.INFO if progress else logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(before)
+        context.enable_progress_bars, context.enable_operator_progress_bars, level = saved
+        logger.setLevel(level)
 
 
 def _user_error(err: BaseException) -> EntropyFastError | None:

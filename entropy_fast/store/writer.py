@@ -11,11 +11,13 @@ Commit protocol of one part (see docs/store.md for the guarantees):
 
 A writer holds its shard's lock (flock) for its whole life, so one process writes a run
 shard at a time; it registers under the run's lock, so two processes cannot start one run
-with two shard layouts. A distributed run is the exception: its driver holds the shard's
-lock and record, and its workers commit parts with `WorkerWriter`, each commit under the
-shard's `commit_lock` and without the prompts already committed. The buffer of a part is taken out before the part is written, so
+with two shard layouts. The buffer of a part is taken out before the part is written, so
 an interrupt at any step (even between the manifest entry and the bookkeeping after it)
 never commits the same prompts twice.
+
+A distributed run is the exception to one writer per shard: its driver holds the shard's
+lock and record, and its workers commit parts with `WorkerWriter`, each commit under the
+shard's `commit_lock` and without the prompts that committed parts already hold.
 """
 
 from __future__ import annotations
