@@ -185,8 +185,8 @@ def test_a_failed_write_stops_the_run_intact_and_the_same_command_finishes_it(
     faults, store = tmp_path / "faults", tmp_path / "store"
     faults.mkdir()
     argv = ["profile", models["llama"], "--prompts", corpus, "--out", str(store), "--ray",
-            "--workers", "2", "--max-new-tokens", "0", "--part-rows", "1", "--no-plot",
-            "--no-progress"]
+            "--workers", "1", "--max-new-tokens", "0", "--part-rows", "1", "--no-plot",
+            "--no-progress"]  # one actor: the other tests have two
     monkeypatch.setenv(FAULTS, json.dumps({"dir": str(faults), "write_raise": 5}))
     with pytest.raises(Exception, match="injected fault"):
         main(argv)
