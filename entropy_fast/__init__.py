@@ -9,7 +9,8 @@ models (loading by alias, path, .gguf or hub id), generation and vllm_generation
 (continuations), batching (length buckets), forward (taps on the residual stream), lens
 (the model's own unembedding, verified), entropy (the online Shannon/Rényi math), profiler
 (prompts in, EntropyProfile out), profile (the result types), pipeline (resumable,
-sharded corpus runs into a store), store/ (Parquet store, DuckDB views, checks),
+sharded corpus runs into a store), distributed and ray_stages (the same runs on a Ray
+cluster), store/ (Parquet store, DuckDB views, checks),
 distances, analysis, estimators, viz, cli. kernels/ (Triton) and queries/ (named SQL)
 ship as entropy_fast.kernels and entropy_fast.queries.
 """
@@ -32,6 +33,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "entropy_fast.profile": ("AggregatedProfile", "EntropyProfile"),
     "entropy_fast.profiler": ("EntropyProfiler",),
     "entropy_fast.pipeline": ("RunResult", "generate_corpus", "profile_corpus"),
+    "entropy_fast.distributed": ("RayEngine",),
     "entropy_fast.store": ("GenerationInfo", "RunInfo", "Store", "StoreError"),
     "entropy_fast.store.sql": ("ProfileStore",),
     "entropy_fast.store.queries": ("QueryError", "named_queries"),

@@ -226,6 +226,31 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
                    help="rows per committed part (one Parquet row group)")
     p.add_argument("--flush-seconds", dest="flush_seconds", type=float, default=60.0,
                    help="commit at least this often: a kill loses at most this much work")
+    _add_ray_args(p)
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("Ray scale-out (needs the ray extra; see docs/scale-out.md)")
+    group.add_argument("--ray", action="store_true",
+                       help="profile on a Ray cluster: lens actors (one per GPU) commit into "
+                            "--out, which every node must see at the same path")
+    group.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS",
+                       help="the cluster to join: auto, HOST:PORT or ray://HOST:10001; "
+                            "without it, $RAY_ADDRESS, else a private cluster on this machine")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="lens actors; without it, one per GPU of the cluster (1 on a "
+                            "cluster without GPUs)")
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    """'local', or the RayEngine that --ray and its options describe."""
+    if not args.ray:
+        if args.ray_address or args.workers:
+            raise EntropyFastError("--ray-address and --workers go with --ray")
+        return "local"
+    from entropy_fast.distributed import RayEngine
+
+    return RayEngine(address=args.ray_address, workers=args.workers)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -234,10 +259,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     With no arguments: the built-in SmolLM2-135M over the bundled sample corpus. With
     --out STORE the profiles go into a resumable Parquet store; a run killed at any
     moment and started again with the same arguments continues where it stopped, and a
-    complete run is not redone.
+    complete run is not redone. With --ray the same run goes over the GPUs of a Ray
+    cluster, into the same store, with the same guarantees.
     """
     from entropy_fast.pipeline import profile_corpus
 
+    engine = _engine(args)
     corpus = _read_corpus(args)
     plot = _png_path(args.plot) if not args.no_plot else None
     with _store_dir(args.out) as folder, _progress(args.no_progress) as on_progress:
@@ -247,7 +274,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             settings=_settings_of(args, ModelSettings), shard=_parse_shard(args.shard),
             run_id=args.run_id, names=args.names, long_prompts=args.long_prompts,
             part_rows=args.part_rows, flush_seconds=args.flush_seconds,
-            on_progress=on_progress)
+            on_progress=on_progress, engine=engine)
         _report(folder, results, plot)
     if args.out:
         print(f"store: {args.out}")

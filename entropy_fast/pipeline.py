@@ -87,7 +87,7 @@ def profile_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Se
                    run_id: str | None = None, names: Sequence[str] | None = None,
                    long_prompts: str = "fail", part_rows: int = 1 << 20,
                    flush_seconds: float = 60.0, on_progress: Progress | None = None,
-                   **options: Any) -> list[RunResult]:
+                   engine: Any = "local", **options: Any) -> list[RunResult]:
     """Profile `corpus` with each of `models` into `store`; returns one RunResult per model.
 
     Args:
@@ -104,25 +104,54 @@ def profile_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Se
             "truncate_left" (keep their end) or "truncate_right" (keep their start).
         part_rows, flush_seconds: commit a part at this many rows, and at least this often.
         on_progress: called as batches finish (see `Progress`).
+        engine: "local" (this process), or "ray" / a `distributed.RayEngine` to run on the
+            GPUs of a Ray cluster (`pip install 'entropy-fast[ray]'`; see docs/scale-out.md).
 
     A run whose prompts are all committed is not redone; an interrupted one resumes. Runs
     that generate reuse a matching stored generation stage (see `generate_corpus`).
     """
+    ray_engine = None if engine == "local" else _ray_engine(engine)
     lens, sampling, settings = _settings(lens, sampling, settings, options)
     models = _as_list(models)
     corpus = as_corpus(corpus)
     _check_long_prompts(long_prompts)
     _check_generator(settings)
     store = store if isinstance(store, Store) else Store(store, create=True)
+    if ray_engine is not None:
+        from entropy_fast.distributed import profile_on_ray
+
+        return profile_on_ray(ray_engine, models, corpus, store, lens, sampling, settings,
+                              shard=shard, run_id=run_id, names=names,
+                              long_prompts=long_prompts, part_rows=part_rows,
+                              on_progress=on_progress)
+    runs = plan_profile_runs(models, corpus, store, lens, sampling, settings, shard=shard,
+                             run_id=run_id, names=names)
+    return [_profile_run(store, info, model, corpus, generation, settings, long_prompts,
+                         part_rows, flush_seconds, on_progress)
+            for info, model, generation in runs]
+
+
+PlannedRun = tuple[RunInfo, Any, "GenerationInfo | None"]
+"""A profile run as `plan_profile_runs` settles it: its record, its model, and the stored
+generation stage whose continuations it profiles (None: it generates, or profiles text)."""
+
+
+def plan_profile_runs(models: list[Any], corpus: Corpus, store: Store, lens: LensSettings,
+                      sampling: SamplingSettings, settings: ModelSettings, *,
+                      shard: tuple[int, int] = (0, 1), run_id: str | None = None,
+                      names: Sequence[str] | None = None) -> list[PlannedRun]:
+    """Each model's run record and source, before any model loads or anything is written.
+
+    This is what an engine (this module's, or `distributed`'s on Ray) then runs; arguments
+    as in `profile_corpus`, settings as objects.
+    """
     infos = [RunInfo(**_identity(model, name, corpus, sampling, _own(model, settings), shard),
                      lens=_own(model, lens), run_id=run_id or "")
              for model, name in zip(models, _names(names, models), strict=True)]
     # Every run's source is settled before any model loads or any record is written: a
     # run that cannot start (an unfinished generation stage) leaves the store as it was.
     sources = [reusable_generation(store, info) for info in infos]
-    return [_profile_run(store, info, model, corpus, generation, settings, long_prompts,
-                         part_rows, flush_seconds, on_progress)
-            for info, model, generation in zip(infos, models, sources, strict=True)]
+    return list(zip(infos, models, sources, strict=True))
 
 
 def generate_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Sequence[str]
@@ -450,6 +479,13 @@ def _check_generator(settings: ModelSettings) -> None:
         from entropy_fast.vllm_generation import require_vllm
 
         require_vllm()
+
+
+def _ray_engine(engine: Any) -> Any:
+    """The RayEngine of engine="ray" or a RayEngine (Ray must be installed)."""
+    from entropy_fast.distributed import as_engine
+
+    return as_engine(engine)
 
 
 def _check_long_prompts(long_prompts: str) -> None:

@@ -55,3 +55,14 @@ def smollm2_profiler():
     from entropy_fast.profiler import EntropyProfiler
 
     return EntropyProfiler("smollm2-135m", alpha=(1.0, 2.0))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With -n N, tests marked xdist_group("name") run on one worker (the Ray tests share
+    one Ray cluster); the others are spread as by the default "load" scheduling."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    return LoadGroupScheduling(config, log)

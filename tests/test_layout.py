@@ -26,10 +26,11 @@ def python(code: str, cwd: Path, pythonpath: Path | None = None) -> str:
 
 @pytest.mark.parametrize("module", ["entropy_fast", "entropy_fast.cli", "entropy_fast.store",
                                     "entropy_fast.store.sql", "entropy_fast.store.check",
-                                    "entropy_fast.store.writer", "entropy_fast.settings"])
+                                    "entropy_fast.store.writer", "entropy_fast.settings",
+                                    "entropy_fast.distributed"])
 def test_light_modules_do_not_import_torch(module, tmp_path):
     heavy = python(f"import sys, {module}; print(sorted(m for m in ('torch', 'scipy', "
-                   "'matplotlib', 'transformers') if m in sys.modules))", tmp_path)
+                   "'matplotlib', 'transformers', 'ray') if m in sys.modules))", tmp_path)
     assert heavy == "[]"
 
 

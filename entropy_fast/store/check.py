@@ -173,9 +173,7 @@ def _quarantine(store: Store, damaged_files: list[Path],
     STORE/quarantine/, keeping their relative paths; returns one line per move."""
     moved = [_move_aside(store, path) for path in damaged_files]
     for stage, entry in bad_parts:
-        manifest = (store.manifest_dir(stage, entry.run_id)
-                    / f"{entry.shard_key}-{entry.seq:06d}.json")
-        moved.append(_move_aside(store, manifest)
+        moved.append(_move_aside(store, store.entry_path(stage, entry))
                      + f" (its {len(entry.prompt_ids)} prompts will be recomputed by the "
                      "next run of that shard)")
         moved += [_move_aside(store, store.root / f) for f in entry.files

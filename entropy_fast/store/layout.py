@@ -169,11 +169,21 @@ class Store:
         """The folder name of a model: 'model=' + the percent-encoded name."""
         return "model=" + quote(model, safe="")
 
-    def part_paths(self, stage: Stage, info: Any, seq: int) -> list[Path]:
-        """The files of part `seq` of a run shard of `stage`, one per data folder."""
-        name = f"part-{info.shard_key}-{seq:06d}.parquet"
-        sub = Path(self.model_folder(info.model), f"run={info.run_id}", name)
+    def part_paths(self, stage: Stage, info: Any, seq: int | str) -> list[Path]:
+        """The files of part `seq` of a run shard of `stage`, one per data folder.
+
+        `seq` is a sequence number (`000001`) or a part's name (`p000000012-000000345`, the
+        prompt range of a part a distributed worker commits).
+        """
+        name = seq if isinstance(seq, str) else f"{seq:06d}"
+        sub = Path(self.model_folder(info.model), f"run={info.run_id}",
+                   f"part-{info.shard_key}-{name}.parquet")
         return [self.root / folder / sub for folder in stage.data]
+
+    def entry_path(self, stage: Stage, entry: Any) -> Path:
+        """The manifest file of a committed part: named like its files, without `part-`."""
+        name = Path(next(iter(entry.files))).stem.removeprefix("part-")
+        return self.manifest_dir(stage, entry.run_id) / f"{name}.json"
 
     def record_path(self, stage: Stage, run_id: str, shard_key: str) -> Path:
         """The record file of one run shard of `stage`."""

@@ -14,6 +14,10 @@ shard at a time; it registers under the run's lock, so two processes cannot star
 with two shard layouts. The buffer of a part is taken out before the part is written, so
 an interrupt at any step (even between the manifest entry and the bookkeeping after it)
 never commits the same prompts twice.
+
+A distributed run is the exception to one writer per shard: its driver holds the shard's
+lock and record, and its workers commit parts with `WorkerWriter`, each commit under the
+shard's `commit_lock` and without the prompts that committed parts already hold.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -30,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from entropy_fast.store.errors import StoreError
@@ -42,7 +49,14 @@ from entropy_fast.store.layout import (
     write_atomic,
     write_json_atomic,
 )
-from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo, now
+from entropy_fast.store.records import (
+    GenerationEntry,
+    GenerationInfo,
+    ManifestEntry,
+    RunInfo,
+    now,
+    read_json,
+)
 from entropy_fast.store.schema import (
     CONTINUATIONS_SCHEMA,
     ENTROPY_SCHEMA,
@@ -106,6 +120,15 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def commit_lock(store: Store, stage: Stage, info: Any) -> FileLock:
+    """The lock that serializes commits into a run shard written by several processes
+    (`WorkerWriter`), taken by every commit and by the registering process while it
+    removes leftovers. Waits for it; refuses a filesystem without locks."""
+    return FileLock(store.lock_path(stage, f"{info.run_id}.{info.shard_key}.commit"),
+                    f"the commits of {stage.name} run {info.run_id} shard {info.shard_key}",
+                    wait=True)
 
 
 class PartWriter:
@@ -254,7 +277,12 @@ class PartWriter:
         if self._recorded != self._record_state():
             self._write_record()  # readers need e.g. the layers before the first part
         self._seq += 1
-        paths = self.store.part_paths(self.stage, self.info, self._seq)
+        self._write_part(f"{self._seq:06d}", tables, prompts)
+
+    def _write_part(self, name: str, tables: list[pa.Table], prompts: list[dict[str, Any]]
+                    ) -> Any:
+        """Steps 1 and 2 of the protocol for part `name`; returns its manifest entry."""
+        paths = self.store.part_paths(self.stage, self.info, name)
         sums: dict[str, tuple[str, int]] = {}
         for path, table, options in zip(paths, tables, self.part_options, strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,10 +302,11 @@ class PartWriter:
         entry = self._entry(files, sums, tables, prompts)
         folder = self.store.manifest_dir(self.stage, self.info.run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / f"{self.info.shard_key}-{self._seq:06d}.json", asdict(entry))
+        write_json_atomic(folder / f"{self.info.shard_key}-{name}.json", asdict(entry))
         fsync_dir(folder)
         self.done.update(ids)
         self._step("entry")
+        return entry
 
     def _step(self, name: str) -> None:
         if self.step_hook is not None:
@@ -366,6 +395,18 @@ class RunWriter(PartWriter):
                       "n_tokens": n_tokens, "source": self.info.corpus,
                       "source_line": prompt.source_line}, rows.num_rows)
 
+    def register_layers(self, layer_indices: Sequence[int], revision: str | None) -> None:
+        """Record the run's layers and the model's revision now, before other processes
+        commit parts (a distributed driver knows them from the model's config). Layers
+        other than those an earlier writer recorded raise StoreError."""
+        layers = [int(i) for i in layer_indices]
+        if self.info.layer_indices not in (None, layers):
+            raise StoreError(f"run {self.info.run_id} has layers {self.info.layer_indices}; "
+                             f"the model now gives {layers}")
+        self.info.layer_indices = layers
+        self.info.revision = revision or self.info.revision
+        self._write_record()
+
     def _tables(self) -> list[pa.Table]:
         return [pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA),
                 pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA)]
@@ -383,6 +424,68 @@ class RunWriter(PartWriter):
             prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
             checksums={f: s for f, (s, _) in sums.items()},
             sizes={f: n for f, (_, n) in sums.items()})
+
+
+_RANGE = re.compile(r"p(\d+)-(\d+)")
+"""The name of a part a `WorkerWriter` commits: its first and last prompt id."""
+
+
+class WorkerWriter(RunWriter):
+    """Commits profile parts into a run shard that another process has registered.
+
+    The driver of a distributed run holds the shard's lock and owns its record
+    (`RunWriter`, `register_layers`); its workers, in other processes or on other nodes,
+    commit parts with this writer, one part per `commit()`. Each commit takes the shard's
+    `commit_lock`, leaves out the prompts that committed parts already hold, and names the
+    part after the first and last prompt id it holds (`part-sIofN-p000000012-000000345`).
+    So a retried or duplicated task never commits a prompt twice, and the retry of a
+    commit that died before its manifest entry rewrites the same files rather than leaving
+    orphans. `entries` lists what this writer committed.
+    """
+
+    def __init__(self, store: Store, info: RunInfo) -> None:  # no lock or registration
+        self.store, self.info = store, info
+        self.rows_per_part = self.flush_seconds = math.inf  # a part ends at commit() only
+        self.done: set[int] = set()
+        self.entries: list[ManifestEntry] = []
+        self._seq = 0  # named parts have no sequence number
+        self._recorded = self._record_state()  # the record is the driver's: never written
+        self._reset()
+        self._last_commit = time.monotonic()
+
+    def _commit(self, tables: list[pa.Table], prompts: list[dict[str, Any]]) -> None:
+        with commit_lock(self.store, self.stage, self.info):
+            held = self._committed_among({p["prompt_id"] for p in prompts})
+            if held:
+                drop = pa.array(sorted(held), pa.int32())
+                tables = [t.filter(pc.invert(pc.is_in(t["prompt_id"], value_set=drop)))
+                          for t in tables]
+                prompts = [p for p in prompts if p["prompt_id"] not in held]
+            if prompts:
+                ids = sorted(p["prompt_id"] for p in prompts)
+                name = f"p{ids[0]:09d}-{ids[-1]:09d}"
+                self.entries.append(self._write_part(name, tables, prompts))
+
+    def _committed_among(self, ids: set[int]) -> set[int]:
+        """The prompts of `ids` that committed parts of this shard hold. Only the entries
+        whose prompt range overlaps `ids` (and sequence-numbered ones) are read."""
+        low, high, held = min(ids), max(ids), set()
+        prefix = f"{self.info.shard_key}-"
+        for path in self.store.manifest_dir(self.stage, self.info.run_id).glob(prefix + "*.json"):
+            span = _RANGE.fullmatch(path.stem.removeprefix(prefix))
+            if span and (int(span[2]) < low or int(span[1]) > high):
+                continue
+            try:
+                entry = ManifestEntry.from_json(read_json(path, "manifest entry"))
+            except FileNotFoundError:  # set aside by a concurrent repair: not committed
+                continue
+            held |= ids.intersection(entry.prompt_ids)
+        return held
+
+    def close(self, error: str | None = None, status: str | None = None) -> None:
+        """Commit what is buffered; the lock and the record belong to the driver."""
+        del error, status
+        self.commit()
 
 
 class GenerationWriter(PartWriter):

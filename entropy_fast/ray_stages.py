@@ -1,0 +1,214 @@
+"""The Ray Data stages of a distributed run: units in, lens actors, a Datasink into the store.
+
+`distributed` drives them; this module imports ray and runs on the cluster's processes.
+
+- A *unit* is one dataset row (`unit_row`): the ids, texts, lines and token ids of
+  consecutive pending prompts, and their stored continuations when a generation stage is
+  reused. One unit is one actor call and one committed part.
+- `LensWorker` is the map_batches actor: it checks that it sees the store and the same
+  weights as the driver, loads the model once, and turns each unit into one row per prompt
+  (its long-format rows as Arrow IPC bytes, ready to commit).
+- `StoreSink` is the Datasink: each write task commits its units through
+  `store.writer.WorkerWriter` (commit lock, already committed prompts left out, parts named
+  by prompt range), so retried tasks never commit a prompt twice.
+
+FAULTS is a test hook that injects failures into workers (see `_Faults`); it is never set
+in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from entropy_fast.corpus import Prompt
+from entropy_fast.settings import ModelSettings
+from entropy_fast.store import PROFILE, RunInfo, Store, StoreError
+from entropy_fast.store.schema import ENTROPY_SCHEMA
+from entropy_fast.store.writer import WorkerWriter
+
+PROFILED_SCHEMA = pa.schema([
+    ("prompt_id", pa.int32()),
+    ("text", pa.string()),
+    ("source_line", pa.int32()),
+    ("prompt_token_ids", pa.list_(pa.int32())),
+    ("n_tokens", pa.int32()),
+    ("layers", pa.list_(pa.int16())),
+    ("rows", pa.binary()),  # the prompt's ENTROPY_SCHEMA rows, an Arrow IPC record batch
+])
+"""What a LensWorker returns: one row per profiled prompt."""
+
+FAULTS = "ENTROPY_FAST_RAY_FAULTS"
+"""Test hook: a JSON object of failures to inject, each at most once per `dir`:
+{"dir": PATH, "lens_exit": K, "write_exit": true, "write_raise": K}. lens_exit: an actor's
+process exits at its K-th unit; write_exit: a write task's process exits after a part's
+files are renamed, before its manifest entry; write_raise: there, once K parts are
+committed, a write task raises. Each actor also creates `dir`/actor-PID."""
+
+
+def unit_row(prompts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One unit (a dataset row) from the driver's pending prompts: their prompt_ids, texts,
+    source_lines, token_ids, and continuations (None: generate, or profile the text)."""
+    generated = prompts[0]["continuation"] is not None
+    return {"prompt_ids": [p["prompt_id"] for p in prompts],
+            "texts": [p["text"] for p in prompts],
+            "source_lines": [p["source_line"] for p in prompts],
+            "token_ids": [p["token_ids"] for p in prompts],
+            "continuations": [p["continuation"] for p in prompts] if generated else None}
+
+
+def worker_env() -> dict[str, Any] | None:
+    """The runtime_env that carries the test hook to the workers, when it is set."""
+    faults = os.environ.get(FAULTS)
+    return {"env_vars": {FAULTS: faults}} if faults else None
+
+
+class LensWorker:
+    """A lens actor: the profiler of one model, built once, applied to unit after unit.
+
+    Args:
+        source: what to load (alias, hub id, absolute path); the weights must be the ones
+            the driver fingerprinted (`info.weights`).
+        root, info: the store and the run record the driver registered.
+        settings: how to load the model (device "cuda" on a GPU actor, else "cpu").
+        threads: torch threads on a CPU actor.
+        generator: the generator of a reused generation stage (units carry continuations),
+            or None.
+    """
+
+    def __init__(self, source: str, root: str, info: RunInfo, settings: ModelSettings,
+                 threads: int, generator: str | None) -> None:
+        self._faults = _Faults(actor=True)
+        _check_node(source, root, info)
+        import torch
+
+        from entropy_fast.profiler import EntropyProfiler
+
+        if settings.device == "cpu":
+            torch.set_num_threads(threads)
+        self.profiler = EntropyProfiler(source, lens=info.lens, settings=settings)
+        if self.profiler.layer_indices != info.layer_indices:
+            raise StoreError(f"{source} has layers {self.profiler.layer_indices} on this "
+                             f"node; run {info.run_id} has {info.layer_indices}")
+        self.sampling, self.generator = info.sampling, generator
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._faults.unit_started()
+        (unit,) = batch.to_pylist()
+        positions = range(len(unit["prompt_ids"]))
+        if unit["continuations"] is None:
+            stream = self.profiler.iter_prompt_ids(unit["token_ids"], self.sampling,
+                                                   texts=[""] * len(positions))
+        else:
+            pairs = list(zip(unit["token_ids"], unit["continuations"], strict=True))
+            stream = self.profiler.profile_token_ids(pairs, unit["texts"],
+                                                     generator=self.generator)
+        profiles = dict(stream)
+        return pa.Table.from_pylist([self._row(unit, k, profiles[k]) for k in positions],
+                                    schema=PROFILED_SCHEMA)
+
+    def _row(self, unit: dict[str, Any], k: int, profile: Any) -> dict[str, Any]:
+        from entropy_fast.store.codec import profile_rows
+
+        prompt_id = unit["prompt_ids"][k]
+        rows = profile_rows(prompt_id, profile, self.profiler.alphas)
+        return {"prompt_id": prompt_id, "text": unit["texts"][k],
+                "source_line": unit["source_lines"][k],
+                "prompt_token_ids": profile.metadata.get("prompt_token_ids") or [],
+                "n_tokens": profile.n_tokens, "layers": list(profile.layer_indices),
+                "rows": rows.serialize().to_pybytes()}
+
+
+def _check_node(source: str, root: str, info: RunInfo) -> None:
+    """StoreError unless this node sees the driver's store and the same weights."""
+    from entropy_fast.models import weights_fingerprint
+
+    hint = ("put the store on a filesystem every node of the cluster mounts at the same "
+            "path (NFS, Lustre, GPFS, ...)")
+    try:
+        store = Store(root)
+    except StoreError as err:
+        raise StoreError(f"a Ray worker cannot open the store: {err.message}", hint) from None
+    if store.record(PROFILE, info.run_id, info.shard_key) is None:
+        raise StoreError(f"a Ray worker does not see run {info.run_id} in {root}", hint)
+    if info.weights is None:
+        return
+    found = weights_fingerprint(source)
+    if found != info.weights:
+        what = (f"has no local copy of {source}" if found is None
+                else f"holds other weights for {source} than the driver's")
+        raise StoreError(f"a Ray worker's node {what}",
+                         "give every node the same model files (or put them on the shared "
+                         "filesystem)")
+
+
+class StoreSink(Datasink):
+    """Commits the profiled prompts into the store, one part per block (one unit).
+
+    Runs in Ray's write tasks; `prompts` and `tokens` (what the job committed) are filled
+    in on the driver when the write completes.
+    """
+
+    def __init__(self, root: str, info: RunInfo) -> None:
+        self.root, self.info = root, info
+        self.prompts = self.tokens = 0
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> tuple[int, int]:
+        del ctx
+        store, faults = Store(self.root), _Faults(store=self.root)
+        prompts = tokens = 0
+        for block in blocks:
+            writer = WorkerWriter(store, self.info)
+            writer.step_hook = faults.commit_step
+            for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                rows = pa.ipc.read_record_batch(pa.py_buffer(row["rows"]), ENTROPY_SCHEMA)
+                writer.add_rows(Prompt(row["prompt_id"], row["text"], row["source_line"]),
+                                rows, row["n_tokens"], row["layers"], row["prompt_token_ids"])
+            writer.commit()
+            prompts += sum(e.n_prompts for e in writer.entries)
+            tokens += sum(e.n_tokens for e in writer.entries)
+        return prompts, tokens
+
+    def on_write_complete(self, write_result: Any) -> None:
+        self.prompts = sum(p for p, _ in write_result.write_returns)
+        self.tokens = sum(t for _, t in write_result.write_returns)
+
+
+class _Faults:
+    """The failures FAULTS asks for, each fired once per `dir` (a marker file claims it)."""
+
+    def __init__(self, actor: bool = False, store: str | None = None) -> None:
+        spec = json.loads(os.environ.get(FAULTS) or "{}")
+        self.dir = Path(spec["dir"]) if spec else None
+        self.spec, self.store, self.units = spec, store, 0
+        if self.dir is not None and actor:  # tests kill actors by these pids
+            (self.dir / f"actor-{os.getpid()}").touch()
+
+    def unit_started(self) -> None:
+        self.units += 1
+        if self.spec.get("lens_exit") == self.units and self._claim("lens_exit"):
+            os._exit(1)
+
+    def commit_step(self, step: str) -> None:
+        if step != "files":
+            return
+        if self.spec.get("write_exit") and self._claim("write_exit"):
+            os._exit(1)
+        after = self.spec.get("write_raise")
+        if (after is not None and len(list(Path(self.store).glob("manifest/*/*.json"))) >= after
+                and self._claim("write_raise")):
+            raise RuntimeError("injected fault: a write task failed")
+
+    def _claim(self, fault: str) -> bool:
+        try:
+            os.close(os.open(self.dir / f"fired-{fault}", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True

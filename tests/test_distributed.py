@@ -1,0 +1,116 @@
+"""The Ray engine's driver without a cluster: refusals before any work, and work units.
+
+The runs on a real Ray cluster are in tests/test_ray.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+
+import pytest
+
+from entropy_fast.cli import main
+from entropy_fast.distributed import UNITS_PER_WORKER, RayEngine, _units
+from entropy_fast.errors import ConfigError
+from entropy_fast.settings import SamplingSettings
+from entropy_fast.store import Store
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("one prompt\nanother prompt\n")
+    return str(path)
+
+
+def test_without_ray_one_line_names_the_extra(corpus, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    code, err = run_cli(capsys, "profile", "smollm2-135m", "--prompts", corpus, "--out",
+                        str(tmp_path / "store"), "--ray", "--no-plot")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "needs the 'ray' package" in err and "pip install 'entropy-fast[ray]'" in err
+    assert not (tmp_path / "store").exists()  # refused before anything was written
+
+
+def test_ray_options_need_ray(corpus, capsys):
+    code, err = run_cli(capsys, "profile", "--prompts", corpus, "--workers", "2")
+    assert code == 1 and "--ray-address and --workers go with --ray" in err
+
+
+def test_a_store_without_locks_is_refused_before_a_cluster_starts(corpus, tmp_path,
+                                                                  monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    capsys.readouterr()
+    code, err = run_cli(capsys, "profile", str(folder), "--prompts", corpus, "--out",
+                        str(tmp_path / "store"), "--max-new-tokens", "0", "--ray",
+                        "--no-plot")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "does not support file locks" in err
+    assert not ray.is_initialized()
+    assert Store(tmp_path / "store").runs() == []
+
+
+def test_loaded_models_are_refused(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from entropy_fast.pipeline import profile_corpus
+    from entropy_fast.profiler import EntropyProfiler
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama")
+    model.config.name_or_path = "tiny"
+    with pytest.raises(ConfigError, match="not a bare model object"):
+        profile_corpus(model, ["a text", "another"], tmp_path / "store", max_new_tokens=0,
+                       engine="ray")
+    profiler = EntropyProfiler(model, tokenizer=tiny_tokenizer())
+    with pytest.raises(ConfigError, match="not as a loaded object"):
+        profile_corpus(profiler, ["a text", "another"], tmp_path / "store", max_new_tokens=0,
+                       engine="ray")
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1"):
+        RayEngine(workers=0)
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        RayEngine(cpus_per_worker=0)
+
+
+def prompts(lengths: list[int]) -> list[dict]:
+    return [{"prompt_id": i, "text": "", "source_line": i + 1, "token_ids": [5] * n,
+             "continuation": None} for i, n in enumerate(lengths)]
+
+
+def test_units_are_consecutive_balanced_and_bounded():
+    text = SamplingSettings(max_new_tokens=0)
+    lengths = [3 + (i * 7) % 40 for i in range(500)]
+    units = _units(prompts(lengths), text, max_tokens=10**9, workers=3)
+    assert [p["prompt_id"] for u in units for p in u] == list(range(500))
+    assert len(units) >= UNITS_PER_WORKER * 3 - 1
+    sizes = [sum(len(p["token_ids"]) - 1 for p in u) for u in units]
+    assert max(sizes[:-1]) - min(sizes[:-1]) < 40  # balanced in tokens, not in prompts
+    bounded = _units(prompts(lengths), text, max_tokens=30, workers=1)
+    assert all(sum(len(p["token_ids"]) - 1 for p in u) < 30 + 40 for u in bounded)
+    one_each = _units(prompts([4, 4, 4]), text, max_tokens=1, workers=1)
+    assert [len(u) for u in one_each] == [1, 1, 1]
+    generating = _units(prompts([4] * 10), SamplingSettings(max_new_tokens=8), max_tokens=16,
+                        workers=1)
+    assert [len(u) for u in generating] == [2] * 5  # sized by the tokens to generate
