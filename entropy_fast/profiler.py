@@ -35,10 +35,21 @@ from entropy_fast.loading import DEFAULT_MODEL, load_model, model_source
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
 
 
-def select_layers(n_blocks: int, layer_stride: int) -> list[int]:
-    """Hidden-state indices 0, k, 2k, ... plus the last one, L = n_blocks."""
+def select_layers(n_blocks: int, layer_stride: int,
+                  layers: Sequence[int] | None = None) -> list[int]:
+    """Hidden-state indices 0, k, 2k, ... plus the last one, L = n_blocks; or `layers`.
+
+    `layers` (explicit hidden-state indices in 0..L, increasing) overrides the stride.
+    """
     if not isinstance(layer_stride, int) or layer_stride < 1:
         raise ValueError(f"layer_stride must be an integer >= 1, got {layer_stride!r}")
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        if not layers or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] \
+                <= n_blocks:
+            raise ValueError(f"layers must be increasing hidden-state indices in 0..{n_blocks} "
+                             f"(0 = embeddings, {n_blocks} = last block), got {layers}")
+        return layers
     indices = list(range(0, n_blocks + 1, layer_stride))
     return indices if indices[-1] == n_blocks else [*indices, n_blocks]
 
@@ -66,6 +77,8 @@ class EntropyProfiler:
         dtype: model dtype; None = bfloat16 on CUDA, float32 on CPU. Entropies are float32.
         alpha: Rényi order, or several orders computed in one pass (the first is primary).
         layer_stride: profile hidden states 0, k, 2k, ... and the last.
+        layers: explicit hidden-state indices to profile instead (0 = embeddings, L = last
+            block), e.g. range(1, L + 1) for the block outputs only.
         load_in_8bit, load_in_4bit: bitsandbytes quantized loading (extra "quantize").
         device: None = cuda when present, else cpu.
         backend: lens backend, "auto" | "torch" | "triton".
@@ -86,7 +99,8 @@ class EntropyProfiler:
                  backend: str = "auto", batch_tokens: int = 8192, base: float | None = None,
                  top_token: bool = False, target_stats: bool = False,
                  generator: str | Generator = "hf",
-                 generator_options: dict | None = None) -> None:
+                 generator_options: dict | None = None,
+                 layers: Sequence[int] | None = None) -> None:
         self.alphas = validate_alphas(alpha)
         if generator == "vllm" and (load_in_8bit or load_in_4bit):
             raise ValueError("generator='vllm' would generate with the unquantized weights of a "
@@ -100,7 +114,7 @@ class EntropyProfiler:
         self.model, self.tokenizer, self.model_name = load_model(
             model, tokenizer, dtype, device, load_in_8bit, load_in_4bit)
         self.layers = find_decoder_layers(self.model)
-        self.layer_indices = select_layers(len(self.layers), layer_stride)
+        self.layer_indices = select_layers(len(self.layers), layer_stride, layers)
         self.layer_stride = layer_stride
         self.lens = Lens.from_model(self.model)
         self.backend = backend
@@ -201,11 +215,13 @@ class EntropyProfiler:
 
     def profile_token_ids(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                           texts: Sequence[str] | None = None, *, progress: bool = False,
-                          generator: str = "given") -> Iterator[tuple[int, EntropyProfile]]:
+                          generator: str = "given", keep_states: bool = False) -> Iterator[tuple]:
         """Profile (prompt ids, continuation ids) pairs that were generated elsewhere.
 
-        Rows are the continuation tokens; an empty continuation profiles the prompt as text
-        (rows = tokens 1..T-1). `texts` (the prompts' text) only goes into the metadata.
+        Yields (index, profile), or (index, profile, states) with `keep_states`: the states
+        as profile_text_with_states gives them. Rows are the continuation tokens; an empty
+        continuation profiles the prompt as text (rows = tokens 1..T-1). `texts` (the
+        prompts' text) only goes into the metadata.
         """
         prepared = []
         for index, (prompt_ids, continuation) in enumerate(sequences):
@@ -219,8 +235,9 @@ class EntropyProfiler:
                     "max_new_tokens": max(len(c) for _, c in sequences) if sequences else 0}
         bar = tqdm(total=len(prepared), unit="prompt", disable=not progress)
         try:
-            for index, profile, _ in self._profile_sequences(prepared, texts, metadata, bar=bar):
-                yield index, profile
+            for index, profile, states in self._profile_sequences(prepared, texts, metadata,
+                                                                  keep_states, bar=bar):
+                yield (index, profile, states) if keep_states else (index, profile)
         finally:
             bar.close()
 
