@@ -1,0 +1,155 @@
+"""The real entropy-profiler 0.2.1 as the test oracle: where it lives, and its cached results.
+
+0.2.1 shares the import name `entropy_profiler` with our drop-in, so it lives in a virtual
+environment of its own (`.venv-oracle/` at the repository root, built by .ci/oracle.sh, or
+the python named by $ENTROPY_PROFILER_ORACLE). Scripts run there as subprocesses and hand
+their results back in a file. Results are cached under $ENTROPY_FAST_ORACLE_CACHE (else
+pytest's cache folder), keyed by the installed wheel's RECORD (file hashes), the torch and
+transformers versions beside it, the script, the spec and the model files, so a new
+release, a changed scenario or other weights recompute them. Without the venv the tests
+skip, unless $ENTROPY_FAST_REQUIRE_ORACLE is set (CI), where a missing oracle fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ORACLE_PYTHON_ENV = "ENTROPY_PROFILER_ORACLE"
+CACHE_ENV = "ENTROPY_FAST_ORACLE_CACHE"
+REQUIRE_ENV = "ENTROPY_FAST_REQUIRE_ORACLE"
+ORACLE_VERSION = "0.2.1"
+
+
+def oracle_python() -> Path:
+    """The python of the oracle venv; skips (or fails under REQUIRE) when it is missing."""
+    path = Path(os.environ.get(ORACLE_PYTHON_ENV) or REPO / ".venv-oracle" / "bin" / "python")
+    problem = None
+    if not path.exists():
+        problem = f"no oracle venv at {path}"
+    elif not _dist_info(path, "entropy_profiler"):
+        problem = f"{path} has no entropy-profiler installed"
+    elif not _dist_info(path, "entropy_profiler").name.startswith(
+            f"entropy_profiler-{ORACLE_VERSION}."):
+        problem = f"{path} has {_dist_info(path, 'entropy_profiler').name}, not {ORACLE_VERSION}"
+    if problem is None:
+        return path
+    message = (f"{problem}: build it with `bash .ci/oracle.sh` (a venv with the real "
+               f"entropy-profiler=={ORACLE_VERSION}) or point ${ORACLE_PYTHON_ENV} at one")
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _dist_info(python: Path, package: str) -> Path | None:
+    """The .dist-info folder of `package` in the venv of `python` (<venv>/bin/python)."""
+    venv = python.absolute().parents[1]
+    found = sorted(venv.glob(f"lib/python3*/site-packages/{package}-*.dist-info"))
+    return found[-1] if found else None
+
+
+def fingerprint(python: Path) -> str:
+    """Hash of the installed 0.2.1 wheel (its RECORD) and of the torch/transformers versions."""
+    digest = hashlib.sha256((_dist_info(python, "entropy_profiler") / "RECORD").read_bytes())
+    for package in ("torch", "transformers"):
+        info = _dist_info(python, package)
+        digest.update((info.name if info else f"no {package}").encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path, digest=None):
+    """sha256 over the files of a folder (names and bytes), or of one file."""
+    digest = digest or hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest
+
+
+def cache_dir(config) -> Path:
+    """$ENTROPY_FAST_ORACLE_CACHE, else pytest's cache folder (never the user's ~/.cache)."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        path = Path(explicit)
+    elif getattr(config, "cache", None) is not None:
+        path = Path(config.cache.mkdir("entropy-profiler-oracle"))
+    else:
+        path = Path(tempfile.gettempdir()) / "entropy-profiler-oracle"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_cached(python: Path, script: Path, spec: dict, cache: Path, inputs: list[Path],
+               timeout: float = 900) -> dict:
+    """Run `python script spec.json out.pt` once per key and return the loaded results.
+
+    The key covers the oracle install, the script, the spec and the `inputs` (model
+    folders). A file lock keeps two pytest workers from computing the same entry twice.
+    """
+    digest = hashlib.sha256(fingerprint(python).encode())
+    file_digest(script, digest)
+    digest.update(json.dumps(spec, sort_keys=True).encode())
+    for path in inputs:
+        file_digest(path, digest)
+    key = digest.hexdigest()[:24]
+    target = cache / f"{script.stem}-{key}.pt"
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _run(python, script, spec, target, timeout)
+    return torch.load(target, weights_only=False)
+
+
+def _run(python: Path, script: Path, spec: dict, target: Path, timeout: float) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        spec_file, out = Path(work) / "spec.json", Path(work) / "out.pt"
+        spec_file.write_text(json.dumps(spec))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false")
+        done = subprocess.run([str(python), str(script), str(spec_file), str(out)], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"the oracle run of {script.name} failed:\n{done.stderr[-4000:]}")
+        shutil.move(out, target.with_suffix(".tmp"))
+        os.replace(target.with_suffix(".tmp"), target)
+
+
+def tiny_model_folder(kind: str, cache: Path) -> Path:
+    """A saved tiny random `kind` model (tests/tiny_models) with random final-norm weights.
+
+    At its initial weights (1, bias 0) a norm is idempotent, which would hide 0.2.1's
+    double norm of the last state; random weights make every norm matter. The folder is
+    named by its content, so equal weights give the same path (and oracle cache key).
+    """
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    model = tiny_model(kind)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                noise = torch.rand(param.shape, generator=generator)
+                param.copy_(noise * 0.3 - 0.15 if name.endswith("bias") else noise + 0.5)
+    staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=cache))
+    model.save_pretrained(staging)
+    tiny_tokenizer().save_pretrained(staging)
+    folder = cache / "models" / f"{kind}-{file_digest(staging).hexdigest()[:16]}"
+    folder.parent.mkdir(exist_ok=True)
+    try:
+        staging.rename(folder)
+    except OSError:  # made before (or by the other pytest worker): keep that one
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
