@@ -51,6 +51,17 @@ def oracle_python() -> Path:
     pytest.skip(message)
 
 
+def sdist_notebook(python: Path, name: str) -> Path:
+    """A notebook of the 0.2.1 sdist, which .ci/oracle.sh unpacks into the oracle venv."""
+    path = python.absolute().parents[1] / "sdist" / "notebooks" / f"{name}.ipynb"
+    if not path.exists():
+        message = f"no {path}: run `bash .ci/oracle.sh` (it unpacks the 0.2.1 sdist there)"
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 def _dist_info(python: Path, package: str) -> Path | None:
     """The .dist-info folder of `package` in the venv of `python` (<venv>/bin/python)."""
     venv = python.absolute().parents[1]
@@ -93,8 +104,8 @@ def cache_dir(config) -> Path:
 
 
 def run_cached(python: Path, script: Path, spec: dict, cache: Path, inputs: list[Path],
-               timeout: float = 900) -> dict:
-    """Run `python script spec.json out.pt` once per key and return the loaded results.
+               suffix: str = ".pt", timeout: float = 1200) -> Path:
+    """Run `python script spec.json OUT` once per key; return OUT (cached, read-only).
 
     The key covers the oracle install, the script, the spec and the `inputs` (model
     folders). A file lock keeps two pytest workers from computing the same entry twice.
@@ -105,24 +116,26 @@ def run_cached(python: Path, script: Path, spec: dict, cache: Path, inputs: list
     for path in inputs:
         file_digest(path, digest)
     key = digest.hexdigest()[:24]
-    target = cache / f"{script.stem}-{key}.pt"
+    target = cache / f"{script.stem}-{key}{suffix}"
     with open(cache / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.exists():
-            _run(python, script, spec, target, timeout)
-    return torch.load(target, weights_only=False)
+            run_script(python, script, spec, target, timeout)
+    return target
 
 
-def _run(python: Path, script: Path, spec: dict, target: Path, timeout: float) -> None:
+def run_script(python: Path, script: Path, spec: dict, target: Path,
+               timeout: float = 1200) -> None:
+    """`python script spec.json OUT` in a scratch folder, OUT then moved to `target`."""
     with tempfile.TemporaryDirectory() as work:
-        spec_file, out = Path(work) / "spec.json", Path(work) / "out.pt"
+        spec_file, out = Path(work) / "spec.json", Path(work) / f"out{target.suffix}"
         spec_file.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(HF_HUB_OFFLINE="1", MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false")
         done = subprocess.run([str(python), str(script), str(spec_file), str(out)], cwd=work,
                               env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
-            raise RuntimeError(f"the oracle run of {script.name} failed:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"{python} {script.name} failed:\n{done.stderr[-4000:]}")
         shutil.move(out, target.with_suffix(".tmp"))
         os.replace(target.with_suffix(".tmp"), target)
 

@@ -20,9 +20,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
 MODULES = ("entropy_profiler", "entropy_profiler.profiler", "entropy_profiler.distances",
            "entropy_profiler.analysis", "entropy_profiler.viz", "entropy_profiler.estimators")

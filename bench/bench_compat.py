@@ -1,0 +1,151 @@
+"""The real entropy-profiler 0.2.1 against our drop-in on 0.2.1's own workload, side by side.
+
+Workload (the issue's): `EntropyProfiler(path, device="cpu", dtype=torch.float32)` then
+`profile_batch(16 prompts, max_new_tokens=32)`, greedy, all layers, on a GPT-2-124M-shaped
+model (random weights, d=768, 12 blocks, V=50257) and on the real SmolLM2-135M (30 blocks,
+V=49152). The script that runs both sides is this file: the real 0.2.1 in its own venv
+(`--seed-python`, default .venv-oracle/bin/python; see .ci/oracle.sh), ours in this
+interpreter, each in a fresh process with the same torch thread count, alternating:
+ours, 0.2.1, ours. Our process times two calls: the first (cold: it includes the one-time
+compilation of the CPU lens statistics) and the second (warm); 0.2.1 has nothing to warm
+up. Greedy ids must agree between the two.
+
+    python bench/bench_compat.py [--models gpt2-124m smollm2-135m] [--threads 1]
+        [--rounds 1] [--out bench/results_compat.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+N_PROMPTS, NEW_TOKENS = 16, 32
+
+
+def prompts() -> list[str]:
+    """The first 16 prompts of the bundled sample corpus (read without importing torch)."""
+    lines = (ROOT / "entropy_fast" / "data" / "sample_prompts.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip()][:N_PROMPTS]
+
+
+def model_folder(name: str) -> Path:
+    """A saved model both libraries can load: SmolLM2, or the GPT-2-124M shape beside it."""
+    from entropy_fast.loading import _cache_root, model_source
+
+    smollm2 = Path(model_source("smollm2-135m"))
+    if name == "smollm2-135m":
+        return smollm2
+    folder = _cache_root() / "bench" / "gpt2-124m-random"
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.for_model("gpt2", n_embd=768, n_layer=12, n_head=12,
+                                      n_positions=1024, vocab_size=50257)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)  # V=49152 fits
+    return folder
+
+
+def side(path: str, threads: int, calls: int) -> dict:
+    """One process's measurement: whichever `entropy_profiler` this interpreter imports."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from entropy_profiler import EntropyProfiler
+
+    started = time.perf_counter()
+    profiler = EntropyProfiler(path, device="cpu", dtype=torch.float32)
+    load_s = time.perf_counter() - started
+    seconds, batch = [], None
+    for _ in range(calls):
+        started = time.perf_counter()
+        batch = profiler.profile_batch(prompts(), max_new_tokens=NEW_TOKENS)
+        seconds.append(time.perf_counter() - started)
+    tokens = sum(p.n_tokens for p in batch.profiles)
+    return {"load_s": round(load_s, 2), "call_s": [round(s, 2) for s in seconds],
+            "tokens": tokens, "threads": torch.get_num_threads(),
+            "ids": [p.token_ids.tolist() for p in batch.profiles],
+            "n_layers": batch.profiles[0].n_layers}
+
+
+def run_side(python: str, path: Path, threads: int, calls: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([python, __file__, "--side", str(path), "--threads", str(threads),
+                           "--calls", str(calls)], env=env, capture_output=True, text=True,
+                          cwd="/")
+    if done.returncode != 0:
+        raise RuntimeError(f"{python} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def bench_model(name: str, seed_python: str, threads: int, rounds: int) -> dict:
+    path = model_folder(name)
+    row: dict = {"model": name, "threads": threads, "ours": [], "seed": []}
+    for _ in range(rounds):
+        for who, python, calls in (("ours", sys.executable, 2), ("seed", seed_python, 1),
+                                   ("ours", sys.executable, 2)):
+            result = {**run_side(python, path, threads, calls), "load_avg": load_average()}
+            print(name, who, {k: v for k, v in result.items() if k != "ids"}, flush=True)
+            row[who].append(result)
+    seed_ids = row["seed"][0]["ids"]
+    row["same_greedy_ids"] = all(r["ids"] == seed_ids for r in row["ours"] + row["seed"])
+    tokens = row["seed"][0]["tokens"]
+    seed_s = min(r["call_s"][0] for r in row["seed"])
+    warm_s = min(r["call_s"][1] for r in row["ours"])
+    cold_s = min(r["call_s"][0] for r in row["ours"])
+    row.update(tokens=tokens, n_layers=row["seed"][0]["n_layers"],
+               seed_tok_s=round(tokens / seed_s, 2), ours_warm_tok_s=round(tokens / warm_s, 2),
+               ours_cold_tok_s=round(tokens / cold_s, 2),
+               speedup_warm=round(seed_s / warm_s, 1), speedup_cold=round(seed_s / cold_s, 1))
+    for result in row["ours"] + row["seed"]:
+        del result["ids"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["gpt2-124m", "smollm2-135m"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seed-python", default=str(ROOT / ".venv-oracle" / "bin" / "python"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results_compat.json"))
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--calls", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(side(args.side, args.threads, args.calls)))
+        return
+    rows = [bench_model(name, args.seed_python, args.threads, args.rounds)
+            for name in args.models]
+    import torch
+
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    for row in rows:
+        print(json.dumps({k: v for k, v in row.items() if k not in ("ours", "seed")}))
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
