@@ -10,8 +10,13 @@ ours, 0.2.1, ours. Our process times two calls: the first (cold: it includes the
 compilation of the CPU lens statistics) and the second (warm); 0.2.1 has nothing to warm
 up. Greedy ids must agree between the two.
 
+It also measures what the lens fixes change (docs/migrating-from-0.2.1.md): on the first
+`--fix-prompts` profiles, the last column of 0.2.1 (HF's normed last state normed again)
+and ours against a float64 lens of the model's own output (tests/oracle.FloatLens), and
+the largest difference between the two libraries in the other columns.
+
     python bench/bench_compat.py [--models gpt2-124m smollm2-135m] [--threads 1]
-        [--rounds 1] [--out bench/results_compat.json]
+        [--rounds 1] [--fix-prompts 8] [--out bench/results_compat.json]
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def side(path: str, threads: int, calls: int) -> dict:
     return {"load_s": round(load_s, 2), "call_s": [round(s, 2) for s in seconds],
             "tokens": tokens, "threads": torch.get_num_threads(),
             "ids": [p.token_ids.tolist() for p in batch.profiles],
+            "entropy": [p.entropy.tolist() for p in batch.profiles],
             "n_layers": batch.profiles[0].n_layers}
 
 
@@ -92,14 +98,46 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 1)
 
 
-def bench_model(name: str, seed_python: str, threads: int, rounds: int) -> dict:
+def lens_fix_sizes(path: Path, seed: dict, ours: dict, n_prompts: int) -> dict:
+    """Last column of 0.2.1 and ours against a float64 lens; the other columns between them.
+
+    Values in nats over the first n_prompts profiles (rows = generated tokens).
+    """
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from tests.oracle import FloatLens
+
+    lens = FloatLens(str(path))
+    last_seed, last_ours, last_truth, inner = [], [], [], []
+    for k, text in enumerate(prompts()[:n_prompts]):
+        prompt = lens.tokenizer(text)["input_ids"]
+        ids = prompt + seed["ids"][k]
+        truth, _ = lens.blocks(ids, list(range(len(prompt) - 1, len(ids) - 1)))
+        mine, theirs = np.array(ours["entropy"][k]), np.array(seed["entropy"][k])
+        last_seed.append(theirs[:, -1])
+        last_ours.append(mine[:, -1])
+        last_truth.append(truth[:, -1].numpy())
+        inner.append(np.abs(mine[:, :-1] - theirs[:, :-1]).max())
+    last_seed, last_ours, last_truth = map(np.concatenate, (last_seed, last_ours, last_truth))
+    return {"rows": len(last_truth), "last_mean_entropy_float64": round(last_truth.mean(), 4),
+            "last_mean_entropy_seed": round(last_seed.mean(), 4),
+            "last_mean_abs_error_seed": float(np.abs(last_seed - last_truth).mean()),
+            "last_max_abs_error_seed": float(np.abs(last_seed - last_truth).max()),
+            "last_max_abs_error_ours": float(np.abs(last_ours - last_truth).max()),
+            "other_columns_max_abs_diff": float(max(inner))}
+
+
+def bench_model(name: str, seed_python: str, threads: int, rounds: int,
+                fix_prompts: int) -> dict:
     path = model_folder(name)
     row: dict = {"model": name, "threads": threads, "ours": [], "seed": []}
     for _ in range(rounds):
         for who, python, calls in (("ours", sys.executable, 2), ("seed", seed_python, 1),
                                    ("ours", sys.executable, 2)):
             result = {**run_side(python, path, threads, calls), "load_avg": load_average()}
-            print(name, who, {k: v for k, v in result.items() if k != "ids"}, flush=True)
+            print(name, who, {k: v for k, v in result.items() if k not in ("ids", "entropy")},
+                  flush=True)
             row[who].append(result)
     seed_ids = row["seed"][0]["ids"]
     row["same_greedy_ids"] = all(r["ids"] == seed_ids for r in row["ours"] + row["seed"])
@@ -111,8 +149,10 @@ def bench_model(name: str, seed_python: str, threads: int, rounds: int) -> dict:
                seed_tok_s=round(tokens / seed_s, 2), ours_warm_tok_s=round(tokens / warm_s, 2),
                ours_cold_tok_s=round(tokens / cold_s, 2),
                speedup_warm=round(seed_s / warm_s, 1), speedup_cold=round(seed_s / cold_s, 1))
+    if row["same_greedy_ids"] and fix_prompts:
+        row["lens_fixes"] = lens_fix_sizes(path, row["seed"][0], row["ours"][0], fix_prompts)
     for result in row["ours"] + row["seed"]:
-        del result["ids"]
+        del result["ids"], result["entropy"]
     return row
 
 
@@ -121,6 +161,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2-124m", "smollm2-135m"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--fix-prompts", type=int, default=8,
+                        help="profiles on which to measure the lens fixes (0: skip)")
     parser.add_argument("--seed-python", default=str(ROOT / ".venv-oracle" / "bin" / "python"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results_compat.json"))
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -129,7 +171,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(side(args.side, args.threads, args.calls)))
         return
-    rows = [bench_model(name, args.seed_python, args.threads, args.rounds)
+    rows = [bench_model(name, args.seed_python, args.threads, args.rounds, args.fix_prompts)
             for name in args.models]
     import torch
 

@@ -12,6 +12,7 @@ skip, unless $ENTROPY_FAST_REQUIRE_ORACLE is set (CI), where a missing oracle fa
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -19,10 +20,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.reference import entropy_from_logits
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE_PYTHON_ENV = "ENTROPY_PROFILER_ORACLE"
@@ -140,8 +144,10 @@ def run_script(python: Path, script: Path, spec: dict, target: Path,
         os.replace(target.with_suffix(".tmp"), target)
 
 
-def tiny_model_folder(kind: str, cache: Path) -> Path:
+def tiny_model_folder(kind: str, cache: Path, **overrides) -> Path:
     """A saved tiny random `kind` model (tests/tiny_models) with random final-norm weights.
+
+    `overrides` set config fields (tiny_model's).
 
     At its initial weights (1, bias 0) a norm is idempotent, which would hide 0.2.1's
     double norm of the last state; random weights make every norm matter. The folder is
@@ -149,7 +155,7 @@ def tiny_model_folder(kind: str, cache: Path) -> Path:
     """
     from tests.tiny_models import tiny_model, tiny_tokenizer
 
-    model = tiny_model(kind)
+    model = tiny_model(kind, **overrides)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -166,3 +172,56 @@ def tiny_model_folder(kind: str, cache: Path) -> Path:
     except OSError:  # made before (or by the other pytest worker): keep that one
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+class FloatLens:
+    """float64 lens entropies of one model folder, from HF's hidden states.
+
+    `blocks(ids, positions, alpha)` gives two (len(positions) x L) matrices. In the first,
+    column b is block b's output sent through the final norm and the head (the last one,
+    which HF hands over already normed, through the head alone) with soft-capping, as a
+    correct lens does. The second puts 0.2.1's two bugs back: no soft-capping, and the last
+    state normed again.
+    """
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from entropy_fast.lens import Lens
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        lens = Lens.from_model(self.model)
+        self.softcap = lens.softcap
+        self.norm = copy.deepcopy(lens.norm).double()
+        self.head = lens.head.weight.detach().double()
+        self.bias = None if lens.head.bias is None else lens.head.bias.detach().double()
+        self._cache: dict = {}
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows @ self.head.T if self.bias is None else rows @ self.head.T + self.bias
+
+    @torch.no_grad()
+    def blocks(self, ids: list[int], positions: list[int],
+               alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(ids), tuple(positions), alpha)
+        if key not in self._cache:
+            states = self.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            rows = torch.stack([h[0, positions] for h in states[1:]]).double()  # (L x n x d)
+            inner = self._logits(self.norm(rows[:-1]))
+            last, last_normed_twice = self._logits(rows[-1:]), self._logits(self.norm(rows[-1:]))
+            capped = inner, last
+            if self.softcap:
+                capped = [torch.tanh(x / self.softcap) * self.softcap for x in capped]
+
+            def entropies(*parts: torch.Tensor) -> torch.Tensor:
+                return entropy_from_logits(torch.cat(parts), [alpha])[..., 0].T
+
+            self._cache[key] = entropies(*capped), entropies(inner, last_normed_twice)
+        return self._cache[key]
+
+
+@lru_cache(maxsize=4)
+def float_lens(path: str) -> FloatLens:
+    """The FloatLens of a model folder, built once per process."""
+    return FloatLens(path)

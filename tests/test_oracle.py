@@ -15,8 +15,6 @@ every column (0.2.1 ignores final-logit soft-capping).
 
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ import pytest
 import torch
 
 from tests import oracle
-from tests.reference import entropy_from_logits
 
 SCRIPT = Path(__file__).with_name("oracle_scenarios.py")
 ATOL = 3e-5  # nats, at layers 0.2.1 computes correctly
@@ -176,59 +173,8 @@ def test_plot_call_forms_and_return_types_match_0_2_1(setup):
 # -- profilers on real models --------------------------------------------------------------
 
 
-class Reference:
-    """float64 lens entropies of one model folder, from HF's hidden states.
-
-    `blocks(ids, positions, alpha)` gives two (len(positions) x L) matrices. In the first,
-    column b is block b's output sent through the final norm and the head (the last one,
-    which HF hands over already normed, through the head alone) with soft-capping, as a
-    correct lens does. The second puts 0.2.1's two bugs back: no soft-capping, and the last
-    state normed again.
-    """
-
-    def __init__(self, path: str) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from entropy_fast.lens import Lens
-
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        lens = Lens.from_model(self.model)
-        self.softcap = lens.softcap
-        self.norm = copy.deepcopy(lens.norm).double()
-        self.head = lens.head.weight.detach().double()
-        self.bias = None if lens.head.bias is None else lens.head.bias.detach().double()
-        self._cache: dict = {}
-
-    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows @ self.head.T if self.bias is None else rows @ self.head.T + self.bias
-
-    @torch.no_grad()
-    def blocks(self, ids: list[int], positions: list[int],
-               alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(ids), tuple(positions), alpha)
-        if key not in self._cache:
-            states = self.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-            rows = torch.stack([h[0, positions] for h in states[1:]]).double()  # (L x n x d)
-            inner = self._logits(self.norm(rows[:-1]))
-            last, last_normed_twice = self._logits(rows[-1:]), self._logits(self.norm(rows[-1:]))
-            capped = inner, last
-            if self.softcap:
-                capped = [torch.tanh(x / self.softcap) * self.softcap for x in capped]
-
-            def entropies(*parts: torch.Tensor) -> torch.Tensor:
-                return entropy_from_logits(torch.cat(parts), [alpha])[..., 0].T
-
-            self._cache[key] = entropies(*capped), entropies(inner, last_normed_twice)
-        return self._cache[key]
-
-
-@lru_cache(maxsize=4)
-def reference(path: str) -> Reference:
-    return Reference(path)
-
-
-def _rows(ref: Reference, prompt: str, profile: dict, prompt_rows: bool) -> tuple[list, list]:
+def _rows(ref: oracle.FloatLens, prompt: str, profile: dict,
+          prompt_rows: bool) -> tuple[list, list]:
     """(full ids, positions of the profile's rows): generated rows predict the continuation;
     with prompt rows, 0.2.1's layout (every prompt position, then the generated rows)."""
     prompt_ids = list(ref.tokenizer(prompt or ref.tokenizer.bos_token)["input_ids"])
@@ -241,7 +187,7 @@ def _rows(ref: Reference, prompt: str, profile: dict, prompt_rows: bool) -> tupl
     return full, list(range(len(prompt_ids) - 1, len(full) - 1))
 
 
-def check_profile(ours: dict, theirs: dict, ref: Reference, prompt: str, what: str,
+def check_profile(ours: dict, theirs: dict, ref: oracle.FloatLens, prompt: str, what: str,
                   prompt_rows: bool = False) -> None:
     """One profile: identical ids and layout; entropies as the module docstring says."""
     for key in ("type", "token_ids", "layer_indices", "alpha", "model_name", "metadata",
@@ -268,7 +214,7 @@ def test_profiler_call_forms_match_0_2_1(setup, name):
     (model,) = [m for m in spec["models"] if m["name"] == name]
     theirs = results[name]
     ours = _ours(spec, models=[model])[name]
-    ref = reference(model["path"])
+    ref = oracle.float_lens(model["path"])
     first, second = model["prompts"][:2]
     assert_same(ours["attributes"], theirs["attributes"], "attributes")
     check_profile(ours["text"], theirs["text"], ref, first, "profile_text")
