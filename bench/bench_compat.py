@@ -15,8 +15,14 @@ It also measures what the lens fixes change (docs/migrating-from-0.2.1.md): on t
 and ours against a float64 lens of the model's own output (tests/oracle.FloatLens), and
 the largest difference between the two libraries in the other columns.
 
+`--notebook NAME` instead runs one of 0.2.1's notebooks (seq_tok_analysis,
+model_comparison) through the real, unpatched 0.2.1 and through ours, as
+tests/test_oracle_notebooks.py does, and prints every line they print differently: what
+the lens fixes change in a 0.2.1 user's results.
+
     python bench/bench_compat.py [--models gpt2-124m smollm2-135m] [--threads 1]
         [--rounds 1] [--fix-prompts 8] [--out bench/results_compat.json]
+    python bench/bench_compat.py --notebook seq_tok_analysis
 """
 
 from __future__ import annotations
@@ -156,6 +162,34 @@ def bench_model(name: str, seed_python: str, threads: int, rounds: int,
     return row
 
 
+def notebook_diff(name: str, seed_python: str) -> list[dict]:
+    """Cells of notebook `name` whose output differs between 0.2.1 and ours, line by line."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from tests import oracle
+
+    python = Path(seed_python)
+    cache = Path(tempfile.gettempdir()) / "entropy-profiler-oracle"
+    cache.mkdir(exist_ok=True)
+    paths = oracle.notebook_models(cache)
+    notebook = oracle.sdist_notebook(python, name)
+    spec = oracle.notebook_spec(notebook, paths)
+    script = ROOT / "tests" / "oracle_notebooks.py"
+    seed = json.loads(oracle.run_cached(python, script, spec, cache,
+                                        [*paths.values(), notebook], suffix=".json").read_text())
+    oracle.run_script(Path(sys.executable), script, spec, cache / f"ours-{name}.json")
+    ours = json.loads((cache / f"ours-{name}.json").read_text())
+    changed = []
+    for mine, theirs in zip(ours, seed, strict=True):
+        lines = [(a, b) for a, b in zip(mine["stdout"].splitlines(),
+                                        theirs["stdout"].splitlines(), strict=False) if a != b]
+        if lines or mine["ok"] != theirs["ok"]:
+            changed.append({"cell": mine["cell"], "ok": [theirs["ok"], mine["ok"]],
+                            "lines": [{"0.2.1": b, "ours": a} for a, b in lines]})
+    return changed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-124m", "smollm2-135m"])
@@ -165,11 +199,15 @@ def main() -> None:
                         help="profiles on which to measure the lens fixes (0: skip)")
     parser.add_argument("--seed-python", default=str(ROOT / ".venv-oracle" / "bin" / "python"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results_compat.json"))
+    parser.add_argument("--notebook", choices=["seq_tok_analysis", "model_comparison"])
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(side(args.side, args.threads, args.calls)))
+        return
+    if args.notebook:
+        print(json.dumps(notebook_diff(args.notebook, args.seed_python), indent=1))
         return
     rows = [bench_model(name, args.seed_python, args.threads, args.rounds, args.fix_prompts)
             for name in args.models]

@@ -33,6 +33,7 @@ ORACLE_PYTHON_ENV = "ENTROPY_PROFILER_ORACLE"
 CACHE_ENV = "ENTROPY_FAST_ORACLE_CACHE"
 REQUIRE_ENV = "ENTROPY_FAST_REQUIRE_ORACLE"
 ORACLE_VERSION = "0.2.1"
+DATASET = Path(__file__).with_name("data") / "mmlu_abstract_algebra_sample.json"
 
 
 def oracle_python() -> Path:
@@ -172,6 +173,34 @@ def tiny_model_folder(kind: str, cache: Path, **overrides) -> Path:
     except OSError:  # made before (or by the other pytest worker): keep that one
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def notebook_models(cache: Path) -> dict[str, Path]:
+    """Model folders for the notebooks: tiny GPT-2 and Llama (with a context long enough for
+    MMLU prompts, ~300 characters and one token each), and the real SmolLM2."""
+    from entropy_fast.loading import model_source
+
+    return {"gpt2": tiny_model_folder("gpt2", cache, n_positions=1024),
+            "llama": tiny_model_folder("llama", cache, max_position_embeddings=1024),
+            "smollm2": Path(model_source("smollm2-135m"))}
+
+
+def notebook_spec(notebook: Path, paths: dict[str, Path]) -> dict:
+    """tests/oracle_notebooks.py's spec: the issue's allowed edits and the local dataset."""
+    return {"notebook": str(notebook), "edits": _notebook_edits(notebook.stem, paths),
+            "threads": 1, "dataset": json.loads(DATASET.read_text())}
+
+
+def _notebook_edits(name: str, paths: dict[str, Path]) -> list[list[str]]:
+    show = ["plt.show()", 'plt.close("all")']
+    if name == "seq_tok_analysis":
+        return [["facebook/layerskip-llama3.2-1B", str(paths["smollm2"])], show]
+    return [["from datasets import load_dataset", "load_dataset = LOCAL_DATASET"],
+            ["Qwen/Qwen1.5-MoE-A2.7B", str(paths["gpt2"])],
+            ["meta-llama/Llama-3.2-1B-Instruct", str(paths["llama"])],
+            ["facebook/layerskip-llama3.2-1B", str(paths["smollm2"])],
+            ["NUM_SEQUENCES = 250", "NUM_SEQUENCES = 4"], show]
+
 
 
 class FloatLens:

@@ -22,19 +22,7 @@ from tests import oracle
 pytest.importorskip("seaborn", reason="the notebooks import seaborn (and pandas): "
                     "pip install seaborn")
 SCRIPT = Path(__file__).with_name("oracle_notebooks.py")
-DATASET = Path(__file__).with_name("data") / "mmlu_abstract_algebra_sample.json"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-
-
-def _edits(name: str, paths: dict[str, Path]) -> list[list[str]]:
-    show = ["plt.show()", 'plt.close("all")']
-    if name == "seq_tok_analysis":
-        return [["facebook/layerskip-llama3.2-1B", str(paths["smollm2"])], show]
-    return [["from datasets import load_dataset", "load_dataset = LOCAL_DATASET"],
-            ["Qwen/Qwen1.5-MoE-A2.7B", str(paths["gpt2"])],
-            ["meta-llama/Llama-3.2-1B-Instruct", str(paths["llama"])],
-            ["facebook/layerskip-llama3.2-1B", str(paths["smollm2"])],
-            ["NUM_SEQUENCES = 250", "NUM_SEQUENCES = 4"], show]
 
 
 def _same_numbers(ours: str, theirs: str) -> bool:
@@ -53,15 +41,9 @@ def _same_numbers(ours: str, theirs: str) -> bool:
 def test_notebook_runs_and_prints_what_0_2_1_prints(request, tmp_path, name):
     python = oracle.oracle_python()
     cache = oracle.cache_dir(request.config)
-    from entropy_fast.loading import model_source
-
-    # MMLU prompts run to ~300 characters, one token each for the tiny tokenizer
-    paths = {"gpt2": oracle.tiny_model_folder("gpt2", cache, n_positions=1024),
-             "llama": oracle.tiny_model_folder("llama", cache, max_position_embeddings=1024)}
-    paths["smollm2"] = Path(model_source("smollm2-135m"))
+    paths = oracle.notebook_models(cache)
     notebook = oracle.sdist_notebook(python, name)
-    spec = {"notebook": str(notebook), "edits": _edits(name, paths), "threads": 1,
-            "dataset": json.loads(DATASET.read_text())}
+    spec = oracle.notebook_spec(notebook, paths)
     theirs = json.loads(oracle.run_cached(python, SCRIPT, {**spec, "fix_lens_bugs": True},
                                           cache, [*paths.values(), notebook],
                                           suffix=".json").read_text())
