@@ -21,7 +21,8 @@ tests/test_oracle_notebooks.py does, and prints every line they print differentl
 the lens fixes change in a 0.2.1 user's results.
 
     python bench/bench_compat.py [--models gpt2-124m smollm2-135m] [--threads 1]
-        [--rounds 1] [--fix-prompts 8] [--out bench/results_compat.json]
+        [--rounds 1] [--fix-prompts 8] [--prompts 16] [--dtype float32]
+        [--out bench/results_compat.json]
     python bench/bench_compat.py --notebook seq_tok_analysis
 """
 
@@ -37,13 +38,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-N_PROMPTS, NEW_TOKENS = 16, 32
+NEW_TOKENS = 32
 
 
-def prompts() -> list[str]:
-    """The first 16 prompts of the bundled sample corpus (read without importing torch)."""
+def prompts(n: int = 16) -> list[str]:
+    """The first n prompts of the bundled sample corpus (read without importing torch)."""
     lines = (ROOT / "entropy_fast" / "data" / "sample_prompts.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip()][:N_PROMPTS]
+    return [line.strip() for line in lines if line.strip()][:n]
 
 
 def model_folder(name: str) -> Path:
@@ -66,7 +67,7 @@ def model_folder(name: str) -> Path:
     return folder
 
 
-def side(path: str, threads: int, calls: int) -> dict:
+def side(path: str, threads: int, calls: int, n_prompts: int, dtype: str) -> dict:
     """One process's measurement: whichever `entropy_profiler` this interpreter imports."""
     import torch
 
@@ -74,12 +75,12 @@ def side(path: str, threads: int, calls: int) -> dict:
     from entropy_profiler import EntropyProfiler
 
     started = time.perf_counter()
-    profiler = EntropyProfiler(path, device="cpu", dtype=torch.float32)
+    profiler = EntropyProfiler(path, device="cpu", dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - started
     seconds, batch = [], None
     for _ in range(calls):
         started = time.perf_counter()
-        batch = profiler.profile_batch(prompts(), max_new_tokens=NEW_TOKENS)
+        batch = profiler.profile_batch(prompts(n_prompts), max_new_tokens=NEW_TOKENS)
         seconds.append(time.perf_counter() - started)
     tokens = sum(p.n_tokens for p in batch.profiles)
     return {"load_s": round(load_s, 2), "call_s": [round(s, 2) for s in seconds],
@@ -89,11 +90,12 @@ def side(path: str, threads: int, calls: int) -> dict:
             "n_layers": batch.profiles[0].n_layers}
 
 
-def run_side(python: str, path: Path, threads: int, calls: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+def run_side(python: str, path: Path, calls: int, args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([python, __file__, "--side", str(path), "--threads", str(threads),
-                           "--calls", str(calls)], env=env, capture_output=True, text=True,
+    done = subprocess.run([python, __file__, "--side", str(path), "--threads", str(args.threads),
+                           "--calls", str(calls), "--prompts", str(args.prompts),
+                           "--dtype", args.dtype], env=env, capture_output=True, text=True,
                           cwd="/")
     if done.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{done.stderr[-3000:]}")
@@ -116,7 +118,7 @@ def lens_fix_sizes(path: Path, seed: dict, ours: dict, n_prompts: int) -> dict:
 
     lens = FloatLens(str(path))
     last_seed, last_ours, last_truth, inner = [], [], [], []
-    for k, text in enumerate(prompts()[:n_prompts]):
+    for k, text in enumerate(prompts(n_prompts)):
         prompt = lens.tokenizer(text)["input_ids"]
         ids = prompt + seed["ids"][k]
         truth, _ = lens.blocks(ids, list(range(len(prompt) - 1, len(ids) - 1)))
@@ -134,14 +136,14 @@ def lens_fix_sizes(path: Path, seed: dict, ours: dict, n_prompts: int) -> dict:
             "other_columns_max_abs_diff": float(max(inner))}
 
 
-def bench_model(name: str, seed_python: str, threads: int, rounds: int,
-                fix_prompts: int) -> dict:
+def bench_model(name: str, args) -> dict:
     path = model_folder(name)
-    row: dict = {"model": name, "threads": threads, "ours": [], "seed": []}
-    for _ in range(rounds):
-        for who, python, calls in (("ours", sys.executable, 2), ("seed", seed_python, 1),
+    row: dict = {"model": name, "threads": args.threads, "dtype": args.dtype, "ours": [],
+                 "seed": []}
+    for _ in range(args.rounds):
+        for who, python, calls in (("ours", sys.executable, 2), ("seed", args.seed_python, 1),
                                    ("ours", sys.executable, 2)):
-            result = {**run_side(python, path, threads, calls), "load_avg": load_average()}
+            result = {**run_side(python, path, calls, args), "load_avg": load_average()}
             print(name, who, {k: v for k, v in result.items() if k not in ("ids", "entropy")},
                   flush=True)
             row[who].append(result)
@@ -155,8 +157,9 @@ def bench_model(name: str, seed_python: str, threads: int, rounds: int,
                seed_tok_s=round(tokens / seed_s, 2), ours_warm_tok_s=round(tokens / warm_s, 2),
                ours_cold_tok_s=round(tokens / cold_s, 2),
                speedup_warm=round(seed_s / warm_s, 1), speedup_cold=round(seed_s / cold_s, 1))
-    if row["same_greedy_ids"] and fix_prompts:
-        row["lens_fixes"] = lens_fix_sizes(path, row["seed"][0], row["ours"][0], fix_prompts)
+    if row["same_greedy_ids"] and args.fix_prompts:
+        row["lens_fixes"] = lens_fix_sizes(path, row["seed"][0], row["ours"][0],
+                                           args.fix_prompts)
     for result in row["ours"] + row["seed"]:
         del result["ids"], result["entropy"]
     return row
@@ -194,6 +197,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-124m", "smollm2-135m"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--fix-prompts", type=int, default=8,
                         help="profiles on which to measure the lens fixes (0: skip)")
@@ -204,13 +209,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print(json.dumps(side(args.side, args.threads, args.calls)))
+        print(json.dumps(side(args.side, args.threads, args.calls, args.prompts, args.dtype)))
         return
     if args.notebook:
         print(json.dumps(notebook_diff(args.notebook, args.seed_python), indent=1))
         return
-    rows = [bench_model(name, args.seed_python, args.threads, args.rounds, args.fix_prompts)
-            for name in args.models]
+    rows = [bench_model(name, args) for name in args.models]
     import torch
 
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from entropy_fast.batching import length_buckets
 from entropy_fast.entropy import validate_alphas
-from entropy_fast.generation import Generator, HFGenerator, SamplingConfig, context_length
+from entropy_fast.generation import (
+    Generator,
+    HFGenerator,
+    SamplingConfig,
+    context_length,
+    generate_continuations,
+)
 from entropy_fast.hooks import StateTap, find_decoder_layers
 from entropy_fast.lens import BACKENDS, Lens
 from entropy_fast.loading import DEFAULT_MODEL, load_model, model_source
@@ -215,13 +221,11 @@ class EntropyProfiler:
 
     def profile_token_ids(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                           texts: Sequence[str] | None = None, *, progress: bool = False,
-                          generator: str = "given", keep_states: bool = False) -> Iterator[tuple]:
+                          generator: str = "given") -> Iterator[tuple[int, EntropyProfile]]:
         """Profile (prompt ids, continuation ids) pairs that were generated elsewhere.
 
-        Yields (index, profile), or (index, profile, states) with `keep_states`: the states
-        as profile_text_with_states gives them. Rows are the continuation tokens; an empty
-        continuation profiles the prompt as text (rows = tokens 1..T-1). `texts` (the
-        prompts' text) only goes into the metadata.
+        Rows are the continuation tokens; an empty continuation profiles the prompt as text
+        (rows = tokens 1..T-1). `texts` (the prompts' text) only goes into the metadata.
         """
         prepared = []
         for index, (prompt_ids, continuation) in enumerate(sequences):
@@ -235,11 +239,29 @@ class EntropyProfiler:
                     "max_new_tokens": max(len(c) for _, c in sequences) if sequences else 0}
         bar = tqdm(total=len(prepared), unit="prompt", disable=not progress)
         try:
-            for index, profile, states in self._profile_sequences(prepared, texts, metadata,
-                                                                  keep_states, bar=bar):
-                yield (index, profile, states) if keep_states else (index, profile)
+            for index, profile, _ in self._profile_sequences(prepared, texts, metadata, bar=bar):
+                yield index, profile
         finally:
             bar.close()
+
+    def profile_prompt_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                           *, keep_states: bool = False, **sampling) -> Iterator[tuple]:
+        """Profile prompts given as token ids (e.g. tokenized differently), like profile_batch.
+
+        Yields (index, profile), or (index, profile, states) with `keep_states` (states as
+        profile_text_with_states returns them), in no fixed order. `sampling` takes
+        iter_profiles' options (do_sample, temperature, top_p, top_k, seed).
+        """
+        sampling = SamplingConfig(max_new_tokens, **sampling)
+        ids = [[int(t) for t in p] for p in prompt_ids]
+        for index, prompt in enumerate(ids):
+            self._check_length(index, len(prompt) + max_new_tokens, len(prompt),
+                               sampling.max_new_tokens > 0)
+        indices = list(range(len(ids)))
+        results = self._profile_ids(ids, indices, dict.fromkeys(indices, ""), sampling,
+                                    keep_states)
+        for index, profile, states in results:
+            yield (index, profile, states) if keep_states else (index, profile)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -298,15 +320,58 @@ class EntropyProfiler:
             ids.append(list(self.tokenizer(text)["input_ids"]))
             self._check_length(index, len(ids[-1]) + sampling.max_new_tokens, len(ids[-1]),
                                generating)
-        if generating:
+        by_index = dict(zip(indices, texts, strict=True))
+        yield from self._profile_ids(ids, indices, by_index, sampling, keep_states, bar)
+
+    def _profile_ids(self, ids: list[list[int]], indices: Sequence[int], prompts: dict,
+                     sampling: SamplingConfig, keep_states: bool = False, bar=None):
+        """Generate when asked to, and profile; yields (index, profile, states or None)."""
+        metadata = self._metadata(sampling)
+        if sampling.max_new_tokens == 0:
+            sequences = [_Sequence(i, p, 1, False) for i, p in zip(indices, ids, strict=True)]
+        elif isinstance(self.generator, HFGenerator):
+            yield from self._profile_while_generating(ids, indices, prompts, sampling, metadata,
+                                                      keep_states, bar)
+            return
+        else:
             continuations = self.generator.generate(ids, sampling)
             sequences = [_Sequence(i, p + c, len(p), True)
                          for i, p, c in zip(indices, ids, continuations, strict=True)]
-        else:
-            sequences = [_Sequence(i, p, 1, False) for i, p in zip(indices, ids, strict=True)]
-        by_index = dict(zip(indices, texts, strict=True))
-        yield from self._profile_sequences(sequences, by_index, self._metadata(sampling),
-                                           keep_states, bar)
+        yield from self._profile_sequences(sequences, prompts, metadata, keep_states, bar)
+
+    def _profile_while_generating(self, ids: list[list[int]], indices: Sequence[int],
+                                  prompts: dict, sampling: SamplingConfig, metadata: dict,
+                                  keep_states: bool, bar):
+        """HF generation with taps on the profiled layers, reduced batch by batch.
+
+        Row t of a sequence is the last position of decoding step t, the state that produced
+        continuation token t: the same state a teacher-forced forward would give (up to
+        float rounding), so no second forward is run. Each generation batch's states are
+        sent through the lens as soon as the batch is decoded.
+        """
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_indices}
+        finished: list[tuple] = []
+
+        def keep_last_position(index: int, hidden: torch.Tensor) -> None:
+            captured[index].append(hidden[:, -1])  # left padding: every row's newest token
+
+        def reduce_batch(bucket: list[int], continuations: list[list[int]]) -> None:
+            started = time.perf_counter()
+            batch = [_Sequence(indices[b], ids[b] + c, len(ids[b]), True)
+                     for b, c in zip(bucket, continuations, strict=True)]
+            steps = {i: torch.stack(states, dim=1) for i, states in captured.items()}
+            for states in captured.values():
+                states.clear()
+            rows = {i: torch.cat([s[row, :seq.n_rows] for row, seq in enumerate(batch)])
+                    for i, s in steps.items()}
+            columns, states = self._reduce(rows, batch, keep_states)
+            finished.extend(self._split_batch(batch, columns, states, prompts, metadata,
+                                              started, bar))
+
+        with torch.no_grad(), StateTap(self.layers, self.layer_indices, keep_last_position):
+            generate_continuations(self.model, ids, sampling, self._pad_id(), self.batch_tokens,
+                                   on_batch=reduce_batch)
+        yield from finished
 
     @property
     def generator(self) -> Generator:
@@ -343,19 +408,24 @@ class EntropyProfiler:
             started = time.perf_counter()
             batch = [sequences[i] for i in bucket]
             columns, states = self._forward(batch, keep_states)
-            elapsed = time.perf_counter() - started
-            offset = 0
-            for seq in batch:
-                rows = slice(offset, offset + seq.n_rows)
-                offset += seq.n_rows
-                profile = self._build_profile(seq, columns, rows, prompts[seq.index], metadata)
-                profile.metadata["batch_seconds"] = elapsed
-                yield seq.index, profile, None if states is None else states[:, rows]
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                n_rows = sum(s.n_rows for s in batch)
-                bar.set_postfix(tok_s=f"{n_rows / max(elapsed, 1e-9):.0f}")
+            yield from self._split_batch(batch, columns, states, prompts, metadata, started,
+                                         bar)
+
+    def _split_batch(self, batch: list[_Sequence], columns, states, prompts, metadata: dict,
+                     started: float, bar) -> list[tuple]:
+        """(index, profile, states or None) of each sequence of a reduced batch."""
+        elapsed = time.perf_counter() - started
+        out, offset = [], 0
+        for seq in batch:
+            rows = slice(offset, offset + seq.n_rows)
+            offset += seq.n_rows
+            profile = self._build_profile(seq, columns, rows, prompts[seq.index], metadata)
+            profile.metadata["batch_seconds"] = elapsed
+            out.append((seq.index, profile, None if states is None else states[:, rows]))
+        if bar is not None:
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{offset / max(elapsed, 1e-9):.0f}")
+        return out
 
     @torch.no_grad()
     def _forward(self, batch: list[_Sequence], keep_states: bool):
@@ -363,16 +433,15 @@ class EntropyProfiler:
         width = max(len(s.ids) - 1 for s in batch)
         input_ids = torch.full((len(batch), width), self._pad_id(), dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        positions, targets = [], []
+        positions = []
         for row, seq in enumerate(batch):
             n = len(seq.ids) - 1
             input_ids[row, :n] = torch.tensor(seq.ids[:-1])
             attention_mask[row, :n] = 1  # right padding: real tokens never see the pads
             positions.append(torch.arange(seq.first_target - 1, n) + row * width)
-            targets.extend(seq.ids[seq.first_target:])
         device = self.device
         flat_positions = torch.cat(positions).to(device)
-        targets = torch.tensor(targets, device=device) if self.target_stats else None
+        targets = self._targets(batch)
         columns: dict[int, object] = {}
         kept: dict[int, torch.Tensor] = {}
 
@@ -389,6 +458,23 @@ class EntropyProfiler:
                                   attention_mask=attention_mask.to(device), use_cache=False)
         states = torch.stack([kept[i] for i in self.layer_indices]) if keep_states else None
         return [columns[i] for i in self.layer_indices], states
+
+    def _targets(self, batch: list[_Sequence]) -> torch.Tensor | None:
+        """The tokens the batch's rows predict, when target statistics are asked for."""
+        if not self.target_stats:
+            return None
+        return torch.tensor([t for s in batch for t in s.ids[s.first_target:]],
+                            device=self.device)
+
+    def _reduce(self, rows: dict[int, torch.Tensor], batch: list[_Sequence], keep_states: bool):
+        """Lens statistics of each layer's rows (n_rows x d); states stacked if kept."""
+        targets = self._targets(batch)
+        columns = [self.lens.statistics(rows[i], self.alphas, backend=self.backend,
+                                        targets=targets, with_top_token=self.top_token)
+                   for i in self.layer_indices]
+        states = (torch.stack([rows[i].float().cpu() for i in self.layer_indices])
+                  if keep_states else None)
+        return columns, states
 
     def _build_profile(self, seq: _Sequence, columns, rows: slice, prompt: str,
                        metadata: dict) -> EntropyProfile:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from entropy_fast.generation import SamplingConfig
 from entropy_fast.loading import load_model
 from entropy_fast.profile import BLOCK, AggregatedProfile
 from entropy_fast.profile import EntropyProfile as _NativeProfile
@@ -118,10 +117,9 @@ class EntropyProfiler:
         An empty prompt is profiled as the tokenizer's BOS token (else its EOS token).
         """
         ids = self._prompt_ids(prompt)
-        (continuation,) = self._generate([ids], max_new_tokens, do_sample)
+        ((profile, _),) = self._profile([ids], max_new_tokens, do_sample)
         if include_prompt_tokens:
-            return self._with_prompt_rows(ids, continuation)
-        ((_, profile),) = self._engine.profile_token_ids([(ids, continuation)])
+            return self._with_prompt_rows(ids, profile)
         return self._seed_profile(profile)
 
     def profile_text_with_states(self, prompt: str, max_new_tokens: int = 32,
@@ -133,21 +131,17 @@ class EntropyProfiler:
         the last block's state is after the final norm, as HF returns it.
         """
         ids = self._prompt_ids(prompt)
-        (continuation,) = self._generate([ids], max_new_tokens, do_sample)
-        ((_, profile, states),) = self._engine.profile_token_ids([(ids, continuation)],
-                                                                keep_states=True)
+        ((profile, states),) = self._profile([ids], max_new_tokens, do_sample, keep_states=True)
         if include_prompt_tokens:
-            return self._with_prompt_rows(ids, continuation), self._seed_states(states)
+            return self._with_prompt_rows(ids, profile), self._seed_states(states)
         return self._seed_profile(profile), self._seed_states(states)
 
     def profile_batch(self, prompts: list[str], max_new_tokens: int = 32,
                       do_sample: bool = False) -> AggregatedProfile:
         """Profile every prompt (batched underneath); profiles come in the prompts' order."""
-        ids = [self._prompt_ids(p) for p in prompts]
-        continuations = self._generate(ids, max_new_tokens, do_sample)
-        results = dict(self._engine.profile_token_ids(list(zip(ids, continuations,
-                                                               strict=True))))
-        return AggregatedProfile([self._seed_profile(results[i]) for i in range(len(ids))])
+        results = self._profile([self._prompt_ids(p) for p in prompts], max_new_tokens,
+                                do_sample)
+        return AggregatedProfile([self._seed_profile(profile) for profile, _ in results])
 
     def unload(self) -> None:
         """Release the model (0.2.1 also drops the tokenizer attribute)."""
@@ -174,8 +168,9 @@ class EntropyProfiler:
             prompt = getattr(self.tokenizer, "bos_token", None) or self.tokenizer.eos_token
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def _generate(self, ids: list[list[int]], max_new_tokens: int,
-                  do_sample: bool) -> list[list[int]]:
+    def _profile(self, ids: list[list[int]], max_new_tokens: int, do_sample: bool,
+                 keep_states: bool = False) -> list[tuple[_NativeProfile, torch.Tensor | None]]:
+        """Engine profiles (and states) of prompt ids, in order; rows = generated tokens."""
         if max_new_tokens <= 0:  # HF's own refusal, which 0.2.1 passed on
             raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new_tokens}.")
         sampling = {}
@@ -183,8 +178,11 @@ class EntropyProfiler:
             config = self.model.generation_config
             sampling = {k: v if getattr(config, k, None) is None else getattr(config, k)
                         for k, v in _HF_SAMPLING_DEFAULTS.items()}
-        return self._engine.generator.generate(
-            ids, SamplingConfig(max_new_tokens, do_sample, **sampling))
+        results = {index: (profile, states[0] if states else None)
+                   for index, profile, *states in self._engine.profile_prompt_ids(
+                       ids, max_new_tokens, keep_states=keep_states, do_sample=do_sample,
+                       **sampling)}
+        return [results[index] for index in range(len(ids))]
 
     def _seed_profile(self, profile: _NativeProfile) -> EntropyProfile:
         view = profile.blocks()
@@ -192,8 +190,9 @@ class EntropyProfiler:
                               layer_indices=view.layer_indices, alpha=self.alpha,
                               model_name=self.model_name)
 
-    def _with_prompt_rows(self, ids: list[int], continuation: list[int]) -> EntropyProfile:
+    def _with_prompt_rows(self, ids: list[int], generated: _NativeProfile) -> EntropyProfile:
         """Rows of every prompt position, then of every generated token (0.2.1's layout)."""
+        continuation = generated.token_ids.tolist()
         ((_, text),) = self._engine.profile_token_ids([(ids + continuation, [])])
         rows = text.entropy  # row p: the distribution at position p
         prompt_len = len(ids)

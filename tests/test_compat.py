@@ -92,7 +92,9 @@ def test_layout_is_0_2_1s(seed, folder):
         hf = model(ids, output_hidden_states=True).hidden_states
     rows = slice(len(prompt) - 1, ids.shape[1] - 1)
     expected = torch.stack([h[0, rows] for h in hf[1:]], dim=1)  # HF's last one is normed
-    torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
+    # ours come from KV-cached decoding (as 0.2.1's), these from one forward: float32 rounding
+    torch.testing.assert_close(states, expected, atol=1e-5 * float(expected.abs().max()),
+                               rtol=0)
     strided = EntropyProfiler(folder, dtype=torch.float32, layer_stride=2)
     assert strided.profile_text("Hello", max_new_tokens=2).layer_indices == [0, 2]
 
