@@ -3,17 +3,22 @@
 Pipeline for a wave of prompts (waves keep memory bounded on any corpus size):
 
 1. tokenize (ids are kept; nothing is ever decoded and re-tokenized);
-2. in generation mode, generate continuations (`generation`, batched left-padded HF);
-3. group sequences into length buckets under a token budget (`batching`);
+2. with the HF generator, generate continuations (`generation`, batched left-padded HF)
+   with taps on the residual stream (`hooks`) that keep each step's newest position, and
+   send each generation batch's states through the lens (`lens`) when it is decoded: the
+   state that produced a token is the one a teacher-forced forward would give (up to
+   float rounding), so no second forward is run; go to 5;
+3. otherwise (text mode, continuations from vLLM or given as ids) group sequences into
+   length buckets under a token budget (`batching`);
 4. run ONE teacher-forced forward of the base model per bucket (never the LM head: the
    model's own full-vocabulary logits would repeat the last layer's lens work), with
-   taps on the residual stream (`hooks`) that reduce each layer's states to entropies
-   (`lens`) as soon as they exist;
+   taps that reduce each layer's states to entropies as soon as they exist;
 5. cut the rows back into one `EntropyProfile` per prompt.
 
 Rows: in generation mode row i is the distribution that produced generated token i; in
 text mode (max_new_tokens=0) the rows are the text's tokens 1..T-1. Columns: hidden-state
-indices 0, k, 2k, ... for layer_stride=k, and always the last state L (the model output).
+indices 0, k, 2k, ... for layer_stride=k, and always the last state L (the model output),
+or the indices given as `layers`.
 """
 
 from __future__ import annotations
