@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_fast.batching import length_buckets
-from entropy_fast.entropy import validate_alphas
+from entropy_fast.entropy import LensStatistics, validate_alphas
 from entropy_fast.generation import (
     Generator,
     HFGenerator,
@@ -63,6 +63,12 @@ def select_layers(n_blocks: int, layer_stride: int,
         return layers
     indices = list(range(0, n_blocks + 1, layer_stride))
     return indices if indices[-1] == n_blocks else [*indices, n_blocks]
+
+
+def _take_rows(stats: LensStatistics, rows: slice) -> LensStatistics:
+    """The statistics of some rows."""
+    return LensStatistics(**{name: None if value is None else value[rows]
+                             for name, value in vars(stats).items()})
 
 
 @dataclass
@@ -472,13 +478,20 @@ class EntropyProfiler:
                             device=self.device)
 
     def _reduce(self, rows: dict[int, torch.Tensor], batch: list[_Sequence], keep_states: bool):
-        """Lens statistics of each layer's rows (n_rows x d); states stacked if kept."""
+        """Lens statistics of each layer's rows (n_rows x d); states stacked if kept.
+
+        Every layer's rows go through the lens in one call ([n_layers * n_rows, d] against
+        the head), so a small batch still makes GEMMs of many rows.
+        """
         targets = self._targets(batch)
-        columns = [self.lens.statistics(rows[i], self.alphas, backend=self.backend,
-                                        targets=targets, with_top_token=self.top_token)
-                   for i in self.layer_indices]
-        states = (torch.stack([rows[i].float().cpu() for i in self.layer_indices])
-                  if keep_states else None)
+        n_layers, n_rows = len(self.layer_indices), len(rows[self.layer_indices[0]])
+        stacked = torch.cat([rows[i] for i in self.layer_indices])
+        stats = self.lens.statistics(
+            stacked, self.alphas, backend=self.backend, with_top_token=self.top_token,
+            targets=None if targets is None else targets.repeat(n_layers))
+        columns = [_take_rows(stats, slice(k * n_rows, (k + 1) * n_rows))
+                   for k in range(n_layers)]
+        states = stacked.float().cpu().view(n_layers, n_rows, -1) if keep_states else None
         return columns, states
 
     def _build_profile(self, seq: _Sequence, columns, rows: slice, prompt: str,
