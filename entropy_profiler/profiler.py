@@ -2,8 +2,8 @@
 
 Owns the 0.2.1 result types (`EntropyProfile`, `AggregatedProfile`), its entropy functions
 of probabilities, and `EntropyProfiler`: 0.2.1's constructor, methods, shapes and layer
-numbering on top of `entropy_fast.EntropyProfiler` (batched KV-cached generation, one
-teacher-forced forward, the streamed or fused lens).
+numbering on top of `entropy_fast.EntropyProfiler` (prompts decoded in batches with the KV
+cache, their states read by the streamed or fused lens as they are decoded).
 
 0.2.1's conventions, kept here:
 
@@ -173,16 +173,20 @@ class EntropyProfiler:
         """Engine profiles (and states) of prompt ids, in order; rows = generated tokens."""
         if max_new_tokens <= 0:  # HF's own refusal, which 0.2.1 passed on
             raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new_tokens}.")
-        sampling = {}
-        if do_sample:  # the checkpoint's sampling settings, as 0.2.1's bare generate() uses
-            config = self.model.generation_config
-            sampling = {k: v if getattr(config, k, None) is None else getattr(config, k)
-                        for k, v in _HF_SAMPLING_DEFAULTS.items()}
-        results = {index: (profile, states[0] if states else None)
-                   for index, profile, *states in self._engine.profile_prompt_ids(
-                       ids, max_new_tokens, keep_states=keep_states, do_sample=do_sample,
-                       **sampling)}
+        sampling = self._checkpoint_sampling() if do_sample else {}
+        results: dict[int, tuple] = {}
+        for index, profile, *states in self._engine.profile_prompt_ids(
+                ids, max_new_tokens, keep_states=keep_states, do_sample=do_sample, **sampling):
+            results[index] = (profile, states[0] if keep_states else None)
         return [results[index] for index in range(len(ids))]
+
+    def _checkpoint_sampling(self) -> dict:
+        """The checkpoint's sampling settings, which 0.2.1's bare generate() call used."""
+        config = self.model.generation_config
+        sampling = {k: v if getattr(config, k, None) is None else getattr(config, k)
+                    for k, v in _HF_SAMPLING_DEFAULTS.items()}
+        sampling["top_k"] = sampling["top_k"] or None  # 0 turns top-k off, as None does
+        return sampling
 
     def _seed_profile(self, profile: _NativeProfile) -> EntropyProfile:
         view = profile.blocks()
