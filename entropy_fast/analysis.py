@@ -39,8 +39,8 @@ _LENS_CHUNK_ELEMENTS = 1 << 22
 class LayerAnalyzer:
     """Per-layer metrics of one profile; every result is a (n_layers,) float64 array.
 
-    Layer l is column l of the profile (hidden-state index profile.layer_indices[l]); "the
-    output" is the last profiled layer, column n_layers - 1.
+    Layer l is column l of the profile (index profile.layer_indices[l], counted as
+    profile.numbering says); "the output" is the last profiled layer, column n_layers - 1.
 
     Args:
         profiler: the EntropyProfiler that made the profile (its `.lens` turns states into
@@ -67,7 +67,7 @@ class LayerAnalyzer:
 
     @property
     def layer_indices(self) -> list[int]:
-        """Hidden-state index of each analysed layer."""
+        """Index of each analysed layer, in the profile's numbering."""
         return self.profile.layer_indices
 
     def _require_states(self, what: str, lens: bool = False) -> torch.Tensor:
@@ -188,8 +188,8 @@ def _mean_curve(name: str, item: EntropyProfile | AggregatedProfile | Sequence[E
         item = [item]
     profiles = item.profiles if isinstance(item, AggregatedProfile) else list(item)
     profiles = _check_profiles(profiles, [f"{name}[{k}]" for k in range(len(profiles))])
-    layers = np.asarray(profiles[0].layer_indices, dtype=np.float64)
-    if len({tuple(p.layer_indices) for p in profiles}) > 1:
+    layers = np.asarray(profiles[0].hidden_state_indices, dtype=np.float64)
+    if len({tuple(p.hidden_state_indices) for p in profiles}) > 1:
         raise ValueError(f"the profiles of {name} have different layer_indices: give each "
                          "model profiles from one profiler setting")
     if layers[-1] <= 0:
@@ -204,7 +204,8 @@ def compare_models(profiles: Mapping[str, EntropyProfile | AggregatedProfile
     """Compare models of any depth by their mean profiles over relative depth.
 
     Each model's mean profile (mean over prompts of the per-prompt mean over tokens) is
-    placed at relative depth layer_index / last layer_index and linearly interpolated at
+    placed at relative depth h / last h, with h the hidden-state index of each column
+    (profiles of either numbering give the same depths), and linearly interpolated at
     n_points equally spaced depths (default: the largest layer count). Distances are the
     curve metrics of distances.py on those curves: "srvf" (elastic, sqrt(nats)) or
     "fisher_rao" (shape over depth, radians).

@@ -14,6 +14,11 @@ Every formula is written in the function's docstring and in docs/distances.md. A
 arithmetic is float64. `pairwise_distances` evaluates the same formulas for every pair at
 once (histograms, sorted samples and warp matrices are built once per profile), so its
 entries equal `profile_distance` on the same pair up to float64 rounding.
+
+Profiles of either layer numbering (profile.numbering) may be compared as long as they
+hold the same layers: columns are matched by hidden-state index, never by position alone.
+These are entropy_fast's definitions; entropy_profiler.distances keeps 0.2.1's (bits,
+pair-fitted bins, arccos, unwarped SRVF): docs/migrating-from-0.2.1.md.
 """
 
 from __future__ import annotations
@@ -84,8 +89,14 @@ def _check_profiles(profiles: Iterable[EntropyProfile], names: Sequence[str] | N
     if len(layer_counts) > 1:
         raise ValueError(
             f"profiles have different layer counts {layer_counts}: compare profiles of the "
-            "same model and layer_stride, or use analysis.compare_models, which resamples "
-            "mean profiles by relative depth")
+            "same model and layer_stride (p.blocks() drops a native profile's embedding "
+            "column, to meet a 0.2.1-numbered one), or use analysis.compare_models, which "
+            "resamples mean profiles by relative depth")
+    layer_sets = sorted({tuple(p.hidden_state_indices) for p in profiles})
+    if len(layer_sets) > 1:  # equal counts, other layers: never compare layer i with layer j
+        raise ValueError(
+            f"profiles hold different layers (as hidden-state indices, 0 = embeddings: "
+            f"{[list(s) for s in layer_sets[:2]]}): compare profiles of the same layers")
     alphas = sorted({p.alpha for p in profiles})
     if len(alphas) > 1:
         raise ValueError(f"profiles have different primary Rényi orders {alphas}: call "

@@ -102,6 +102,12 @@ class LensStatistics:
     target_surprisal: torch.Tensor | None = None
     target_rank: torch.Tensor | None = None
 
+    def rows(self, rows: slice) -> LensStatistics:
+        """The statistics of some rows."""
+        return LensStatistics(*(None if v is None else v[rows] for v in
+                                (self.entropy, self.top_token, self.target_surprisal,
+                                 self.target_rank)))
+
 
 @dataclass
 class Partials:

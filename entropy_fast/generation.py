@@ -7,7 +7,7 @@ are grouped by length so that little of each batch is padding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -67,10 +67,14 @@ class HFGenerator:
 
 @torch.no_grad()
 def generate_continuations(model, prompts: Sequence[list[int]], sampling: SamplingSettings,
-                           pad_token_id: int, batch_tokens: int) -> list[list[int]]:
+                           pad_token_id: int, batch_tokens: int,
+                           on_batch: Callable[[list[int], list[list[int]]], None] | None = None,
+                           ) -> list[list[int]]:
     """Continuation ids of each prompt (up to and including a stop token).
 
     Prompts are decoded in length buckets, left-padded, with the model's KV cache.
+    `on_batch(indices, continuations)` is called after each bucket with its prompts'
+    indices and continuations (the profiler reduces states it captured meanwhile).
     """
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
@@ -90,4 +94,6 @@ def generate_continuations(model, prompts: Sequence[list[int]], sampling: Sampli
                                 pad_token_id=pad_token_id, **sampling.generate_kwargs())
         for row, i in enumerate(bucket):
             results[i] = _cut_at_stop(output[row, width:].tolist(), stops)
+        if on_batch is not None:
+            on_batch(bucket, [results[i] for i in bucket])
     return results

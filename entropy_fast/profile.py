@@ -1,18 +1,55 @@
-"""Result types: one prompt's entropy profile and a collection of them.
+"""Result types: one prompt's entropy profile and a collection of them, and layer numbering.
 
 An `EntropyProfile` is a (n_tokens x n_layers) float32 matrix: row i holds, at each
 profiled layer, the entropy of the logit-lens distribution that predicts token_ids[i].
 Several Rényi orders computed in one pass travel together in `entropies`; `entropy` is
 the primary order (`alpha`), the one the seed library exposed.
+
+Every profile says how its `layer_indices` count layers (`numbering`):
+
+- "hidden_state" (entropy_fast's own): HF's output_hidden_states index. 0 is the embedding
+  output, i >= 1 the output of block i (1-based), L the last block (the model's output).
+- "block" (entropy-profiler 0.2.1's): the 0-based index of the block whose output the column
+  holds, so block b is hidden state b + 1 and there is no embedding column.
+
+`profile.blocks()` gives the 0.2.1 view of any profile (the embedding column, which is no
+block's output, is dropped); `profile.to_numbering("hidden_state")` the native one. Code
+that compares or labels layers goes through `hidden_state_indices`, so profiles of either
+numbering can be mixed without one layer ever being taken for another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+HIDDEN_STATE = "hidden_state"
+BLOCK = "block"
+NUMBERINGS = (HIDDEN_STATE, BLOCK)
+
+
+def check_numbering(numbering: str) -> str:
+    """Return `numbering` if it is one of NUMBERINGS, else raise ValueError."""
+    if numbering not in NUMBERINGS:
+        raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
+    return numbering
+
+
+def hidden_state_indices(layer_indices: Sequence[int], numbering: str) -> list[int]:
+    """The HF hidden-state index of each layer index given in `numbering`."""
+    shift = 1 if check_numbering(numbering) == BLOCK else 0
+    return [int(i) + shift for i in layer_indices]
+
+
+def layer_axis_label(numbering: str) -> str:
+    """Axis label naming what a layer index means in `numbering`."""
+    if check_numbering(numbering) == BLOCK:
+        return "block index (0 = first block's output)"
+    return "hidden-state index (0 = embeddings)"
 
 
 @dataclass
@@ -22,7 +59,7 @@ class EntropyProfile:
     Attributes:
         entropy: (n_tokens x n_layers) float32, entropy at the primary order `alpha`.
         token_ids: (n_tokens,) int64, the token each row's distribution predicts.
-        layer_indices: the hidden-state index of each column (0 = embeddings, L = last block).
+        layer_indices: the index of each column's layer, counted as `numbering` says.
         alpha: the Rényi order of `entropy` (1.0 = Shannon).
         model_name: the model's name or path.
         metadata: free-form run information (prompt, generator, dtype, ...).
@@ -31,6 +68,8 @@ class EntropyProfile:
         top_token_ids: optional (n_tokens x n_layers) int64, the lens argmax token.
         target_surprisal: optional (n_tokens x n_layers) float32, -log p(token_ids[i]).
         target_rank: optional (n_tokens x n_layers) int64, rank of token_ids[i] (0 = top).
+        numbering: "hidden_state" (0 = embeddings, i = block i's output, 1-based) or "block"
+            (0-based block index, entropy-profiler 0.2.1's); see the module docstring.
     """
 
     entropy: torch.Tensor
@@ -43,8 +82,10 @@ class EntropyProfile:
     top_token_ids: torch.Tensor | None = None
     target_surprisal: torch.Tensor | None = None
     target_rank: torch.Tensor | None = None
+    numbering: str = HIDDEN_STATE
 
     def __post_init__(self) -> None:
+        check_numbering(self.numbering)
         self.entropy = torch.as_tensor(self.entropy, dtype=torch.float32)
         self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.int64)
         self.layer_indices = [int(i) for i in self.layer_indices]
@@ -66,6 +107,8 @@ class EntropyProfile:
         self.entropies = {float(a): torch.as_tensor(e, dtype=torch.float32)
                           for a, e in self.entropies.items()}
         self.entropies.setdefault(self.alpha, self.entropy)
+        if any(i < 0 for i in self.layer_indices):
+            raise ValueError(f"layer_indices must be >= 0, got {self.layer_indices}")
 
     @property
     def n_tokens(self) -> int:
@@ -104,13 +147,39 @@ class EntropyProfile:
                 f"this profile has no entropy of order {alpha}; it carries {self.alphas}. "
                 "Profile again with that alpha included."
             )
-        return EntropyProfile(
-            entropy=self.entropies[alpha], token_ids=self.token_ids,
-            layer_indices=self.layer_indices, alpha=alpha, model_name=self.model_name,
-            metadata=self.metadata, entropies=self.entropies,
-            top_token_ids=self.top_token_ids, target_surprisal=self.target_surprisal,
-            target_rank=self.target_rank,
-        )
+        return replace(self, entropy=self.entropies[alpha], alpha=alpha)
+
+    @property
+    def hidden_state_indices(self) -> list[int]:
+        """The HF hidden-state index of each column (0 = embeddings), whatever the numbering."""
+        return hidden_state_indices(self.layer_indices, self.numbering)
+
+    def to_numbering(self, numbering: str) -> EntropyProfile:
+        """The same profile with its layers counted as `numbering` says.
+
+        Columns keep their values; to "block" the embedding column (hidden state 0), which
+        is no block's output, is dropped.
+        """
+        if check_numbering(numbering) == self.numbering:
+            return self
+        states = self.hidden_state_indices
+        keep = [k for k, i in enumerate(states) if i > 0 or numbering == HIDDEN_STATE]
+        shift = 1 if numbering == BLOCK else 0
+        columns = torch.tensor(keep, dtype=torch.long)
+
+        def take(matrix: torch.Tensor | None) -> torch.Tensor | None:
+            return None if matrix is None else matrix.index_select(1, columns)
+
+        return replace(
+            self, entropy=take(self.entropy), layer_indices=[states[k] - shift for k in keep],
+            entropies={a: take(e) for a, e in self.entropies.items()},
+            top_token_ids=take(self.top_token_ids),
+            target_surprisal=take(self.target_surprisal), target_rank=take(self.target_rank),
+            numbering=numbering)
+
+    def blocks(self) -> EntropyProfile:
+        """entropy-profiler 0.2.1's view: columns are block outputs, 0-based, no embeddings."""
+        return self.to_numbering(BLOCK)
 
 
 @dataclass
@@ -126,11 +195,11 @@ class AggregatedProfile:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        layer_sets = {tuple(p.layer_indices) for p in self.profiles}
+        layer_sets = {(p.numbering, tuple(p.layer_indices)) for p in self.profiles}
         if len(layer_sets) > 1:
             raise ValueError(
-                "all profiles of an AggregatedProfile must share layer_indices; "
-                f"got {len(layer_sets)} different sets"
+                "all profiles of an AggregatedProfile must share layer_indices and numbering; "
+                f"got {len(layer_sets)} different sets: {sorted(layer_sets)[:2]}"
             )
         if not self.model_name and self.profiles:
             self.model_name = self.profiles[0].model_name
@@ -146,8 +215,21 @@ class AggregatedProfile:
 
     @property
     def layer_indices(self) -> list[int]:
-        """The hidden-state index of each column, shared by every profile."""
+        """The index of each column's layer, shared by every profile (see `numbering`)."""
         return self.profiles[0].layer_indices if self.profiles else []
+
+    @property
+    def numbering(self) -> str:
+        """How the profiles count layers: "hidden_state" (the default when empty) or "block"."""
+        return self.profiles[0].numbering if self.profiles else HIDDEN_STATE
+
+    def to_numbering(self, numbering: str) -> AggregatedProfile:
+        """Every profile with its layers counted as `numbering` says (see EntropyProfile)."""
+        return replace(self, profiles=[p.to_numbering(numbering) for p in self.profiles])
+
+    def blocks(self) -> AggregatedProfile:
+        """entropy-profiler 0.2.1's view of every profile (see EntropyProfile.blocks)."""
+        return self.to_numbering(BLOCK)
 
     @property
     def n_layers(self) -> int:

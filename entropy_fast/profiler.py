@@ -3,17 +3,23 @@
 Pipeline for a wave of prompts (waves keep memory bounded on any corpus size):
 
 1. tokenize (ids are kept; nothing is ever decoded and re-tokenized);
-2. in generation mode, generate continuations (`generation`, batched left-padded HF, or
-   vLLM);
-3. group sequences into length buckets under a token budget (`batching`);
+2. with the HF generator, generate continuations (`generation`, batched left-padded, KV
+   cache) with taps on the residual stream (`forward`) that keep each decoding step's
+   newest position: the state that produced a token is the one a teacher-forced forward
+   would give (up to float rounding), so no second forward runs. Each generation batch's
+   states go through the lens (`lens`) as soon as it is decoded, every layer in one call
+   (many-row GEMMs even for one prompt); go to 5;
+3. otherwise (text mode, vLLM continuations, continuations given as ids) group sequences
+   into length buckets under a token budget (`batching`);
 4. run ONE teacher-forced forward of the base model per bucket (`forward`; never the LM
    head, whose logits would repeat the last layer's lens work), with taps on the residual
-   stream that reduce each layer's states to entropies (`lens`) as soon as they exist;
+   stream that reduce each layer's states to entropies as soon as they exist;
 5. cut the rows back into one `EntropyProfile` per prompt.
 
 Rows: in generation mode row i is the distribution that produced generated token i; in
 text mode (max_new_tokens=0) the rows are the text's tokens 1..T-1. Columns: hidden-state
-indices 0, k, 2k, ... for layer_stride=k, and always the last state L (the model output).
+indices 0, k, 2k, ... for layer_stride=k, and always the last state L (the model output),
+or the indices given as `layers`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,13 @@ import torch
 
 from entropy_fast.batching import length_buckets
 from entropy_fast.errors import ConfigError
-from entropy_fast.forward import TeacherForced, find_decoder_layers, forward_rows
-from entropy_fast.generation import Generator, HFGenerator, context_length
+from entropy_fast.forward import StateTap, TeacherForced, find_decoder_layers, forward_rows
+from entropy_fast.generation import (
+    Generator,
+    HFGenerator,
+    context_length,
+    generate_continuations,
+)
 from entropy_fast.lens import Lens
 from entropy_fast.models import load_model, model_source
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
@@ -57,8 +68,18 @@ def idle_cores() -> int:
     return max(1, min(_TORCH_THREADS, math.floor((cores or 1) - busy + 0.5)))
 
 
-def select_layers(n_blocks: int, layer_stride: int) -> list[int]:
-    """Hidden-state indices 0, k, 2k, ... plus the last one, L = n_blocks."""
+def select_layers(n_blocks: int, layer_stride: int,
+                  layers: Sequence[int] | None = None) -> list[int]:
+    """Hidden-state indices 0, k, 2k, ... plus the last one, L = n_blocks; or `layers`
+    (explicit increasing indices in 0..L), which override the stride."""
+    if layers is not None:
+        chosen = [int(i) for i in layers]
+        if not chosen or chosen != sorted(set(chosen)) or not 0 <= chosen[0] <= chosen[-1] \
+                <= n_blocks:
+            raise ConfigError(f"layers must be increasing hidden-state indices in 0..{n_blocks} "
+                              f"(0 = embeddings, {n_blocks} = last block), got {list(layers)}",
+                              param="layers")
+        return chosen
     indices = list(range(0, n_blocks + 1, layer_stride))
     return indices if indices[-1] == n_blocks else [*indices, n_blocks]
 
@@ -73,6 +94,8 @@ class EntropyProfiler:
         generator: "hf" | "vllm" (the default is "hf"), or a `generation.Generator` object.
         generator_options: keyword arguments for the vLLM engine (gpu_memory_utilization,
             max_model_len, ...; see `vllm_generation.VllmGenerator`).
+        layers: explicit hidden-state indices to profile instead of every layer_stride-th
+            (0 = embeddings, L = last block), e.g. range(1, L + 1) for the block outputs.
         lens, settings: a `LensSettings` and a `ModelSettings`, or give their fields as
             keyword options: alpha (one order or several, the first primary), layer_stride,
             base, top_token, target_stats (LensSettings); dtype, device, load_in_8bit,
@@ -85,7 +108,7 @@ class EntropyProfiler:
     def __init__(self, model: Any = DEFAULT_MODEL, *, tokenizer: Any = None,
                  generator: str | Generator = "hf", generator_options: dict | None = None,
                  lens: LensSettings | None = None, settings: ModelSettings | None = None,
-                 **options: Any) -> None:
+                 layers: Sequence[int] | None = None, **options: Any) -> None:
         custom = None if isinstance(generator, str) else generator
         if settings is None:
             options["generator"] = generator if custom is None else "hf"
@@ -103,7 +126,8 @@ class EntropyProfiler:
             # process-wide in torch: the last profiler's setting wins
             torch.set_num_threads(ms.threads or idle_cores())
         self.layers = find_decoder_layers(self.model)
-        self.layer_indices = select_layers(len(self.layers), self.lens_settings.layer_stride)
+        self.layer_indices = select_layers(len(self.layers), self.lens_settings.layer_stride,
+                                           layers)
         self.lens = Lens.from_model(self.model)
         self._generator_options = dict(generator_options or {})
         self._generator: Generator | None = custom
@@ -238,6 +262,23 @@ class EntropyProfiler:
                                                    on_progress=on_progress):
             yield index, profile
 
+    def profile_prompt_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                           *, keep_states: bool = False, **sampling: Any
+                           ) -> Iterator[tuple[int, EntropyProfile, torch.Tensor | None]]:
+        """Profile prompts given as token ids, as `profile_batch` profiles texts.
+
+        Yields (index, profile, states) in no fixed order; states (n_layers x n_tokens x d,
+        float32, pre-norm) with `keep_states`, else None. `sampling` takes the sampling
+        options of `iter_profiles` (do_sample, temperature, top_p, top_k, seed).
+        """
+        settings = SamplingSettings(max_new_tokens, **sampling)
+        ids = [[int(t) for t in p] for p in prompt_ids]
+        for index, prompt in enumerate(ids):
+            self.check_length(index, len(prompt), settings.max_new_tokens, settings.generating)
+        indices = list(range(len(ids)))
+        yield from self._profile_ids(ids, indices, settings, dict.fromkeys(indices, ""),
+                                     keep_states)
+
     def profile_token_ids(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                           texts: Sequence[str] | None = None, *,
                           on_progress: Progress | None = None,
@@ -312,6 +353,11 @@ class EntropyProfiler:
     def _profile_ids(self, ids: Sequence[list[int]], indices: Sequence[int],
                      sampling: SamplingSettings, texts: dict[int, str],
                      keep_states: bool = False, on_progress: Progress | None = None):
+        metadata = self._metadata(sampling)
+        if sampling.generating and isinstance(self.generator, HFGenerator):
+            yield from self._profile_while_generating(ids, indices, sampling, texts, metadata,
+                                                      keep_states, on_progress)
+            return
         if sampling.generating:
             continuations = self.generator.generate(ids, sampling)
             sequences = [TeacherForced(i, [*p, *c], len(p), True)
@@ -319,8 +365,42 @@ class EntropyProfiler:
         else:
             sequences = [TeacherForced(i, list(p), 1, False)
                          for i, p in zip(indices, ids, strict=True)]
-        yield from self._profile_sequences(sequences, texts, self._metadata(sampling),
-                                           keep_states, on_progress)
+        yield from self._profile_sequences(sequences, texts, metadata, keep_states, on_progress)
+
+    def _profile_while_generating(self, ids: Sequence[list[int]], indices: Sequence[int],
+                                  sampling: SamplingSettings, texts: dict[int, str],
+                                  metadata: dict, keep_states: bool,
+                                  on_progress: Progress | None) -> list[tuple]:
+        """HF generation with taps that keep each decoding step's newest position of every
+        profiled layer; each generation batch is reduced as soon as it is decoded.
+
+        Row t of a sequence is the newest position of decoding step t (left padding puts
+        every row's newest token last): the state that produced continuation token t.
+        """
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_indices}
+        finished: list[tuple] = []
+
+        def keep_newest(index: int, hidden: torch.Tensor) -> None:
+            captured[index].append(hidden[:, -1])
+
+        def reduce_batch(bucket: list[int], continuations: list[list[int]]) -> None:
+            started = time.perf_counter()
+            batch = [TeacherForced(indices[b], [*ids[b], *c], len(ids[b]), True)
+                     for b, c in zip(bucket, continuations, strict=True)]
+            steps = [torch.stack(captured[i], dim=1) for i in self.layer_indices]
+            for states in captured.values():
+                states.clear()
+            rows = torch.cat([torch.cat([s[row, :seq.n_rows] for row, seq in enumerate(batch)])
+                              for s in steps])  # (layers * rows) x d
+            columns, states = self._reduce(rows, batch, keep_states)
+            finished.extend(self._split_batch(batch, columns, states, texts, metadata,
+                                              time.perf_counter() - started, on_progress))
+
+        generator = self.generator
+        with torch.no_grad(), StateTap(self.layers, self.layer_indices, keep_newest):
+            generate_continuations(self.model, ids, sampling, generator.pad_token_id,
+                                   generator.batch_tokens, on_batch=reduce_batch)
+        return finished
 
     @property
     def generator(self) -> Generator:
@@ -353,24 +433,28 @@ class EntropyProfiler:
             started = time.perf_counter()
             batch = [sequences[i] for i in bucket]
             columns, states = self._forward(batch, keep_states)
-            elapsed = time.perf_counter() - started
-            offset = 0
-            for seq in batch:
-                rows = slice(offset, offset + seq.n_rows)
-                offset += seq.n_rows
-                profile = self._build_profile(seq, columns, rows, prompts[seq.index], metadata)
-                profile.metadata["batch_seconds"] = elapsed
-                yield seq.index, profile, None if states is None else states[:, rows]
-            if on_progress is not None:
-                on_progress(len(batch), offset)
+            yield from self._split_batch(batch, columns, states, prompts, metadata,
+                                         time.perf_counter() - started, on_progress)
+
+    def _split_batch(self, batch: list[TeacherForced], columns: dict[str, Any],
+                     states: torch.Tensor | None, prompts, metadata: dict, elapsed: float,
+                     on_progress: Progress | None) -> list[tuple]:
+        """(index, profile, states or None) of each sequence of a reduced batch."""
+        out, offset = [], 0
+        for seq in batch:
+            rows = slice(offset, offset + seq.n_rows)
+            offset += seq.n_rows
+            profile = self._build_profile(seq, columns, rows, prompts[seq.index], metadata)
+            profile.metadata["batch_seconds"] = elapsed
+            out.append((seq.index, profile, None if states is None else states[:, rows]))
+        if on_progress is not None:
+            on_progress(len(batch), offset)
+        return out
 
     def _forward(self, batch: list[TeacherForced], keep_states: bool):
         """Per-layer statistics of the batch's rows, on the host: {statistic: (rows x
         layers [x alphas])}, and the states (layers x rows x d) when asked for."""
-        targets = None
-        if self.lens_settings.target_stats:
-            targets = torch.tensor([t for s in batch for t in s.ids[s.first_target:]],
-                                   device=self.device)
+        targets = self._targets(batch)
         columns: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
 
@@ -386,6 +470,27 @@ class EntropyProfiler:
         stats = [columns[i] for i in self.layer_indices]
         states = torch.stack([kept[i] for i in self.layer_indices]) if keep_states else None
         return _stack_on_host(stats), states
+
+    def _targets(self, batch: list[TeacherForced]) -> torch.Tensor | None:
+        """The tokens the batch's rows predict, when target statistics are asked for."""
+        if not self.lens_settings.target_stats:
+            return None
+        return torch.tensor([t for s in batch for t in s.ids[s.first_target:]],
+                            device=self.device)
+
+    def _reduce(self, rows: torch.Tensor, batch: list[TeacherForced], keep_states: bool):
+        """`_forward`'s result for states given as (layers * rows) x d, layer-major: every
+        layer goes through the lens in one call."""
+        n_layers = len(self.layer_indices)
+        targets = self._targets(batch)
+        stats = self.lens.statistics(
+            rows, self.alphas, backend=self.model_settings.backend,
+            targets=None if targets is None else targets.repeat(n_layers),
+            with_top_token=self.lens_settings.top_token)
+        n_rows = len(rows) // n_layers
+        per_layer = [stats.rows(slice(k * n_rows, (k + 1) * n_rows)) for k in range(n_layers)]
+        states = rows.float().cpu().view(n_layers, -1, rows.shape[-1]) if keep_states else None
+        return _stack_on_host(per_layer), states
 
     def _build_profile(self, seq: TeacherForced, columns: dict[str, torch.Tensor | None],
                        rows: slice, prompt: str, metadata: dict) -> EntropyProfile:

@@ -2,7 +2,9 @@
 
 Owns every plot of the package. Each function draws on the Axes it is given (a new
 figure's otherwise), labels its axes, adds a legend or colorbar where one is needed, and
-returns the Axes. Layers are placed at their hidden-state index (0 = embeddings).
+returns the Axes. Layers are placed at their index in the profile's numbering, which the
+axis label names (hidden-state index, 0 = embeddings, or 0.2.1's block index); profiles of
+mixed numberings are drawn together on the hidden-state axis.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from entropy_fast.distances import DEFAULT_BIN_WIDTH, pairwise_distances
-from entropy_fast.profile import AggregatedProfile, EntropyProfile
+from entropy_fast.profile import HIDDEN_STATE, AggregatedProfile, EntropyProfile, layer_axis_label
 
 CLUSTER_METHODS = ("pca", "tsne", "umap")
 CLUSTER_FEATURES = ("mean", "distance")
-LAYER_LABEL = "layer (hidden-state index)"
 _METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 # Up to this many points exact t-SNE is faster than Barnes-Hut (and deterministic).
 _EXACT_TSNE_MAX = 300
@@ -51,6 +52,12 @@ def _profile_list(profiles: Sequence[EntropyProfile] | AggregatedProfile) -> lis
     return profiles
 
 
+def _shared_numbering(profiles: Sequence[EntropyProfile]) -> str:
+    """The profiles' numbering, or the hidden-state one when they mix numberings."""
+    numberings = {p.numbering for p in profiles}
+    return numberings.pop() if len(numberings) == 1 else HIDDEN_STATE
+
+
 def plot_profile(profile: EntropyProfile, ax: Axes | None = None, label: str | None = None,
                  color: Any = None, show_std: bool = True) -> Axes:
     """Mean entropy over tokens at each layer, with a ±1 std band over tokens."""
@@ -65,7 +72,7 @@ def plot_profile(profile: EntropyProfile, ax: Axes | None = None, label: str | N
         std = profile.std_profile().double().numpy()
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2,
                         label="±1 std over tokens")
-    ax.set_xlabel(LAYER_LABEL)
+    ax.set_xlabel(layer_axis_label(profile.numbering))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(_entropy_label(profile))
     ax.set_title(f"Entropy profile ({profile.n_tokens} tokens)")
@@ -82,14 +89,16 @@ def plot_profiles(profiles: Sequence[EntropyProfile] | AggregatedProfile,
         raise ValueError(f"got {len(labels)} labels for {len(profiles)} profiles")
     labels = labels or [p.model_name or f"profile {k}" for k, p in enumerate(profiles)]
     ax = _axes(ax)
+    numbering = _shared_numbering(profiles)
     for profile, label in zip(profiles, labels, strict=True):
+        profile = profile.to_numbering(numbering)
         x = np.asarray(profile.layer_indices)
         mean = profile.mean_profile().double().numpy()
         line = ax.plot(x, mean, marker="o", markersize=3, label=label)[0]
         if show_std:
             std = profile.std_profile().double().numpy()
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel(LAYER_LABEL)
+    ax.set_xlabel(layer_axis_label(numbering))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(_entropy_label(profiles[0], "mean entropy"))
     ax.set_title("Entropy profiles")
@@ -113,7 +122,7 @@ def plot_heatmap(profile: EntropyProfile, ax: Axes | None = None, cmap: str = "v
     ax.set_xticks(ticks, [str(profile.layer_indices[int(t)]) for t in ticks])
     if token_labels is not None:
         ax.set_yticks(range(profile.n_tokens), list(token_labels), fontsize="x-small")
-    ax.set_xlabel(LAYER_LABEL)
+    ax.set_xlabel(layer_axis_label(profile.numbering))
     ax.set_ylabel("token position (row)")
     ax.set_title("Entropy per token and layer")
     ax.figure.colorbar(image, ax=ax, label=_entropy_label(profile))
@@ -137,7 +146,7 @@ def plot_aggregated(agg: AggregatedProfile, ax: Axes | None = None,
     mean, std = agg.mean_profile().double().numpy(), agg.std_profile().double().numpy()
     ax.plot(x, mean, color="C0", marker="o", markersize=3, label=f"mean of {len(agg)} prompts")
     ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.2, label="±1 std over prompts")
-    ax.set_xlabel(LAYER_LABEL)
+    ax.set_xlabel(layer_axis_label(agg.numbering))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(_entropy_label(profiles[0], "mean entropy"))
     ax.set_title(f"Aggregated profile{f' of {agg.model_name}' if agg.model_name else ''}")
@@ -231,8 +240,10 @@ def plot_layer_importance(importance: Mapping[str, np.ndarray] | Any,
     importance: LayerAnalyzer.layer_importance()'s dict, or a LayerAnalyzer (then its
     layer_indices are used). The legend gives each metric's range before scaling.
     """
+    numbering = HIDDEN_STATE
     if hasattr(importance, "layer_importance"):
         layer_indices = layer_indices or importance.layer_indices
+        numbering = importance.profile.numbering
         importance = importance.layer_importance()
     if not importance:
         raise ValueError("no metrics to plot: pass LayerAnalyzer.layer_importance()")
@@ -244,7 +255,7 @@ def plot_layer_importance(importance: Mapping[str, np.ndarray] | Any,
         lo, hi = values.min(), values.max()
         scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
         ax.plot(x, scaled, marker="o", markersize=3, label=f"{name} [{lo:.3g}, {hi:.3g}]")
-    ax.set_xlabel(LAYER_LABEL)
+    ax.set_xlabel(layer_axis_label(numbering))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("metric scaled to [0, 1]")
     ax.set_title("Layer importance")
@@ -252,11 +263,12 @@ def plot_layer_importance(importance: Mapping[str, np.ndarray] | Any,
     return ax
 
 
-def _depth_trajectory(ax: Axes, x: np.ndarray, y: np.ndarray, layers: Sequence[int]) -> None:
+def _depth_trajectory(ax: Axes, x: np.ndarray, y: np.ndarray, profile: EntropyProfile) -> None:
     """Line through the layers in depth order, points coloured by layer, with a colorbar."""
     ax.plot(x, y, color="grey", linewidth=0.8, zorder=1)
-    points = ax.scatter(x, y, c=np.asarray(layers), cmap="viridis", s=30, zorder=2)
-    bar = ax.figure.colorbar(points, ax=ax, label=LAYER_LABEL)
+    points = ax.scatter(x, y, c=np.asarray(profile.layer_indices), cmap="viridis", s=30,
+                        zorder=2)
+    bar = ax.figure.colorbar(points, ax=ax, label=layer_axis_label(profile.numbering))
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
     ax.annotate("first", (x[0], y[0]), textcoords="offset points", xytext=(5, 5))
@@ -270,7 +282,7 @@ def plot_information_plane(analyzer: Any, method: str = "cka", ax: Axes | None =
     """
     entropy, dependence = analyzer.layer_entropy(), analyzer.layer_mi(method)
     ax = _axes(ax)
-    _depth_trajectory(ax, entropy, dependence, analyzer.layer_indices)
+    _depth_trajectory(ax, entropy, dependence, analyzer.profile)
     ax.set_xlabel(_entropy_label(analyzer.profile, "mean entropy"))
     ax.set_ylabel("linear CKA with output layer" if method == "cka"
                   else "Rényi MI with output layer (nats)")
@@ -282,7 +294,7 @@ def plot_velocity_entropy(analyzer: Any, ax: Axes | None = None) -> Axes:
     """Each layer as a point (mean entropy, information velocity into that layer)."""
     entropy, velocity = analyzer.layer_entropy(), analyzer.information_velocity()
     ax = _axes(ax)
-    _depth_trajectory(ax, entropy, velocity, analyzer.layer_indices)
+    _depth_trajectory(ax, entropy, velocity, analyzer.profile)
     ax.set_xlabel(_entropy_label(analyzer.profile, "mean entropy"))
     ax.set_ylabel(f"velocity: W1 from previous layer ({_unit(analyzer.profile)})")
     ax.set_title("Velocity vs entropy")
@@ -311,7 +323,7 @@ def plot_mean_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float],
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("relative depth (layer / last layer)" if relative else
-                  f"{LAYER_LABEL}; 0 = embeddings")
+                  layer_axis_label(HIDDEN_STATE))
     ax.set_ylabel(f"entropy ({unit})")
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)

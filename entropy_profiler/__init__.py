@@ -1,10 +1,15 @@
-"""entropy_profiler: the compatibility import path of entropy-profiler 0.2.1.
+"""entropy_profiler: a drop-in for entropy-profiler 0.2.1, on entropy_fast's engine.
 
-Scripts written for entropy-profiler 0.2.1 (`from entropy_profiler import EntropyProfiler,
-plot_profile`, `from entropy_profiler.analysis import compare_models`, ...) keep working:
-every name here is the entropy_fast object itself, re-exported. New code should import
-entropy_fast.
+Scripts written for entropy-profiler 0.2.1 keep working unchanged and keep their meaning:
+every public name, signature, return type, shape, layer numbering (columns are the L block
+outputs, counted from 0), unit and definition is 0.2.1's. Underneath, prompts are
+generated in batches and profiled in one teacher-forced forward with the streamed (CPU) or
+fused (GPU) lens. The intended differences are fixes of 0.2.1's lens (its last column
+normed twice; Gemma-2 soft-capping ignored; ...) and are listed, with their size, in
+docs/migrating-from-0.2.1.md. New code should use entropy_fast.
 """
+
+from __future__ import annotations
 
 from entropy_profiler.analysis import LayerAnalyzer
 from entropy_profiler.distances import (
@@ -32,6 +37,8 @@ from entropy_profiler.viz import (
     plot_profiles,
 )
 
+__version__ = "0.2.0"  # what entropy-profiler 0.2.1 itself reports
+
 __all__ = [
     "AggregatedProfile",
     "DistanceResult",
@@ -39,6 +46,7 @@ __all__ = [
     "EntropyProfiler",
     "LayerAnalyzer",
     "MatrixRenyiMI",
+    "__version__",
     "fisher_rao_distance",
     "jsd_layer",
     "pairwise_distances",

@@ -38,10 +38,11 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-weight model of architecture `kind`, in eval mode."""
+def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random-weight model of architecture `kind`, in eval mode; `overrides` set config
+    fields (e.g. a longer context)."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(kind, **_COMMON, **ARCHITECTURES[kind])
+    config = AutoConfig.for_model(kind, **_COMMON, **{**ARCHITECTURES[kind], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
