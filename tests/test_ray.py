@@ -28,7 +28,6 @@ from entropy_fast.cli import main
 from entropy_fast.distributed import RayEngine
 from entropy_fast.errors import ConfigError
 from entropy_fast.pipeline import generate_corpus, profile_corpus
-from entropy_fast.ray_stages import FAULTS
 from entropy_fast.store import PROFILE, Store
 from entropy_fast.store.check import check_store
 from entropy_fast.store.sql import ProfileStore
@@ -37,6 +36,8 @@ from tests.tiny_models import tiny_model, tiny_tokenizer
 if os.environ.get("ENTROPY_FAST_REQUIRE_RAY") != "1":
     pytest.importorskip("ray", reason="the ray extra is not installed")
 import ray
+
+from entropy_fast.ray_stages import FAULTS  # imports ray: after the skip
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
