@@ -204,15 +204,11 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
                  model: Any, generation: GenerationInfo | None, long_prompts: str,
                  part_rows: int, on_progress: Any) -> Any:
     from entropy_fast.models import model_label
-    from entropy_fast.pipeline import RunResult
+    from entropy_fast.pipeline import start_run
     from entropy_fast.store.writer import commit_lock
 
-    pending = store.pending(PROFILE, info)
-    result = RunResult(info, done_before=len(info.prompt_ids) - len(pending),
-                       generation=generation.run_id if generation else None)
+    result, pending = start_run(store, info, generation)
     if not pending:
-        log.info("%s: run %s is complete in %s; nothing to do", info.model, info.run_id,
-                 store.root)
         return result
     source = model_label(model)  # local paths made absolute: workers have their own cwd
     layers, revision, tokens = _model_files(source, info, corpus, pending, generation,

@@ -214,16 +214,25 @@ def reusable_generation(store: Store, info: RunInfo) -> GenerationInfo | None:
 # -- one profile run ----------------------------------------------------------------------
 
 
-def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
-                 generation: GenerationInfo | None, settings: ModelSettings,
-                 long_prompts: str, part_rows: int, flush_seconds: float,
-                 on_progress: Progress | None) -> RunResult:
+def start_run(store: Store, info: RunInfo, generation: GenerationInfo | None
+              ) -> tuple[RunResult, list[int]]:
+    """The result of a run before it starts, and its pending prompts (none: it is
+    complete, which is logged). Every engine starts a run this way."""
     pending = store.pending(PROFILE, info)
     result = RunResult(info, done_before=len(info.prompt_ids) - len(pending),
                        generation=generation.run_id if generation else None)
     if not pending:
         log.info("%s: run %s is complete in %s; nothing to do", info.model, info.run_id,
                  store.root)
+    return result, pending
+
+
+def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
+                 generation: GenerationInfo | None, settings: ModelSettings,
+                 long_prompts: str, part_rows: int, flush_seconds: float,
+                 on_progress: Progress | None) -> RunResult:
+    result, pending = start_run(store, info, generation)
+    if not pending:
         return result
     work = None
     if generation is None:  # over-long prompts are found before anything heavy loads
