@@ -381,7 +381,8 @@ class EntropyProfiler:
         finished: list[tuple] = []
 
         def keep_newest(index: int, hidden: torch.Tensor) -> None:
-            captured[index].append(hidden[:, -1])
+            # a copy: a view would keep the prefill's (batch x prompt x d) states alive
+            captured[index].append(hidden[:, -1].clone())
 
         def reduce_batch(bucket: list[int], continuations: list[list[int]]) -> None:
             started = time.perf_counter()
