@@ -7,8 +7,9 @@ actor, a SIGKILLed actor, a write task killed between a part's files and its man
 entry, and an actor that raises must all end with every (prompt, pos, layer, alpha) once.
 
 They skip where Ray is not installed, except under ENTROPY_FAST_REQUIRE_RAY=1 (set by
-.ci/run), where that is a failure. All of them run on one xdist worker (xdist_group), so a
-test session starts one cluster (~15 s here).
+.ci/run, which runs this file alone after the README's suite), where that is a failure. Under
+xdist all of them run on one worker (xdist_group), so a test session starts one cluster
+(~15 s here).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import ray
 
 from entropy_fast.ray_stages import FAULTS  # imports ray: after the skip
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+# ~100 s each alone here: a stalled cluster fails in 10 min with every thread's stack
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(600)]
 
 N_PROMPTS = 40
 KEYS = "model, prompt_id, pos, layer, alpha"
