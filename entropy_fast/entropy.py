@@ -220,12 +220,13 @@ class ChunkMoments:
     CPU that costs as much again as the GEMM that made the chunk. torch.compile fuses them
     into two passes over the chunk (bench/RESULTS.md: statistics from ~1.4x to ~0.2x of the
     GEMM on SmolLM2's head, at ~1 min of one-time compilation per process), so CPU chunks
-    of at least `min_elements` logits use it when `compile` is on. The first compilation
+    of at least `min_elements` logits (128 rows of the lens's 1024-column chunks) use it
+    when `compile` is on. The first compilation
     that fails with one of compile_errors() warns once, records the error in `failure` and
     turns compilation off for this object; every later call runs eager.
     """
 
-    def __init__(self, compile: bool, min_elements: int = 1 << 20,
+    def __init__(self, compile: bool, min_elements: int = 1 << 17,
                  compiler: Callable = torch.compile) -> None:
         self.compile = compile
         self.min_elements = min_elements

@@ -133,12 +133,14 @@ def identify_norm(norm: nn.Module | None, width: int) -> NormSpec | None:
 class Lens:
     """The unembedding of one model: final norm, projection, head, logit transforms.
 
-    row_block x vocab_chunk: the torch backend's logit blocks (1024 x 8192 measured best
-    on CPU with compiled statistics, bench/RESULTS.md); fixed, set per instance to change.
+    row_block x vocab_chunk: the torch backend's logit blocks (16 MB). 4096 x 1024 measured
+    best or within noise of it on the AVX2 CPU VM, 25-30% faster than 1024 x 8192 (the best
+    on an earlier AVX-512 VM): bench/bench_lens_cpu.py, bench/RESULTS.md. Fixed; set per
+    instance to change.
     """
 
-    row_block: int = 1024
-    vocab_chunk: int = 8192
+    row_block: int = 4096
+    vocab_chunk: int = 1024
 
     def __init__(self, head: nn.Module, norm: nn.Module | None = None,
                  projection: nn.Module | None = None, softcap: float | None = None,
