@@ -221,9 +221,9 @@ class ChunkMoments:
     into two passes over the chunk (bench/RESULTS.md: statistics from ~1.4x to ~0.2x of the
     GEMM on SmolLM2's head, at ~1 min of one-time compilation per process), so CPU chunks
     of at least `min_elements` logits (128 rows of the lens's 1024-column chunks) use it
-    when `compile` is on. The first compilation
-    that fails with one of compile_errors() warns once, records the error in `failure` and
-    turns compilation off for this object; every later call runs eager.
+    when `compile` is on. The first compilation that fails with one of compile_errors()
+    warns once, records the error in `failure` and turns compilation off for this object;
+    every later call runs eager.
     """
 
     def __init__(self, compile: bool, min_elements: int = 1 << 17,

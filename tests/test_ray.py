@@ -40,7 +40,7 @@ import ray
 
 from entropy_fast.ray_stages import FAULTS  # imports ray: after the skip
 
-# ~100 s each alone here: a stalled cluster fails in 10 min with every thread's stack
+# at most ~100 s each here: a stalled cluster fails in 10 min with every thread's stack
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(600)]
 
 N_PROMPTS = 40
