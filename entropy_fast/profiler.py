@@ -25,7 +25,6 @@ or the indices given as `layers`.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from entropy_fast.batching import length_buckets
+from entropy_fast.cpu_threads import CpuSample, default_threads
 from entropy_fast.errors import ConfigError
 from entropy_fast.forward import StateTap, TeacherForced, find_decoder_layers, forward_rows
 from entropy_fast.generation import (
@@ -53,19 +53,8 @@ from entropy_fast.settings import (
     split_options,
 )
 
-_TORCH_THREADS = torch.get_num_threads()  # torch's own default, before any profiler set it
 Progress = Callable[[int, int], None]
 """Called with (prompts, tokens) as each batch of profiles is done."""
-
-
-def idle_cores() -> int:
-    """Cores not busy with other work: the usable cores minus the 1-minute load average,
-    at least 1. Torch's default (one thread per core) makes every parallel region wait
-    for threads whose cores another job holds: measured 4x slower generation on a busy
-    2-core machine (bench/bench_threads.py)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(_TORCH_THREADS, math.floor((cores or 1) - busy + 0.5)))
 
 
 def select_layers(n_blocks: int, layer_stride: int,
@@ -120,11 +109,12 @@ class EntropyProfiler:
         self.lens_settings: LensSettings = lens or parsed_lens
         self.model_settings: ModelSettings = settings or parsed_model
         ms = self.model_settings
+        cpu_before_load = CpuSample.now()  # what other jobs use while the model loads
         self.model, self.tokenizer, self.model_name = load_model(
             model, tokenizer, ms.dtype, ms.device, ms.load_in_8bit, ms.load_in_4bit)
         if ms.threads is not None or self.device.type == "cpu":
             # process-wide in torch: the last profiler's setting wins
-            torch.set_num_threads(ms.threads or idle_cores())
+            torch.set_num_threads(ms.threads or default_threads(since=cpu_before_load))
         self.layers = find_decoder_layers(self.model)
         self.layer_indices = select_layers(len(self.layers), self.lens_settings.layer_stride,
                                            layers)

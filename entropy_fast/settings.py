@@ -189,7 +189,8 @@ class ModelSettings(_Settings):
                                "generation); lower it when memory runs out", identity=False,
                                metavar="N")
     threads: int | None = option(None, "CPU threads for torch (default on CPU: the cores "
-                                 "other jobs leave idle, by the load average, at least 1)",
+                                 "other jobs leave idle while the model loads, at least 1; "
+                                 "$OMP_NUM_THREADS stands)",
                                  identity=False, metavar="N")
 
     def __post_init__(self) -> None:
