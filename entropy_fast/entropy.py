@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -205,12 +204,6 @@ def _eager_chunk_moments(logits: torch.Tensor, orders: tuple[float, ...]):
         tilted_gap(x, a, e).sum(dim=1) for a in orders)
 
 
-COMPILE_AFTER_SECONDS = 5.0
-"""Seconds of eager chunk statistics after which a process compiles them. Eager takes
-~2.3x the compiled time on the AVX2 VM, so 5 s of it cost ~2.9 s more than compiled code
-would have: about the ~3.5 s that compiling costs with a warm inductor cache."""
-
-
 def compile_errors() -> tuple[type[Exception], ...]:
     """How torch.compile fails where it cannot build (no or broken C++ compiler, an
     inductor lowering error); any other exception is a bug and propagates. (A function:
@@ -223,39 +216,32 @@ def compile_errors() -> tuple[type[Exception], ...]:
 class ChunkMoments:
     """(m, S, U, (D_a, ...)) of (rows x chunk) float32 logit blocks, row by row.
 
-    Eager torch walks a chunk once per elementwise op (max, sub, exp, sum, mul, sum).
-    torch.compile fuses them into two passes over the chunk: on the AVX2 VM of
-    bench/RESULTS.md, 7.3 ms instead of 17 ms for a 4096 x 1024 block whose GEMM takes
-    99 ms. Compiling costs ~3.5 s per process with a warm inductor cache (~1 min without),
-    more than a short job gains from it, so CPU chunks of at least `min_elements` logits
-    (128 rows of the lens's 1024-column chunks) run eager until `eager_budget` seconds
-    went into them, then compiled (rent, then buy: a long job pays at most ~0.6 x the
-    budget more than compiling at once would, a short one never pays the compilation).
-    Only when `compile` is on. The first compilation that fails with one of
-    compile_errors() warns once, records the error in `failure` and turns compilation off
-    for this object; every later call runs eager.
+    Eager torch walks a chunk once per elementwise op (max, sub, exp, sum, mul, sum); on
+    CPU that costs as much again as the GEMM that made the chunk. torch.compile fuses them
+    into two passes over the chunk (bench/RESULTS.md: statistics from ~1.4x to ~0.2x of the
+    GEMM on SmolLM2's head, at ~1 min of one-time compilation per process), so CPU chunks
+    of at least `min_elements` logits (128 rows of the lens's 1024-column chunks) use it
+    when `compile` is on. The first compilation that fails with one of compile_errors()
+    warns once, records the error in `failure` and turns compilation off for this object;
+    every later call runs eager.
     """
 
     def __init__(self, compile: bool, min_elements: int = 1 << 17,
-                 compiler: Callable = torch.compile, eager_budget: float = 0.0) -> None:
+                 compiler: Callable = torch.compile) -> None:
         self.compile = compile
         self.min_elements = min_elements
-        self.eager_budget = eager_budget
         self.failure: str | None = None
         self._compiler = compiler
         self._compiled: Callable | None = None
-        self._eager_seconds = 0.0
 
     @classmethod
     def from_environment(cls) -> ChunkMoments:
-        """Compilation on unless ENTROPY_FAST_COMPILE=0, and where dynamo runs at all;
-        after COMPILE_AFTER_SECONDS of eager statistics."""
+        """Compilation on unless ENTROPY_FAST_COMPILE=0, and where dynamo runs at all."""
         wanted = os.environ.get("ENTROPY_FAST_COMPILE", "1") != "0"
-        return cls(compile=wanted and torch._dynamo.is_dynamo_supported(),
-                   eager_budget=COMPILE_AFTER_SECONDS)
+        return cls(compile=wanted and torch._dynamo.is_dynamo_supported())
 
     def uses_compiled(self, logits: torch.Tensor) -> bool:
-        """Whether this block goes through torch.compile (once the eager budget is spent)."""
+        """Whether this block goes through torch.compile."""
         return (self.compile and logits.device.type == "cpu"
                 and logits.numel() >= self.min_elements)
 
@@ -263,11 +249,6 @@ class ChunkMoments:
         """(m, S, U, (D_a per order)) of one (n x chunk) block, each (n,), relative to m."""
         if not self.uses_compiled(logits):
             return _eager_chunk_moments(logits, orders)
-        if self._compiled is None and self._eager_seconds < self.eager_budget:
-            started = time.perf_counter()
-            moments = _eager_chunk_moments(logits, orders)
-            self._eager_seconds += time.perf_counter() - started
-            return moments
         try:
             if self._compiled is None:
                 self._compiled = self._compiler(_eager_chunk_moments, dynamic=True)

@@ -161,27 +161,6 @@ def test_small_chunks_and_switched_off_compilation_run_eager():
     off(logits, (2.0,))
 
 
-def test_compilation_waits_until_the_eager_budget_is_spent():
-    compiled_calls = []
-
-    def compiler(fn, **kwargs):
-        def run(*args):
-            compiled_calls.append(args)
-            return fn(*args)
-        return run
-
-    moments = ChunkMoments(compile=True, min_elements=0, compiler=compiler, eager_budget=0.05)
-    logits = chunk_logits()
-    eager_calls = -1
-    while not compiled_calls:
-        spent = moments._eager_seconds
-        moments(logits, ())
-        eager_calls += 1
-    assert spent >= 0.05 and eager_calls >= 1  # eager first, compiled once the budget is spent
-    moments(logits, ())
-    assert len(compiled_calls) == 2
-
-
 def test_failed_compilation_warns_once_and_falls_back_to_eager():
     import torch._dynamo.exc
 
