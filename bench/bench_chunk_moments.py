@@ -1,10 +1,9 @@
-"""What compiling the CPU lens statistics costs and saves: the figures behind
-`entropy.COMPILE_AFTER_SECONDS`.
+"""What compiling the CPU lens statistics (`entropy.ChunkMoments`) costs and saves.
 
 For one (rows x columns) float32 logit block of the lens's default shape it times, in
 this process: the GEMM that makes the block (d = 768), the eager statistics
-(`entropy._eager_chunk_moments`) and the compiled ones (`ChunkMoments` with no eager
-budget), best of `--reps`. The first compiled call is timed in fresh processes: with the
+(`entropy._eager_chunk_moments`) and the compiled ones (`ChunkMoments`), best of
+`--reps`. The first compiled call is timed in fresh processes: with the
 inductor cache of this machine (warm after any earlier run) and with an empty one.
 
     python bench/bench_chunk_moments.py [--threads 1] [--rows 4096] [--columns 1024]
