@@ -1,8 +1,8 @@
 """How many torch threads a CPU profiler takes when nobody said.
 
 An explicit choice stands: `threads=` / `--threads N`, or $OMP_NUM_THREADS /
-$MKL_NUM_THREADS; torch's count when entropy_fast was imported is never exceeded (a
-`torch.set_num_threads(1)` before the import stays 1). Otherwise the profiler takes one
+$MKL_NUM_THREADS; torch's count when the profiler module was first imported is never
+exceeded (a `torch.set_num_threads(1)` before that stays 1). Otherwise the profiler takes one
 thread per core of its CPU set that other jobs leave idle *now*, at least one: torch's
 default (one thread per core) makes every parallel region wait for the threads whose cores
 another job holds (measured 4x slower generation on a busy 2-core machine,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 TORCH_THREADS = torch.get_num_threads()
-"""torch's thread count when entropy_fast was imported: its default, or the user's."""
+"""torch's thread count when this module was imported: its default, or the user's."""
 
 MIN_SAMPLE_SECONDS = 0.1
 """Shortest window over which the cores' use is measured (/proc/stat counts in 10 ms)."""
