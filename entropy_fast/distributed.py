@@ -14,8 +14,9 @@ cluster cannot run), settles each run's record and reused generation stage with
 3. cuts the pending prompts into units of consecutive prompts (about `part_rows` rows,
    at least UNITS_PER_WORKER per worker, so that fast workers take more) and streams
    them through Ray Data (`ray_stages`): a pool of lens actors, one per GPU, each loading
-   its model once (HF generation, when asked for, happens there), then a Datasink whose
-   write tasks commit one part per unit through the store's protocol.
+   its model once (HF generation, when asked for, happens there; vLLM generation is a
+   `ray.data.llm` engine stage before them), then a Datasink whose write tasks commit one
+   part per unit through the store's protocol.
 
 Exactly once: every commit takes the shard's commit lock, leaves out prompts already
 committed and names its part after the prompt range it holds (`store.writer.WorkerWriter`),
@@ -109,8 +110,9 @@ def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: 
                               "model as a name or path, not as a loaded object",
                               param="models")
     _probe_locks(store)
-    with ray_cluster(engine) as resources:
-        placement = _placement(engine, settings, resources)
+    stages = 2 if settings.generator == "vllm" and sampling.generating else 1
+    with ray_cluster(engine, actors_per_worker=stages) as resources:
+        placement = _placement(engine, settings, resources, stages)
         # The run's identity takes the workers' dtype, spelled out: the driver may have
         # no GPU, so it cannot resolve the workers' device itself.
         spelled = dataclasses.replace(settings, device="cpu", dtype=placement.settings.dtype)
@@ -125,11 +127,13 @@ def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: 
 
 
 @contextmanager
-def ray_cluster(engine: RayEngine) -> Iterator[dict[str, float]]:
+def ray_cluster(engine: RayEngine, actors_per_worker: int = 1) -> Iterator[dict[str, float]]:
     """Ray initialized for the duration, as `engine` says (joined, or started on this
     machine); yields the cluster's resources. Inside it, every Ray run of this process
     uses that cluster: wrap several `profile_corpus` calls to start a private one once.
     A cluster this process had already joined is used as it is and left running.
+    actors_per_worker: 2 when each worker is a lens actor and a vLLM engine (a private
+    cluster then declares CPUs for both).
     """
     import ray
 
@@ -142,7 +146,8 @@ def ray_cluster(engine: RayEngine) -> Iterator[dict[str, float]]:
         # More logical CPUs than cores: the actors hold theirs for the whole job, and the
         # write tasks need slots beside them or they wait until every unit is profiled.
         workers = engine.workers or 1
-        cpus = (os.cpu_count() or 1) + math.ceil(workers * engine.cpus_per_worker) + 1
+        actors = workers * actors_per_worker
+        cpus = (os.cpu_count() or 1) + math.ceil(actors * engine.cpus_per_worker) + 1
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING)
     try:
@@ -153,7 +158,8 @@ def ray_cluster(engine: RayEngine) -> Iterator[dict[str, float]]:
 
 @dataclass(frozen=True)
 class _Placement:
-    """How many lens actors, with what each holds, and the settings they load with."""
+    """How many lens actors (and as many vLLM engines, when runs generate with vLLM), with
+    what each holds, and the settings they load with."""
 
     workers: int
     gpus: float
@@ -161,9 +167,11 @@ class _Placement:
     settings: ModelSettings
 
 
-def _placement(engine: RayEngine, settings: ModelSettings, resources: dict[str, float]
-               ) -> _Placement:
-    """One actor per GPU (or `engine.workers`), or CPU actors; refuses what cannot run."""
+def _placement(engine: RayEngine, settings: ModelSettings, resources: dict[str, float],
+               stages: int) -> _Placement:
+    """One worker per GPU (or `engine.workers`), or CPU workers; refuses what cannot run.
+    stages: actors per worker (2: a vLLM engine shares each worker's GPU with its lens
+    actor, half a GPU each)."""
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0.0)
     device = settings.device or ""
     if device.startswith("cuda") and not gpus:
@@ -175,9 +183,11 @@ def _placement(engine: RayEngine, settings: ModelSettings, resources: dict[str, 
     if on_gpu and workers > gpus:
         raise ConfigError(f"workers={workers} but the Ray cluster has {gpus} GPU(s), one per "
                           "worker", f"ask for at most {gpus} workers", param="workers")
-    if workers * engine.cpus_per_worker > cpus:
-        raise ConfigError(f"workers={workers} x cpus_per_worker={engine.cpus_per_worker:g} "
-                          f"is more than the cluster's {cpus:g} CPUs", param="workers")
+    if workers * stages * engine.cpus_per_worker > cpus:
+        engines = " (and as many vLLM engines)" if stages > 1 else ""
+        raise ConfigError(f"workers={workers}{engines} x cpus_per_worker="
+                          f"{engine.cpus_per_worker:g} is more than the cluster's {cpus:g} "
+                          "CPUs", param="workers")
     # Inside an actor the GPU Ray gave it is cuda:0. The device does not change a run's
     # identity, but the default dtype follows it (bfloat16 on CUDA, float32 on CPU).
     import torch
@@ -187,7 +197,7 @@ def _placement(engine: RayEngine, settings: ModelSettings, resources: dict[str, 
     device = "cuda" if on_gpu else "cpu"
     dtype = str(resolve_dtype(settings.dtype, torch.device(device))).removeprefix("torch.")
     own = dataclasses.replace(settings, device=device, dtype=dtype)
-    return _Placement(workers, 1.0 if on_gpu else 0.0, engine.cpus_per_worker, own)
+    return _Placement(workers, 1.0 / stages if on_gpu else 0.0, engine.cpus_per_worker, own)
 
 
 def _probe_locks(store: Store) -> None:
@@ -310,19 +320,17 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
     """
     import ray
 
-    from entropy_fast.ray_stages import LensWorker, StoreSink, unit_row, worker_env
+    from entropy_fast.ray_stages import LensWorker, StoreSink, worker_env
 
     env = worker_env()
     sink = StoreSink(str(store.root), info)
     try:
         with _ray_data_output(progress):  # a dataset copies the context when it is made
-            # from_items builds the blocks here (one per unit): no remote task runs before
-            # the actors start.
-            dataset = ray.data.from_items([unit_row(u) for u in units],
-                                          override_num_blocks=len(units))
+            dataset, per_call, lens_options = _lens_input(units, source, info, generation,
+                                                          placement)
             dataset = dataset.map_batches(
-                LensWorker, batch_size=1, batch_format="pyarrow", num_gpus=placement.gpus,
-                num_cpus=placement.cpus, runtime_env=env,
+                LensWorker, batch_size=per_call, batch_format="pyarrow",
+                num_gpus=placement.gpus, num_cpus=placement.cpus, runtime_env=env,
                 # Two units in flight per actor: the next one is at hand when a unit ends,
                 # and the last units balance across the actors.
                 compute=ray.data.ActorPoolStrategy(size=placement.workers,
@@ -330,7 +338,7 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
                 fn_constructor_kwargs={
                     "source": source, "root": str(store.root), "info": info,
                     "settings": placement.settings, "threads": max(1, int(placement.cpus)),
-                    "generator": generation.generator if generation else None})
+                    **lens_options})
             dataset.write_datasink(sink, ray_remote_args={"runtime_env": env} if env else None)
     except Exception as err:
         cause = _user_error(err)
@@ -338,6 +346,40 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
             raise
         raise cause from None
     return sink.prompts, sink.tokens
+
+
+def _lens_input(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
+                generation: GenerationInfo | None, placement: _Placement
+                ) -> tuple[Any, int, dict[str, Any]]:
+    """(dataset, rows per lens call, the lens actors' generator options) for the units.
+
+    Without a vLLM stage a dataset row is a unit (the actors generate with HF, or profile
+    the text or a stored generation's continuations). A run that generates with vLLM gets
+    one row per prompt through `ray_stages.vllm_stage`, and each lens call takes a unit's
+    worth of them. from_items builds the blocks here (one per unit): no remote task runs
+    before the actors start.
+    """
+    import ray
+
+    from entropy_fast.ray_stages import generation_rows, unit_row, vllm_stage, worker_env
+
+    if generation is not None or not info.sampling.generating or info.generator != "vllm":
+        dataset = ray.data.from_items([unit_row(u) for u in units],
+                                      override_num_blocks=len(units))
+        return dataset, 1, {"generator": generation.generator if generation else None}
+    from entropy_fast.models import model_source
+    from entropy_fast.vllm_generation import cpu_engine_environment, hf_stop_ids
+
+    folder = model_source(source)  # what vLLM loads (a .gguf is dequantized once, here)
+    stops = hf_stop_ids(folder)
+    per_call = max(1, round(sum(map(len, units)) / len(units)))
+    dataset = ray.data.from_items(generation_rows(units, info.sampling, stops),
+                                  override_num_blocks=len(units))
+    on_gpu = placement.gpus > 0
+    env = worker_env(None if on_gpu else cpu_engine_environment())
+    dataset = vllm_stage(dataset, folder, placement.settings.dtype, placement.workers,
+                         placement.cpus, placement.gpus, per_call, env)
+    return dataset, per_call, {"generator": "vllm", "stop_ids": stops}
 
 
 @contextmanager

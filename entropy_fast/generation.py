@@ -17,10 +17,16 @@ from entropy_fast.settings import SamplingSettings
 
 
 def stop_token_ids(model) -> set[int]:
-    """The ids that end a continuation (generation_config's eos, else config's)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    """The ids that end a continuation of `model` (see `stop_ids`)."""
+    return stop_ids(getattr(model, "generation_config", None), model.config)
+
+
+def stop_ids(generation_config, config) -> set[int]:
+    """What HF `generate` stops on: the generation config's eos_token_id, else the model
+    config's (either may be None)."""
+    eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:
-        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
+        eos = getattr(config.get_text_config(), "eos_token_id", None)
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

@@ -5,6 +5,9 @@
 - A *unit* is one dataset row (`unit_row`): the ids, texts, lines and token ids of
   consecutive pending prompts, and their stored continuations when a generation stage is
   reused. One unit is one actor call and one committed part.
+- `vllm_stage` (runs that generate with vLLM) replaces units by one row per prompt and
+  sends them through a `ray.data.llm` vLLM engine stage, which adds the continuation ids;
+  the lens actors then take a unit's worth of generated prompts per call.
 - `LensWorker` is the map_batches actor: it checks that it sees the store and the same
   weights as the driver, loads the model once, and turns each unit into one row per prompt
   (its long-format rows as Arrow IPC bytes, ready to commit).
@@ -29,7 +32,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from entropy_fast.corpus import Prompt
-from entropy_fast.settings import ModelSettings
+from entropy_fast.settings import ModelSettings, SamplingSettings
 from entropy_fast.store import PROFILE, RunInfo, Store, StoreError
 from entropy_fast.store.schema import ENTROPY_SCHEMA
 from entropy_fast.store.writer import WorkerWriter
@@ -44,6 +47,10 @@ PROFILED_SCHEMA = pa.schema([
     ("rows", pa.binary()),  # the prompt's ENTROPY_SCHEMA rows, an Arrow IPC record batch
 ])
 """What a LensWorker returns: one row per profiled prompt."""
+
+ENGINE_GPU_MEMORY = 0.45
+"""Fraction of a GPU's total memory a vLLM engine of a Ray run takes: the engine shares the
+GPU with a lens actor (half a GPU each, in Ray's accounting), which keeps the rest."""
 
 FAULTS = "ENTROPY_FAST_RAY_FAULTS"
 """Test hook: a JSON object of failures to inject, each at most once per `dir`:
@@ -64,10 +71,47 @@ def unit_row(prompts: list[dict[str, Any]]) -> dict[str, Any]:
             "continuations": [p["continuation"] for p in prompts] if generated else None}
 
 
-def worker_env() -> dict[str, Any] | None:
-    """The runtime_env that carries the test hook to the workers, when it is set."""
-    faults = os.environ.get(FAULTS)
-    return {"env_vars": {FAULTS: faults}} if faults else None
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The runtime_env of the workers: `extra` variables, and the test hook when it is set."""
+    variables = dict(extra or {})
+    if os.environ.get(FAULTS):
+        variables[FAULTS] = os.environ[FAULTS]
+    return {"env_vars": variables} if variables else None
+
+
+def generation_rows(units: list[list[dict[str, Any]]], sampling: SamplingSettings,
+                    stop_ids: set[int]) -> list[dict[str, Any]]:
+    """One row per prompt of the units, as a `ray.data.llm` vLLM stage takes it: the token
+    ids and the request's sampling options (prompt p's random stream is seeded with
+    seed + p), beside the prompt's id, text and line, which pass through the stage."""
+    from entropy_fast.vllm_generation import sampling_options
+
+    return [{"prompt_id": p["prompt_id"], "text": p["text"], "source_line": p["source_line"],
+             "tokenized_prompt": p["token_ids"],
+             "sampling_params": sampling_options(sampling, stop_ids, p["prompt_id"])}
+            for unit in units for p in unit]
+
+
+def vllm_stage(dataset: Any, source: str, dtype: str, workers: int, cpus: float, gpus: float,
+               batch_size: int, env: dict[str, Any] | None) -> Any:
+    """`dataset` (`generation_rows`) through `workers` vLLM engines of `ray.data.llm`, one per
+    actor holding `cpus` CPUs and `gpus` GPUs (a share of the one its lens actor uses); adds
+    each prompt's `generated_tokens`. Engines start as the local generator's do
+    (`vllm_generation.engine_options`)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from entropy_fast.vllm_generation import engine_options
+
+    engine = engine_options(dtype, on_cpu=not gpus)
+    if gpus:
+        engine["gpu_memory_utilization"] = ENGINE_GPU_MEMORY
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    config = vLLMEngineProcessorConfig(
+        model_source=source, engine_kwargs=engine, placement_group_config={"bundles": [bundle]},
+        concurrency=(workers, workers), batch_size=batch_size, runtime_env=env,
+        tokenize_stage=False, detokenize_stage=False, chat_template_stage=False,
+        log_engine_metrics=False)  # Ray's metrics need extras that ray[data] lacks
+    return build_processor(config)(dataset)
 
 
 class LensWorker:
@@ -79,12 +123,15 @@ class LensWorker:
         root, info: the store and the run record the driver registered.
         settings: how to load the model (device "cuda" on a GPU actor, else "cpu").
         threads: torch threads on a CPU actor.
-        generator: the generator of a reused generation stage (units carry continuations),
-            or None.
+        generator: the generator of the continuations the units carry (a reused generation
+            stage's, or "vllm" after `vllm_stage`), or None.
+        stop_ids: after `vllm_stage`: the ids a continuation ends at (what is generated
+            after one is dropped, as the local vLLM generator does).
     """
 
     def __init__(self, source: str, root: str, info: RunInfo, settings: ModelSettings,
-                 threads: int, generator: str | None) -> None:
+                 threads: int, generator: str | None, stop_ids: set[int] | None = None
+                 ) -> None:
         self._faults = _Faults(actor=True)
         _check_node(source, root, info)
         import torch
@@ -97,11 +144,11 @@ class LensWorker:
         if self.profiler.layer_indices != info.layer_indices:
             raise StoreError(f"{source} has layers {self.profiler.layer_indices} on this "
                              f"node; run {info.run_id} has {info.layer_indices}")
-        self.sampling, self.generator = info.sampling, generator
+        self.sampling, self.generator, self.stop_ids = info.sampling, generator, stop_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._faults.unit_started()
-        (unit,) = batch.to_pylist()
+        unit = _unit(batch, self.stop_ids)
         positions = range(len(unit["prompt_ids"]))
         if unit["continuations"] is None:
             stream = self.profiler.iter_prompt_ids(unit["token_ids"], self.sampling,
@@ -124,6 +171,21 @@ class LensWorker:
                 "prompt_token_ids": profile.metadata.get("prompt_token_ids") or [],
                 "n_tokens": profile.n_tokens, "layers": list(profile.layer_indices),
                 "rows": rows.serialize().to_pybytes()}
+
+
+def _unit(batch: pa.Table, stop_ids: set[int] | None) -> dict[str, Any]:
+    """The unit a lens call profiles: a `unit_row`, or a batch of `vllm_stage` rows."""
+    if "prompt_ids" in batch.column_names:
+        (unit,) = batch.to_pylist()
+        return unit
+    from entropy_fast.generation import _cut_at_stop
+
+    column = batch.column
+    return {"prompt_ids": column("prompt_id").to_pylist(), "texts": column("text").to_pylist(),
+            "source_lines": column("source_line").to_pylist(),
+            "token_ids": column("prompt_token_ids").to_pylist(),
+            "continuations": [_cut_at_stop(list(ids), stop_ids)
+                              for ids in column("generated_tokens").to_pylist()]}
 
 
 def _check_node(source: str, root: str, info: RunInfo) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from entropy_fast.errors import MissingDependencyError
-from entropy_fast.generation import _cut_at_stop
+from entropy_fast.generation import _cut_at_stop, stop_ids
 from entropy_fast.models import TokenizerOnly, model_source
 from entropy_fast.settings import SamplingSettings
 
@@ -116,19 +116,14 @@ class VllmGenerator:
         self.dtype = str(dtype).removeprefix("torch.")
         self.progress = progress
         self.on_cpu = current_platform.is_cpu()
-        if enforce_eager is None:
-            enforce_eager = self.on_cpu
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "seed": seed,
-                                  "enforce_eager": enforce_eager}
+        kwargs = engine_options(self.dtype, self.on_cpu, seed)
+        if enforce_eager is not None:
+            kwargs["enforce_eager"] = enforce_eager
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if self.on_cpu:
             # Read by the engine's worker processes, which inherit this environment.
-            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-            if kv_cache_gib is not None:
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
-            else:
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            os.environ.update(cpu_engine_environment(kv_cache_gib))
         elif current_platform.is_cuda_alike():
             kwargs["gpu_memory_utilization"] = (gpu_memory_utilization
                                                 if gpu_memory_utilization is not None
@@ -152,18 +147,7 @@ class VllmGenerator:
         """The vLLM `SamplingParams` of prompt `index` under `sampling`."""
         from vllm import SamplingParams
 
-        common: dict[str, Any] = {
-            "max_tokens": sampling.max_new_tokens,
-            "ignore_eos": True,  # stop on exactly the HF stop set below, not tokenizer eos
-            "stop_token_ids": sorted(self.stop_ids),
-            "detokenize": False,  # ids are the product; text is decoded on demand
-        }
-        if not sampling.do_sample:
-            return SamplingParams(temperature=0.0, **common)
-        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k or 0,
-                              seed=None if sampling.seed is None else sampling.seed + index,
-                              **common)
+        return SamplingParams(**sampling_options(sampling, self.stop_ids, index))
 
     def generate(self, prompts: Sequence[list[int]],
                  sampling: SamplingSettings) -> list[list[int]]:
@@ -261,6 +245,51 @@ def _share_of_free_gpu_memory(share: float) -> float:
 
 def _half_of_free_gpu_memory() -> float:
     return _share_of_free_gpu_memory(0.5)
+
+
+def engine_options(dtype: str, on_cpu: bool, seed: int = 0) -> dict[str, Any]:
+    """The engine arguments every vLLM engine here starts with: eager on CPU (torch.compile
+    warm-up costs minutes there), CUDA graphs on GPU."""
+    return {"dtype": dtype, "seed": seed, "enforce_eager": on_cpu}
+
+
+def cpu_engine_environment(kv_cache_gib: float | None = None) -> dict[str, str]:
+    """Environment a CPU engine needs: loopback for its processes, and its KV-cache size in
+    GiB (`kv_cache_gib`, else the environment's VLLM_CPU_KVCACHE_SPACE, else 1)."""
+    space = (f"{kv_cache_gib:g}" if kv_cache_gib is not None
+             else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    return {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1"),
+            "VLLM_CPU_KVCACHE_SPACE": space}
+
+
+def sampling_options(sampling: SamplingSettings, stop_ids: Iterable[int], index: int = 0
+                     ) -> dict[str, Any]:
+    """The keyword arguments of vLLM's `SamplingParams` for the request of prompt `index`
+    (its random stream is seeded with seed + index): HF's conventions, ids out, no text."""
+    common: dict[str, Any] = {
+        "max_tokens": sampling.max_new_tokens,
+        "ignore_eos": True,  # stop on exactly the HF stop set, not the tokenizer's eos
+        "stop_token_ids": sorted(int(t) for t in stop_ids),
+        "detokenize": False,  # ids are the product; text is decoded on demand
+    }
+    if not sampling.do_sample:
+        return {"temperature": 0.0, **common}
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k or 0,
+            "seed": None if sampling.seed is None else sampling.seed + index, **common}
+
+
+def hf_stop_ids(source: str) -> set[int]:
+    """HF `generate`'s stop set of the model in `source` (a folder or hub id, as
+    `models.model_source` gives it), read from its config files: what a vLLM engine
+    started on `source` stops on here."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: the model config's eos
+        generation_config = None
+    return stop_ids(generation_config, AutoConfig.from_pretrained(source))
 
 
 def _model_stop_ids(model_config) -> set[int]:

@@ -11,9 +11,9 @@ import importlib.util
 import pytest
 
 from entropy_fast.cli import main
-from entropy_fast.distributed import UNITS_PER_WORKER, RayEngine, _units
+from entropy_fast.distributed import UNITS_PER_WORKER, RayEngine, _placement, _units
 from entropy_fast.errors import ConfigError
-from entropy_fast.settings import SamplingSettings
+from entropy_fast.settings import ModelSettings, SamplingSettings
 from entropy_fast.store import Store
 
 
@@ -114,3 +114,18 @@ def test_units_are_consecutive_balanced_and_bounded():
     generating = _units(prompts([4] * 10), SamplingSettings(max_new_tokens=8), max_tokens=16,
                         workers=1)
     assert [len(u) for u in generating] == [2] * 5  # sized by the tokens to generate
+
+
+def test_a_vllm_stage_shares_each_gpu_with_its_lens_actor_and_needs_cpus_for_both():
+    """Runs that generate with vLLM place one engine beside each lens actor: half a GPU
+    each on a GPU cluster, and CPUs for both on a CPU cluster (refused when short)."""
+    gpu_cluster = {"GPU": 4.0, "CPU": 32.0}
+    lens_only = _placement(RayEngine(), ModelSettings(), gpu_cluster, stages=1)
+    with_engines = _placement(RayEngine(), ModelSettings(), gpu_cluster, stages=2)
+    assert (lens_only.workers, lens_only.gpus) == (4, 1.0)
+    assert (with_engines.workers, with_engines.gpus) == (4, 0.5)
+    assert with_engines.settings.device == "cuda"
+    cpu_cluster = {"CPU": 3.0}
+    assert _placement(RayEngine(workers=3), ModelSettings(), cpu_cluster, stages=1).gpus == 0
+    with pytest.raises(ConfigError, match=r"and as many vLLM engines.*3 CPUs"):
+        _placement(RayEngine(workers=2), ModelSettings(), cpu_cluster, stages=2)

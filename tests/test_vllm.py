@@ -10,8 +10,10 @@ ONE engine serves every test (module fixture): it takes 20-80 s to start on 2 co
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ SKIP_REASON = (
     "lives in its own venv): run .ci/vllm_tests.sh"
 )
 needs_vllm = pytest.mark.skipif(not vllm_available() and not REQUIRE, reason=SKIP_REASON)
+RAY_SKIP_REASON = "Ray is not installed beside vLLM (.ci/vllm_tests.sh installs both)"
+RAY_PROMPTS = 6
 pytestmark = pytest.mark.vllm
 
 MAX_NEW = 24
@@ -257,3 +261,56 @@ def test_two_stage_cli_run_with_vllm(vllm_profiler, engine, prompt_ids, monkeypa
     profiles = dict(read_profiles(Store(store), "smollm2-135m"))
     assert [profiles[i].token_ids.tolist() for i in range(5)] == expected
     assert {p.metadata["generator"] for p in profiles.values()} == {"vllm"}
+
+
+@needs_vllm
+def test_ray_run_generates_in_a_ray_data_llm_stage_and_equals_the_local_run(
+        engine, prompt_ids, monkeypatch, tmp_path):
+    """`profile_corpus(..., generator="vllm", engine=RayEngine(...))` generates in a
+    `ray.data.llm` vLLM stage (its own engine, in a Ray actor), profiles in a lens actor,
+    and writes the store the single-process run writes: the same continuations (those of
+    this module's engine) and entropies equal to float32 rounding."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.fail(RAY_SKIP_REASON) if REQUIRE else pytest.skip(RAY_SKIP_REASON)
+    from entropy_fast import ray_stages, vllm_generation
+    from entropy_fast.distributed import RayEngine
+    from entropy_fast.pipeline import profile_corpus
+    from entropy_fast.store.sql import ProfileStore
+
+    class SharedEngine:  # the local run generates with the module's engine
+        name, settings = "vllm", engine.settings
+        generate = staticmethod(engine.generate)
+
+        def close(self) -> None:
+            pass
+
+    stages = []
+    monkeypatch.setattr(vllm_generation, "VllmGenerator", lambda *a, **k: SharedEngine())
+    real_stage = ray_stages.vllm_stage
+    monkeypatch.setattr(ray_stages, "vllm_stage",
+                        lambda *a, **k: stages.append(a) or real_stage(*a, **k))
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("\n".join(sample_prompts()[:RAY_PROMPTS]) + "\n")
+    options = {"generator": "vllm", "dtype": "float32", "max_new_tokens": 8,
+               "layer_stride": 10, "alpha": (1.0, 2.0)}
+    stores = {name: tmp_path / name for name in ("local", "ray")}
+    profile_corpus("smollm2-135m", str(corpus), stores["local"], **options)
+    (result,) = profile_corpus("smollm2-135m", str(corpus), stores["ray"],
+                               engine=RayEngine(workers=1), **options)
+    assert result.prompts == RAY_PROMPTS and len(stages) == 1
+
+    sql = ("SELECT prompt_id, pos, layer, alpha, token_id, entropy FROM entropy "
+           "ORDER BY prompt_id, pos, layer, alpha")
+    tables = {}
+    for name, store in stores.items():
+        with ProfileStore(store) as db:
+            tables[name] = db.sql(sql).to_pydict()
+    local, ray = tables["local"], tables["ray"]
+    for key in ("prompt_id", "pos", "layer", "alpha", "token_id"):
+        assert ray[key] == local[key], key
+    assert np.allclose(ray["entropy"], local["entropy"], rtol=0, atol=5e-5)
+    expected = engine.generate(prompt_ids[:RAY_PROMPTS], SamplingSettings(8))
+    with ProfileStore(stores["ray"]) as db:
+        generated = db.sql("SELECT prompt_id, count(DISTINCT pos) AS n FROM entropy "
+                           "GROUP BY prompt_id ORDER BY prompt_id").to_pydict()["n"]
+    assert generated == [len(e) for e in expected]
