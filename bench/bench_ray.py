@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -91,6 +92,7 @@ class TreeMonitor:
         self.root, self.interval = psutil.Process(), interval
         self.peak_rss = 0
         self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -105,6 +107,9 @@ class TreeMonitor:
                     total += proc.memory_info().rss
                     times = proc.cpu_times()
                     self.cpu[proc.pid] = times.user + times.system
+                    title = _process_title(proc)  # a worker becomes an actor, runs tasks
+                    if title != "ray::IDLE" or proc.pid not in self.names:
+                        self.names[proc.pid] = title
             self.peak_rss = max(self.peak_rss, total)
             self._stop.wait(self.interval)
 
@@ -113,6 +118,27 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
         return self.peak_rss, sum(self.cpu.values())
+
+    def cpu_by_title(self) -> dict[str, float]:
+        """CPU seconds per process title (Ray names its processes: ray::IDLE, raylet, ...),
+        the largest first."""
+        totals: dict[str, float] = {}
+        for pid, seconds in self.cpu.items():
+            title = "driver" if pid == self.root.pid else self.names.get(pid, "?")
+            totals[title] = totals.get(title, 0.0) + seconds
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def _process_title(proc: Any) -> str:
+    """A short name for a process: its title (Ray sets ray::<task or actor>), else its
+    executable's name, without arguments and paths."""
+    argv = proc.cmdline()
+    title = (argv[0] if argv else proc.name()).split(" ")[0]
+    if title.endswith(("python", "python3")) and len(argv) > 1:
+        # Ray's python daemons (log monitor, agents) and workers not yet named
+        title = Path(next((a for a in argv[1:] if not a.startswith("-")), argv[1])).name
+    title = re.sub(r"\)\.\w+$", ")", title)  # ray::Actor(...).method -> ray::Actor(...)
+    return Path(title).name[:48] if "/" in title else title[:48]
 
 
 def run_one(mode: str, model: str, corpus: str, store: str, stride: int) -> dict:
@@ -142,7 +168,8 @@ def run_one(mode: str, model: str, corpus: str, store: str, stride: int) -> dict
     return {"mode": mode, "wall_s": wall_s, "init_s": init_s, "profile_s": result.seconds,
             "prompts": result.prompts, "tokens": result.tokens, "cpu_s": cpu_s,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "tree_peak_rss_mb": peak_rss / 2**20}
+            "tree_peak_rss_mb": peak_rss / 2**20,
+            "cpu_s_by_process": {k: round(v, 1) for k, v in monitor.cpu_by_title().items()}}
 
 
 def compare(store: str, reference: str) -> float:

@@ -232,8 +232,9 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("Ray scale-out (needs the ray extra; see docs/scale-out.md)")
     group.add_argument("--ray", action="store_true",
-                       help="profile on a Ray cluster: lens actors (one per GPU) commit into "
-                            "--out, which every node must see at the same path")
+                       help="profile on a Ray cluster: lens actors (one per GPU; with "
+                            "--generator vllm, a ray.data.llm vLLM engine beside each) "
+                            "commit into --out, which every node must see at the same path")
     group.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS",
                        help="the cluster to join: auto, HOST:PORT or ray://HOST:10001; "
                             "without it, $RAY_ADDRESS, else a private cluster on this machine")
