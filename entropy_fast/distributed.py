@@ -237,6 +237,8 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
         rows_per_token = len(layers) * len(info.lens.alphas)
         units = _units(prompts, info.sampling, max(1, part_rows // rows_per_token),
                        placement.workers)
+        if on_progress is not None:  # the bar's clock starts with the job
+            on_progress(info.model, 0, 0, len(pending))
         start = time.perf_counter()
         try:
             result.prompts, result.tokens = _run_units(units, source, writer.info, generation,
