@@ -8,7 +8,7 @@ are grouped by length so that little of each batch is padding.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -18,15 +18,15 @@ from entropy_fast.settings import SamplingSettings
 
 def stop_token_ids(model) -> set[int]:
     """The ids that end a continuation of `model` (see `stop_ids`)."""
-    return stop_ids(getattr(model, "generation_config", None), model.config)
+    generation_config = getattr(model, "generation_config", None)
+    return stop_ids(getattr(generation_config, "eos_token_id", None),
+                    getattr(model.config.get_text_config(), "eos_token_id", None))
 
 
-def stop_ids(generation_config, config) -> set[int]:
+def stop_ids(generation_eos: Any, config_eos: Any) -> set[int]:
     """What HF `generate` stops on: the generation config's eos_token_id, else the model
-    config's (either may be None)."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(config.get_text_config(), "eos_token_id", None)
+    config's (each an id, a list of ids, or None)."""
+    eos = config_eos if generation_eos is None else generation_eos
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

@@ -289,14 +289,12 @@ def hf_stop_ids(source: str) -> set[int]:
         generation_config = GenerationConfig.from_pretrained(source)
     except OSError:  # no generation_config.json: the model config's eos
         generation_config = None
-    return stop_ids(generation_config, AutoConfig.from_pretrained(source))
+    config = AutoConfig.from_pretrained(source).get_text_config()
+    return stop_ids(getattr(generation_config, "eos_token_id", None),
+                    getattr(config, "eos_token_id", None))
 
 
 def _model_stop_ids(model_config) -> set[int]:
-    """HF `generate`'s stop set: generation-config eos_token_id, else the config's."""
-    eos = model_config.try_get_generation_config().get("eos_token_id")
-    if eos is None:
-        eos = getattr(model_config.hf_text_config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    """HF `generate`'s stop set, from a vLLM engine's model config."""
+    return stop_ids(model_config.try_get_generation_config().get("eos_token_id"),
+                    getattr(model_config.hf_text_config, "eos_token_id", None))
