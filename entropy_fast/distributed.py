@@ -118,8 +118,12 @@ def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: 
         spelled = dataclasses.replace(settings, device="cpu", dtype=placement.settings.dtype)
         runs = plan_profile_runs(models, corpus, store, lens, sampling, spelled, shard=shard,
                                  run_id=run_id, names=names)
-        return [_profile_run(placement, store, corpus, info, model, generation,
-                             long_prompts, part_rows, on_progress)
+        # A run that reuses a stored generation stage starts no engine: its lens actors take
+        # whole GPUs, or Ray could pack two of them on one GPU and leave another idle.
+        alone = _placement(engine, settings, resources, stages=1)
+        return [_profile_run(placement if _has_vllm_stage(info, generation) else alone, store,
+                             corpus, info, model, generation, long_prompts, part_rows,
+                             on_progress)
                 for info, model, generation in runs]
 
 
@@ -365,7 +369,7 @@ def _lens_input(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
 
     from entropy_fast.ray_stages import generation_rows, unit_row, vllm_stage, worker_env
 
-    if generation is not None or not info.sampling.generating or info.generator != "vllm":
+    if not _has_vllm_stage(info, generation):
         dataset = ray.data.from_items([unit_row(u) for u in units],
                                       override_num_blocks=len(units))
         return dataset, 1, {"generator": generation.generator if generation else None}
@@ -382,6 +386,11 @@ def _lens_input(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
     dataset = vllm_stage(dataset, folder, placement.settings.dtype, placement.workers,
                          placement.cpus, placement.gpus, per_call, env)
     return dataset, per_call, {"generator": "vllm", "stop_ids": stops}
+
+
+def _has_vllm_stage(info: RunInfo, generation: GenerationInfo | None) -> bool:
+    """Whether a run generates with vLLM engines on the cluster (not from a stored stage)."""
+    return generation is None and info.sampling.generating and info.generator == "vllm"
 
 
 @contextmanager

@@ -129,3 +129,34 @@ def test_a_vllm_stage_shares_each_gpu_with_its_lens_actor_and_needs_cpus_for_bot
     assert _placement(RayEngine(workers=3), ModelSettings(), cpu_cluster, stages=1).gpus == 0
     with pytest.raises(ConfigError, match=r"and as many vLLM engines.*3 CPUs"):
         _placement(RayEngine(workers=2), ModelSettings(), cpu_cluster, stages=2)
+
+
+def test_a_run_that_reuses_stored_continuations_gives_its_lens_actors_whole_gpus(
+        tmp_path, monkeypatch):
+    """In a job whose settings generate with vLLM, only the runs that start engines share
+    each GPU: a run that profiles a stored generation stage has no engine beside its lens
+    actors, which then take a GPU each (half a GPU would let Ray pack two on one)."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    import entropy_fast.distributed as distributed
+    import entropy_fast.pipeline as pipeline
+
+    @contextmanager
+    def gpu_cluster(engine, actors_per_worker):
+        assert actors_per_worker == 2  # the cluster is sized for the runs with engines
+        yield {"GPU": 2.0, "CPU": 16.0}
+
+    sampling = SamplingSettings(max_new_tokens=4)
+    fresh = SimpleNamespace(sampling=sampling, generator="vllm")
+    stored = SimpleNamespace(run_id="g")
+    monkeypatch.setattr(distributed, "ray_cluster", gpu_cluster)
+    monkeypatch.setattr(pipeline, "plan_profile_runs", lambda *a, **k: [
+        (fresh, "m1", None), (fresh, "m2", stored)])
+    placed = []
+    monkeypatch.setattr(distributed, "_profile_run",
+                        lambda placement, *a: placed.append(placement.gpus))
+    distributed.profile_on_ray(RayEngine(), ["m1", "m2"], None, Store(tmp_path, create=True),
+                               None, sampling, ModelSettings(generator="vllm"), shard=(0, 1),
+                               run_id=None, names=None, long_prompts="fail", part_rows=1)
+    assert placed == [0.5, 1.0]
