@@ -268,14 +268,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     engine = _engine(args)
     corpus = _read_corpus(args)
     plot = _png_path(args.plot) if not args.no_plot else None
-    with _store_dir(args.out) as folder, _progress(args.no_progress) as on_progress:
-        results = profile_corpus(
-            args.models, corpus, folder, lens=_settings_of(args, LensSettings),
-            sampling=_settings_of(args, SamplingSettings),
-            settings=_settings_of(args, ModelSettings), shard=_parse_shard(args.shard),
-            run_id=args.run_id, names=args.names, long_prompts=args.long_prompts,
-            part_rows=args.part_rows, flush_seconds=args.flush_seconds,
-            on_progress=on_progress, engine=engine)
+    with _store_dir(args.out) as folder:
+        # The bars close before the summary prints: closing redraws them, below it.
+        with _progress(args.no_progress) as on_progress:
+            results = profile_corpus(
+                args.models, corpus, folder, lens=_settings_of(args, LensSettings),
+                sampling=_settings_of(args, SamplingSettings),
+                settings=_settings_of(args, ModelSettings), shard=_parse_shard(args.shard),
+                run_id=args.run_id, names=args.names, long_prompts=args.long_prompts,
+                part_rows=args.part_rows, flush_seconds=args.flush_seconds,
+                on_progress=on_progress, engine=engine)
         _report(folder, results, plot)
     if args.out:
         print(f"store: {args.out}")

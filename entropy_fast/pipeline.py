@@ -304,6 +304,8 @@ def _consume(stream: Iterator[tuple[int, Any]], writer: Any, corpus: Corpus,
              result: RunResult, on_progress: Progress | None) -> None:
     """Write every (prompt_id, profile) into the run, counting and reporting progress."""
     total = len(writer.pending)
+    if on_progress is not None:  # the bar's clock starts now, not after the first batch
+        on_progress(result.info.model, 0, 0, total)
     start = time.perf_counter()
     try:
         for prompt_id, profile in stream:
@@ -376,6 +378,8 @@ def _generate_run(store: Store, info: GenerationInfo, model: Any, corpus: Corpus
         result.skipped = tuple(i for i in pending if i not in work)
         work = {i: work[i] for i in pending if i in work}
         ids = list(work)
+        if on_progress is not None:
+            on_progress(info.model, 0, 0, len(ids))
         start = time.perf_counter()
         for first in range(0, len(ids), part_prompts):
             chunk = ids[first:first + part_prompts]

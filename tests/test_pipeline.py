@@ -50,6 +50,9 @@ def test_a_sharded_two_model_run_from_python_resumes_and_is_exact(folder, tmp_pa
     again = profile_corpus([str(folder), str(gpt2)], TEXTS, store, shard=(0, 2), **options)
     assert [(r.prompts, r.done_before) for r in again] == [(0, 3), (0, 3)]
     assert seen and seen[-1][1:] == (3, seen[-1][2], 3)
+    # Each run reports (0 prompts, 0 tokens) before its first batch: a bar's clock starts
+    # with the run (2 shards x 2 models), not after one batch (absurd rates).
+    assert [event[1:] for event in seen if event[1] == 0] == [(0, 0, 3)] * 4
     assert check_store(store).problems == []
     # Independent reference: HF's own logits at the last layer, float64 entropies.
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
