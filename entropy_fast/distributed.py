@@ -219,7 +219,6 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
                  part_rows: int, on_progress: Any) -> Any:
     from entropy_fast.models import model_label
     from entropy_fast.pipeline import start_run
-    from entropy_fast.store.writer import commit_lock
 
     result, pending = start_run(store, info, generation)
     if not pending:
@@ -227,9 +226,7 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
     source = model_label(model)  # local paths made absolute: workers have their own cwd
     layers, revision, tokens = _model_files(source, info, corpus, pending, generation,
                                             long_prompts)
-    with commit_lock(store, PROFILE, info):  # no straggling commit while leftovers go
-        writer = store.writer(info, rows_per_part=part_rows)
-    with writer:
+    with store.writer(info, rows_per_part=part_rows, shared=True) as writer:
         writer.register_layers(layers, revision)
         pending = writer.pending
         result.done_before = len(info.prompt_ids) - len(pending)

@@ -1,10 +1,14 @@
 """WorkerWriter: parts committed by processes other than the shard's registered writer.
 
 A distributed run's driver registers the shard (RunWriter, register_layers); its workers
-commit parts with WorkerWriter. Retries and overlaps must never commit a prompt twice.
+commit parts with WorkerWriter. Retries and overlaps must never commit a prompt twice, and
+once the driver has recorded the run's final status no worker commits.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -40,7 +44,7 @@ def profiles(corpus):
 def registered(tmp_path, corpus):
     """A store whose run shard a driver has registered (lock held, layers recorded)."""
     store = Store(tmp_path / "s", create=True)
-    driver = store.writer(run_info("m", corpus))
+    driver = store.writer(run_info("m", corpus), shared=True)
     driver.register_layers(LAYERS, None)
     yield store, driver
     driver.close()
@@ -139,3 +143,42 @@ def test_repair_sets_aside_a_damaged_worker_part(registered, corpus, profiles):
                for line in report.repaired)
     assert check_store(store.root).problems == []
     assert store.pending(PROFILE, driver.info) == list(range(4, 12))
+
+
+def test_a_part_after_the_driver_ended_the_run_is_refused(registered, corpus, profiles):
+    """A failed job's write task that is still running when the driver records the failure
+    (Ray cancels it, but cannot stop it at once) commits nothing."""
+    store, driver = registered
+    commit(store, driver.info, corpus, profiles, [0, 1])
+    driver.close("RuntimeError: a write task failed")
+    with pytest.raises(StoreError, match="is failed: its driver has ended it"):
+        commit(store, driver.info, corpus, profiles, [2, 3])
+    assert committed_ids(store, driver.info) == [0, 1]
+    assert check_store(store.root).problems == []
+
+    resumed = store.writer(run_info("m", corpus), shared=True)  # the same command again
+    assert resumed.pending == list(range(2, 12))
+    commit(store, resumed.info, corpus, profiles, range(2, 12))
+    resumed.close()
+    assert store.run(driver.info.run_id).status == "complete"
+
+
+def test_the_driver_records_its_final_status_after_a_commit_in_progress(registered, corpus,
+                                                                        profiles):
+    """The driver's close waits for a worker's commit (the commit lock): the record never
+    says "failed" while a part is still being committed, and the driver counts that part."""
+    store, driver = registered
+    closing = threading.Thread(target=driver.close, args=("RuntimeError: boom",))
+    seen = []
+
+    def between_files_and_entry(step: str) -> None:
+        if step == "files":
+            closing.start()
+            time.sleep(0.5)  # the close would have written its record by now
+            seen.append(store.run(driver.info.run_id).status)
+
+    commit(store, driver.info, corpus, profiles, [4, 5], hook=between_files_and_entry)
+    closing.join()
+    assert seen == ["running"]
+    assert store.run(driver.info.run_id).status == "failed"
+    assert {4, 5} <= driver.done and committed_ids(store, driver.info) == [4, 5]

@@ -17,7 +17,11 @@ never commits the same prompts twice.
 
 A distributed run is the exception to one writer per shard: its driver holds the shard's
 lock and record, and its workers commit parts with `WorkerWriter`, each commit under the
-shard's `commit_lock` and without the prompts that committed parts already hold.
+shard's `commit_lock` and without the prompts that committed parts already hold. The
+driver's writer (`shared=True`) takes that lock too, to remove leftovers and to record the
+final status, and a worker commits only while the record says "running": once the driver
+has closed the run (a failed job whose write tasks are still finishing), what is committed
+stays as the driver counted it.
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ class FileLock:
 def commit_lock(store: Store, stage: Stage, info: Any) -> FileLock:
     """The lock that serializes commits into a run shard written by several processes
     (`WorkerWriter`), taken by every commit and by the registering process while it
-    removes leftovers. Waits for it; refuses a filesystem without locks."""
+    removes leftovers and records the final status. Waits for it; refuses a filesystem
+    without locks."""
     return FileLock(store.lock_path(stage, f"{info.run_id}.{info.shard_key}.commit"),
                     f"the commits of {stage.name} run {info.run_id} shard {info.shard_key}",
                     wait=True)
@@ -148,6 +153,8 @@ class PartWriter:
             run shard must have the same identity.
         rows_per_part: rows per part file (= one Parquet row group).
         flush_seconds: commit at least this often while rows arrive.
+        shared: other processes commit parts into this shard (`WorkerWriter`): leftovers
+            are removed and the final status recorded under their `commit_lock`.
     """
 
     stage: Stage
@@ -157,9 +164,10 @@ class PartWriter:
     """Called after each commit step ('files', 'entry'); tests inject interrupts here."""
 
     def __init__(self, store: Store, info: Any, *, rows_per_part: int = ROWS_PER_PART,
-                 flush_seconds: float = FLUSH_SECONDS) -> None:
+                 flush_seconds: float = FLUSH_SECONDS, shared: bool = False) -> None:
         self.store, self.info = store, info
         self.rows_per_part, self.flush_seconds = rows_per_part, flush_seconds
+        self.shared = shared
         shard = f"{self.stage.name} run {info.run_id} shard {info.shard_key} of {info.model}"
         try:
             self._lock = FileLock(store.lock_path(self.stage, f"{info.run_id}.{info.shard_key}"),
@@ -168,11 +176,12 @@ class PartWriter:
             raise _not_writable(store.root, err) from None
         try:
             self._register()
-            entries = [e for e in store.entries(self.stage, info.run_id)
-                       if e.shard == info.shard]
+            with self._no_worker_commits():  # a straggler's files are not leftovers
+                entries = [e for e in store.entries(self.stage, info.run_id)
+                           if e.shard == info.shard]
+                self._remove_uncommitted({f for e in entries for f in e.files})
             self.done: set[int] = {i for e in entries for i in e.prompt_ids}
             self._seq = max((e.seq for e in entries), default=0)
-            self._remove_uncommitted({f for e in entries for f in e.files})
         except OSError as err:
             self._lock.release()
             raise _not_writable(store.root, err) from None
@@ -208,6 +217,12 @@ class PartWriter:
 
     def _merge(self, old: Any) -> None:
         """Take over what an earlier writer of this shard learned (hook)."""
+
+    def _no_worker_commits(self) -> contextlib.AbstractContextManager[Any]:
+        """Held, no `WorkerWriter` commits into a shared shard."""
+        if not self.shared:
+            return contextlib.nullcontext()
+        return commit_lock(self.store, self.stage, self.info)
 
     def _remove_uncommitted(self, committed: set[str]) -> None:
         """Delete this shard's temp files and parts renamed but never recorded."""
@@ -328,16 +343,17 @@ class PartWriter:
         if self._lock.fd < 0:
             return
         try:
-            self.commit()
-            self.done |= self.store.committed(self.stage, self.info)
-            complete = error is None and not self.pending
-            self.info.status = "complete" if complete else (
-                status or ("failed" if error else "incomplete"))
-            self.info.error = error
-            # On a full disk the record keeps its last state: the manifest, not the
-            # record, says what is committed.
-            with contextlib.suppress(OSError):
-                self._write_record()
+            with self._no_worker_commits():  # none after the final status (WorkerWriter)
+                self.commit()
+                self.done |= self.store.committed(self.stage, self.info)
+                complete = error is None and not self.pending
+                self.info.status = "complete" if complete else (
+                    status or ("failed" if error else "incomplete"))
+                self.info.error = error
+                # On a full disk the record keeps its last state: the manifest, not the
+                # record, says what is committed.
+                with contextlib.suppress(OSError):
+                    self._write_record()
         finally:
             self._lock.release()
 
@@ -440,7 +456,9 @@ class WorkerWriter(RunWriter):
     part after the first and last prompt id it holds (`part-sIofN-p000000012-000000345`).
     So a retried or duplicated task never commits a prompt twice, and the retry of a
     commit that died before its manifest entry rewrites the same files rather than leaving
-    orphans. `entries` lists what this writer committed.
+    orphans. A commit after the driver has closed the run (its record no longer says
+    "running") is a StoreError and commits nothing. `entries` lists what this writer
+    committed.
     """
 
     def __init__(self, store: Store, info: RunInfo) -> None:  # no lock or registration
@@ -455,6 +473,7 @@ class WorkerWriter(RunWriter):
 
     def _commit(self, tables: list[pa.Table], prompts: list[dict[str, Any]]) -> None:
         with commit_lock(self.store, self.stage, self.info):
+            self._check_running()
             held = self._committed_among({p["prompt_id"] for p in prompts})
             if held:
                 drop = pa.array(sorted(held), pa.int32())
@@ -465,6 +484,17 @@ class WorkerWriter(RunWriter):
                 ids = sorted(p["prompt_id"] for p in prompts)
                 name = f"p{ids[0]:09d}-{ids[-1]:09d}"
                 self.entries.append(self._write_part(name, tables, prompts))
+
+    def _check_running(self) -> None:
+        """StoreError unless the driver's record of this shard still says "running"."""
+        info = self.info
+        record = self.store.record(self.stage, info.run_id, info.shard_key)
+        status = record.status if record is not None else "gone"
+        if status != "running":
+            raise StoreError(f"{self.stage.name} run {info.run_id} shard {info.shard_key} is "
+                             f"{status}: its driver has ended it, so a late part is not "
+                             "committed",
+                             "run the same command again: it profiles what is not committed")
 
     def _committed_among(self, ids: set[int]) -> set[int]:
         """The prompts of `ids` that committed parts of this shard hold. Only the entries
