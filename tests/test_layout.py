@@ -69,3 +69,25 @@ def test_this_checkout_imports_its_own_tree():
     package = Path(entropy_fast.__file__).resolve().parent
     assert Path(entropy_fast.kernels.__path__[0]).resolve() == (package / "kernels").resolve()
     assert Path(entropy_fast.queries.__path__[0]).resolve() == (package / "queries").resolve()
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """Python started in the checkout has its root on sys.path: a top-level folder with an
+    __init__.py there (kernels/, queries/) would hide a distribution of that name, as
+    kernels/ once hid the `kernels` package that transformers imports at model load."""
+    own = {"entropy_fast", "entropy_profiler", "tests"}
+    regular = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert regular <= own, f"top-level packages that can shadow others: {regular - own}"
+
+
+def test_transformers_loads_a_model_from_the_repository_root():
+    """As `python -m pytest`, a REPL or `python -c` in the checkout do: the root first on
+    sys.path, then transformers' hub-kernels integration and a model load."""
+    out = python("import sys; assert sys.path[0] == ''; "
+                 "import transformers.integrations.hub_kernels, kernels, transformers as t; "
+                 "cfg = t.AutoConfig.for_model('llama', vocab_size=32, hidden_size=16, "
+                 "intermediate_size=32, num_hidden_layers=1, num_attention_heads=2); "
+                 "m = t.AutoModelForCausalLM.from_config(cfg); "
+                 "import entropy_fast.kernels.lens_entropy, entropy_fast.queries; "
+                 "print(kernels.__file__.startswith(sys.prefix), type(m).__name__)", ROOT)
+    assert out == "True LlamaForCausalLM"

@@ -1,1 +1,0 @@
-"""Triton kernels of entropy-fast (installed as `entropy_fast.kernels`)."""

@@ -1,1 +1,0 @@
-"""Named DuckDB queries of entropy-fast (installed as `entropy_fast.queries`)."""
