@@ -224,7 +224,24 @@ def start_run(store: Store, info: RunInfo, generation: GenerationInfo | None
     if not pending:
         log.info("%s: run %s is complete in %s; nothing to do", info.model, info.run_id,
                  store.root)
+        settle_record(store, PROFILE, info)
     return result, pending
+
+
+def settle_record(store: Store, stage: Any, info: RunInfo | GenerationInfo) -> None:
+    """Record as complete a shard whose prompts are all committed but whose record says
+    otherwise: a kill after the last commit and before the final status left it "running".
+    A shard another process holds is left to that process, which records its status."""
+    record = store.record(stage, info.run_id, info.shard_key)
+    if record is None or record.status == "complete":
+        return
+    try:
+        store.writer(info).close()  # nothing pending: closing records "complete"
+    except StoreError as err:
+        log.info("%s: %s; it records the status itself", info.model, err.message)
+        return
+    log.info("%s: %s %s said %r with every prompt committed; recorded it complete",
+             info.model, stage.name, info.run_id, record.status)
 
 
 def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
@@ -364,6 +381,7 @@ def _generate_run(store: Store, info: GenerationInfo, model: Any, corpus: Corpus
     if not pending:
         log.info("%s: generation %s is complete in %s; nothing to do", info.model,
                  info.run_id, store.root)
+        settle_record(store, GENERATION, info)
         return result
     with _tokenizer(model) as tokenizer:
         work = _tokenized(tokenizer, corpus, pending, info.sampling, long_prompts)

@@ -339,3 +339,28 @@ def test_a_nearly_constant_profile_is_plotted_at_its_level():
     assert axis.get_major_formatter().get_offset() == ""
     assert all(7.4 < float(t.get_text().replace("−", "-")) < 7.6
                for t in axis.get_ticklabels() if t.get_text())
+
+
+@pytest.mark.parametrize("stage", ["profile", "generation"])
+def test_a_run_killed_after_its_last_commit_is_recorded_complete_by_the_rerun(
+        folder, tmp_path, stage, caplog):
+    """A kill between the last commit and the final record leaves the record "running"
+    (registration writes it so); the rerun has nothing to profile but must finish it."""
+    import json
+
+    from entropy_fast.store import GENERATION, PROFILE
+
+    store, kind = tmp_path / "store", PROFILE if stage == "profile" else GENERATION
+    run = generate_corpus if stage == "generation" else profile_corpus
+    (done,) = run(str(folder), TEXTS[:3], store, max_new_tokens=2)
+    info = done.info
+    path = Store(store).record_path(kind, info.run_id, info.shard_key)
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete"
+    path.write_text(json.dumps({**record, "status": "running"}))
+    with caplog.at_level("INFO", logger="entropy_fast"):
+        (again,) = run(str(folder), TEXTS[:3], store, max_new_tokens=2)
+    assert (again.prompts, again.done_before) == (0, 3)
+    assert Store(store).record(kind, info.run_id, info.shard_key).status == "complete"
+    assert "recorded it complete" in caplog.text
+    assert check_store(store).problems == []
