@@ -6,9 +6,10 @@ Parquet row, 1-based) it came from, plus a fingerprint that identifies the corpu
 content in run ids.
 
 Formats:
-    .txt      one prompt per line; blank lines are skipped.
+    .txt      one prompt per line; blank lines are skipped (and counted: one log line
+              says how many).
     .jsonl    one JSON object per line with a string field (default "text"); blank lines
-              are skipped.
+              are skipped the same way.
     .parquet  a string column (default "text"); one prompt per row.
 
 A bad record (invalid JSON, a missing or non-string field, invalid UTF-8, an empty text)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,10 @@ import pyarrow.parquet as pq
 from entropy_fast.errors import EntropyFastError
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_BLANK = "blank line"
+"""The problem a reader gives a blank line: skipped in every mode, counted, reported once."""
+
+log = logging.getLogger("entropy_fast")
 
 
 class CorpusError(EntropyFastError, ValueError):
@@ -51,11 +57,14 @@ class Corpus:
         path: the file the prompts came from (a display name for in-memory corpora).
         prompts: the kept prompts; `prompts[i].prompt_id == i`.
         skipped: (line, reason) of every record skipped with on_error="skip".
+        blank_lines: how many blank lines were skipped (prompt ids count only the rest;
+            source lines stay the file's).
     """
 
     path: str
     prompts: list[Prompt]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    blank_lines: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -110,7 +119,11 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
     unit = "row" if reader is _parquet_records else "line"
     prompts: list[Prompt] = []
     skipped: list[tuple[int, str]] = []
+    blank: list[int] = []
     for line, text, problem in reader(path, text_field):
+        if problem == _BLANK:
+            blank.append(line)
+            continue
         if problem is None and not text.strip():
             problem = "empty text"
         if problem is None:
@@ -122,8 +135,14 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
                               "skip bad records with on_error='skip'", param="on_error")
     if not prompts:
         detail = f" ({len(skipped)} bad records skipped)" if skipped else ""
+        detail += f" ({len(blank)} blank lines)" if blank else ""
         raise CorpusError(f"{path}: the corpus has no prompts{detail}")
-    return Corpus(str(path), prompts, skipped)
+    if blank:
+        shown = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        log.warning("%s: skipped %d blank line%s (line %s): blank lines hold no prompt; "
+                    "prompt ids count the other %d", path, len(blank),
+                    "s" if len(blank) > 1 else "", shown, len(prompts))
+    return Corpus(str(path), prompts, skipped, len(blank))
 
 
 Record = tuple[int, str, str | None]
@@ -144,8 +163,8 @@ def _txt_records(path: Path, _text_field: str) -> Iterator[Record]:
     for number, line, problem in _lines(path):
         if problem is not None:
             yield number, "", problem
-        elif line.strip():
-            yield number, line, None
+        else:
+            yield number, line, None if line.strip() else _BLANK
 
 
 def _jsonl_records(path: Path, text_field: str) -> Iterator[Record]:
@@ -154,6 +173,8 @@ def _jsonl_records(path: Path, text_field: str) -> Iterator[Record]:
             yield number, "", problem
         elif line.strip():
             yield (number, *_json_text(line, text_field))
+        else:
+            yield number, "", _BLANK
 
 
 def _json_text(line: str, text_field: str) -> tuple[str, str | None]:

@@ -13,13 +13,25 @@ from entropy_fast.corpus import Corpus, CorpusError, read_corpus
 TEXTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
 
 
-def test_txt_skips_blank_lines_and_keeps_line_numbers(tmp_path):
-    path = tmp_path / "c.txt"
-    path.write_text(f"{TEXTS[0]}\n\n{TEXTS[1]}\r\n   \n{TEXTS[2]}")
-    corpus = read_corpus(path)
-    assert corpus.texts == TEXTS
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_blank_lines_are_skipped_counted_and_reported(tmp_path, suffix, caplog):
+    lines = TEXTS if suffix == ".txt" else [json.dumps({"text": t}) for t in TEXTS]
+    path = tmp_path / f"c{suffix}"
+    path.write_text(f"{lines[0]}\n\n{lines[1]}\r\n   \n{lines[2]}")
+    with caplog.at_level("WARNING", logger="entropy_fast"):
+        corpus = read_corpus(path)
+    assert corpus.texts == TEXTS and corpus.blank_lines == 2
     assert [p.prompt_id for p in corpus.prompts] == [0, 1, 2]
     assert [p.source_line for p in corpus.prompts] == [1, 3, 5]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "skipped 2 blank lines (line 2, 4)" in message and "other 3" in message
+
+
+def test_a_corpus_without_blank_lines_says_nothing(tmp_path, caplog):
+    (tmp_path / "c.txt").write_text("\n".join(TEXTS) + "\n")
+    with caplog.at_level("WARNING", logger="entropy_fast"):
+        assert read_corpus(tmp_path / "c.txt").blank_lines == 0
+    assert caplog.records == []
 
 
 def test_formats_agree_and_fingerprint_follows_content(tmp_path):
