@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,13 +188,15 @@ def _load_by_name(name: str, dtype: torch.dtype, extra: dict):
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
         path = _gguf_folder(path)  # the first load dequantizes once; later ones take 1 s
-    elif not path.exists():
+    hub: dict[str, Any] = {}
+    if not path.exists():
         _refuse_unlikely_hub_id(name)
+        hub = _hub_options(name)
     source = str(path) if path.exists() else name
     try:
         with _quiet_hub():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **hub)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     except OSError as error:
         raise ModelNotFoundError(
             f"cannot load model {name!r}: it is no built-in alias ({', '.join(BUILTIN_MODELS)}), "
@@ -230,6 +235,36 @@ def _suggestion(name: str) -> str:
         return f"did you mean {' or '.join(repr(c) for c in close)}?"
     return (f"built-in aliases: {', '.join(BUILTIN_MODELS)}; or give a local folder, a .gguf "
             "file, or a hub id the hub (or its local cache, offline) can provide")
+
+
+def _hub_options(name: str) -> dict[str, Any]:
+    """from_pretrained options for a hub id: the local cache alone when the hub cannot be
+    reached, where the hub's retries would cost ~50 s before failing; an id the cache lacks
+    then fails at once. With HF_HUB_OFFLINE set the hub's own code is quick already."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _reachable(constants.ENDPOINT):
+        return {}
+    if not _in_hub_cache(name):
+        raise ModelNotFoundError(
+            f"model {name!r} is no built-in alias, no local folder or file, and not in the "
+            f"local hub cache; the hub ({constants.ENDPOINT}) cannot be reached from here",
+            "check the name, or connect to the network")
+    log.info("the hub (%s) cannot be reached: loading %s from the local cache",
+             constants.ENDPOINT, name)
+    return {"local_files_only": True}
+
+
+@functools.cache
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the host of `url` opens within `timeout` seconds."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -412,6 +447,7 @@ def load_tokenizer_and_config(model: str) -> tuple[Any, Any]:
         source = str(Path(source).expanduser())
     else:
         _refuse_unlikely_hub_id(source)
+        options = _hub_options(source)
     try:
         with _quiet_hub():
             return (AutoTokenizer.from_pretrained(source, **options),

@@ -205,3 +205,26 @@ def test_saved_folder_loads_by_path(llama, tokenizer, tmp_path):
 def test_vllm_generation_is_refused_for_quantized_profiling():
     with pytest.raises(ValueError, match="unquantized"):
         EntropyProfiler("smollm2-135m", load_in_4bit=True, generator="vllm")
+
+
+@pytest.mark.parametrize("load", ["profiler", "tokenizer"])
+def test_an_unknown_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, load):
+    """Without HF_HUB_OFFLINE an unreachable hub cost ~50 s of retries before the error."""
+    import transformers
+    from huggingface_hub import constants
+
+    from entropy_fast import models
+
+    def no_hub_call(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: the hub's retries would follow")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_reachable", lambda url: False)
+    for auto in (transformers.AutoConfig, transformers.AutoTokenizer,
+                 transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(auto, "from_pretrained", no_hub_call)
+    with pytest.raises(ModelNotFoundError, match="cannot be reached.*connect to the network"):
+        if load == "profiler":
+            EntropyProfiler("no-such-org/no-such-model")
+        else:
+            models.load_tokenizer_and_config("no-such-org/no-such-model")
