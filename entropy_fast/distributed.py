@@ -239,7 +239,7 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
         units = _units(prompts, info.sampling, max(1, part_rows // rows_per_token),
                        placement.workers)
         if on_progress is not None:  # the bar's clock starts with the job
-            on_progress(info.model, 0, 0, len(pending))
+            on_progress(info.model, result.done_before, 0, len(info.prompt_ids))
         start = time.perf_counter()
         try:
             result.prompts, result.tokens = _run_units(units, source, writer.info, generation,
@@ -247,7 +247,8 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
         finally:
             result.seconds = time.perf_counter() - start
     if on_progress is not None:
-        on_progress(info.model, result.prompts, result.tokens, len(pending))
+        on_progress(info.model, result.done_before + result.prompts, result.tokens,
+                    len(info.prompt_ids))
     return result
 
 

@@ -39,7 +39,9 @@ LONG_PROMPTS = ("fail", "skip", "truncate_left", "truncate_right")
 """What to do with a prompt longer than the context window allows."""
 
 Progress = Callable[[str, int, int, int], None]
-"""on_progress(label, prompts done, tokens done, prompts in all), called per batch."""
+"""on_progress(label, prompts done, tokens done, prompts in all), called once as a run starts
+and then per batch. Prompts count the whole run shard (those a resumed run found committed
+included), tokens only what this call profiled."""
 
 
 @dataclass
@@ -263,15 +265,17 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
                      info.run_id, result.done_before, len(info.prompt_ids))
         with _profiler(model, info.lens, settings) as profiler:
             writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
+            tick = _ticker(result, on_progress)
             if work is not None:
                 result.skipped = tuple(i for i in pending if i not in work)
                 work = {i: work[i] for i in pending if i in work}
-                stream = _profile_waves(profiler, work, info.sampling, flush_seconds, writer)
+                stream = _profile_waves(profiler, work, info.sampling, flush_seconds, writer,
+                                        tick)
             else:
                 log.info("%s: profiling the continuations of generation %s", info.model,
                          generation.run_id)
-                stream = _stored_profiles(store, profiler, generation, pending)
-            _consume(stream, writer, corpus, result, on_progress)
+                stream = _stored_profiles(store, profiler, generation, pending, tick)
+            _consume(stream, writer, corpus, result)
     return result
 
 
@@ -317,26 +321,38 @@ def _profiler(model: Any, lens: LensSettings, settings: ModelSettings) -> Iterat
         yield profiler
 
 
+def _ticker(result: RunResult, on_progress: Progress | None) -> Callable[[int, int], None]:
+    """The profiler's per-batch callback (prompts, tokens of a batch) as `on_progress`
+    events of the run; the first event (nothing profiled yet) is sent now, so that a
+    bar's clock starts with the run, not after its first batch."""
+    info, profiled = result.info, [result.done_before, 0]
+
+    def tick(prompts: int, tokens: int) -> None:
+        profiled[0] += prompts
+        profiled[1] += tokens
+        if on_progress is not None:
+            on_progress(info.model, profiled[0], profiled[1], len(info.prompt_ids))
+
+    tick(0, 0)
+    return tick
+
+
 def _consume(stream: Iterator[tuple[int, Any]], writer: Any, corpus: Corpus,
-             result: RunResult, on_progress: Progress | None) -> None:
-    """Write every (prompt_id, profile) into the run, counting and reporting progress."""
-    total = len(writer.pending)
-    if on_progress is not None:  # the bar's clock starts now, not after the first batch
-        on_progress(result.info.model, 0, 0, total)
+             result: RunResult) -> None:
+    """Write every (prompt_id, profile) into the run, counting what was written."""
     start = time.perf_counter()
     try:
         for prompt_id, profile in stream:
             writer.add(corpus.prompts[prompt_id], profile)
             result.prompts += 1
             result.tokens += profile.n_tokens
-            if on_progress is not None:
-                on_progress(result.info.model, result.prompts, result.tokens, total)
     finally:
         result.seconds = time.perf_counter() - start
 
 
 def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: SamplingSettings,
-                   flush_seconds: float, writer: Any) -> Iterator[tuple[int, Any]]:
+                   flush_seconds: float, writer: Any, tick: Callable[[int, int], None]
+                   ) -> Iterator[tuple[int, Any]]:
     """(prompt_id, profile) of `work` (prompt_id -> token ids), wave by wave.
 
     Waves are sized to take about half of `flush_seconds` at the rate measured so far
@@ -351,7 +367,8 @@ def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: Sampling
         position += len(wave)
         started = time.monotonic()
         yield from profiler.iter_prompt_ids([work[i] for i in wave], sampling,
-                                            indices=wave, texts=[""] * len(wave))
+                                            indices=wave, texts=[""] * len(wave),
+                                            on_progress=tick)
         elapsed = max(time.monotonic() - started, 1e-3)
         if time.monotonic() - last_commit >= target:
             writer.commit()
@@ -360,12 +377,13 @@ def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: Sampling
 
 
 def _stored_profiles(store: Store, profiler: Any, generation: GenerationInfo,
-                     pending: list[int]) -> Iterator[tuple[int, Any]]:
+                     pending: list[int], tick: Callable[[int, int], None]
+                     ) -> Iterator[tuple[int, Any]]:
     """Profile stored continuations, one committed generation part at a time."""
     for rows in store.read_continuations(generation.run_id, pending):
         pairs = [(r["prompt_token_ids"], r["continuation_token_ids"]) for r in rows]
         stream = profiler.profile_token_ids(pairs, [r["text"] for r in rows],
-                                            generator=generation.generator)
+                                            generator=generation.generator, on_progress=tick)
         for index, profile in stream:
             yield rows[index]["prompt_id"], profile
 
@@ -396,8 +414,7 @@ def _generate_run(store: Store, info: GenerationInfo, model: Any, corpus: Corpus
         result.skipped = tuple(i for i in pending if i not in work)
         work = {i: work[i] for i in pending if i in work}
         ids = list(work)
-        if on_progress is not None:
-            on_progress(info.model, 0, 0, len(ids))
+        tick = _ticker(result, on_progress)
         start = time.perf_counter()
         for first in range(0, len(ids), part_prompts):
             chunk = ids[first:first + part_prompts]
@@ -408,8 +425,7 @@ def _generate_run(store: Store, info: GenerationInfo, model: Any, corpus: Corpus
                 result.tokens += len(new)
             writer.commit()
             result.prompts += len(chunk)
-            if on_progress is not None:
-                on_progress(info.model, result.prompts, result.tokens, len(ids))
+            tick(len(chunk), sum(len(work[i]) for i in chunk))
         result.seconds = time.perf_counter() - start
     return result
 

@@ -164,9 +164,10 @@ def test_waves_commit_at_least_every_flush_seconds(monkeypatch, seconds_per_prom
     monkeypatch.setattr(pipeline.time, "monotonic", lambda: clock[0])
 
     class Profiler:  # costs seconds_per_prompt of the fake clock per prompt
-        def iter_prompt_ids(self, ids, sampling, indices, texts):
+        def iter_prompt_ids(self, ids, sampling, indices, texts, on_progress):
             for index in indices:
                 clock[0] += seconds_per_prompt
+                on_progress(1, 3)
                 yield index, None
 
     commits: list[float] = []
@@ -177,7 +178,7 @@ def test_waves_commit_at_least_every_flush_seconds(monkeypatch, seconds_per_prom
 
     work = {i: [1, 2, 3] for i in range(400)}
     done = [i for i, _ in pipeline._profile_waves(Profiler(), work, SamplingSettings(0), 10.0,
-                                                  Writer())]
+                                                  Writer(), lambda prompts, tokens: None)]
     assert done == list(work)
     # uncommitted work at any moment: between commits, and before the final one at close
     marks = [0.0, *commits, clock[0]]
