@@ -43,7 +43,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                                "wasserstein_layer"),
     "entropy_fast.analysis": ("LayerAnalyzer", "ModelComparison", "compare_models"),
     "entropy_fast.estimators": ("MatrixRenyiMI", "linear_cka"),
-    "entropy_fast.viz": ("plot_aggregated", "plot_cluster", "plot_heatmap",
+    "entropy_fast.viz": ("model_colors", "plot_aggregated", "plot_cluster", "plot_heatmap",
                          "plot_information_plane", "plot_layer_importance", "plot_profile",
                          "plot_profiles", "plot_velocity_entropy"),
 }

@@ -101,8 +101,14 @@ def _log_to_stderr() -> Iterator[None]:
 
 
 def _for_cli(err: EntropyFastError, parser: argparse.ArgumentParser) -> str:
-    """The error's message and hint on one line, with parameter names as their flags."""
+    """The error's message and hint on one line, with parameter names as their flags
+    (not in a QueryError's: its names are query parameters, passed as --param NAME=V, or
+    DuckDB's columns)."""
+    from entropy_fast.store.queries import QueryError
+
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, QueryError):
+        return text
     for param, flag in _flags(parser).items():
         text = re.sub(rf"\b{param}=(['\"]?)([^'\"\s,;)]+)\1", rf"{flag} \2", text)
         text = re.sub(rf"(?<![-\w]){param}\b", flag, text)
@@ -142,8 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the command's description as written and shows every default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the command's description as written and shows each default once: argparse's
+    "(default: X)" is added where the help does not give the default in words already and
+    X says something (not None, False or [], which stand for "not given")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (default is None or default is False or default == [] or default == argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        shown = ", ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def _add_settings(p: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None
@@ -363,29 +379,20 @@ def _store_dir(out: str | None) -> Iterator[Path]:
 
 @contextmanager
 def _progress(disabled: bool) -> Iterator[Any]:
-    """An on_progress callback drawing one bar per model (prompts, tokens, tokens/s), and
-    HF's own loading bars silenced when the user asked for quiet."""
+    """An on_progress callback (`progress.run_progress`: a bar per run on a terminal, a
+    line now and then elsewhere), or HF's own loading bars silenced when the user asked
+    for quiet."""
     if disabled:
         _silence_hf_bars()
         yield None
         return
-    from tqdm.auto import tqdm
+    from entropy_fast.progress import run_progress
 
-    bars: dict[str, Any] = {}
-
-    def on_progress(label: str, prompts: int, tokens: int, total: int) -> None:
-        bar = bars.get(label)
-        if bar is None:
-            bar = bars[label] = tqdm(total=total, unit="prompt", desc=label, leave=True)
-        bar.update(prompts - bar.n)
-        rate = tokens / max(bar.format_dict["elapsed"], 1e-9)
-        bar.set_postfix_str(f"{tokens:,} tokens, {rate:,.0f} tok/s")
-
+    on_progress = run_progress()
     try:
         yield on_progress
     finally:
-        for bar in bars.values():
-            bar.close()
+        on_progress.close()
 
 
 def _silence_hf_bars() -> None:
@@ -435,18 +442,23 @@ def _fmt_alpha(alpha: float) -> str:
 
 
 def _plot_runs(db: Any, infos: Sequence[Any], path: Path) -> None:
-    """PNG of the runs' mean profiles across prompts (± 1 std), at each run's primary alpha."""
-    from entropy_fast.viz import plot_mean_curves, save_figure
+    """PNG of the runs' mean profiles across prompts (± 1 std), at each run's primary alpha;
+    each model in its colour among all the store's models (`viz.model_colors`), the same
+    in every plot of the store."""
+    from entropy_fast.viz import model_colors, plot_mean_curves, save_figure
 
-    curves = {}
+    palette = model_colors(r.model for r in db.store.runs())
+    curves, colors = {}, {}
     for info in infos:
         rows = db.query("aggregated_profile", run_id=info.run_id,
                         alpha=info.lens.alpha).to_pydict()
         label = info.model if len(infos) == 1 else f"{info.model} ({info.run_id})"
         curves[label] = (rows["layer"], rows["mean"], rows["std"])
+        colors[label] = palette[info.model]
     unit = infos[0].lens.unit if infos else "nats"
     figure = plot_mean_curves(curves, title="mean entropy across prompts (each prompt weighs "
-                              "the same; band: ± 1 std across prompts)", unit=unit)
+                              "the same; band: ± 1 std across prompts)", unit=unit,
+                              colors=colors)
     save_figure(figure, path)
 
 
@@ -638,7 +650,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from entropy_fast.store import GENERATION, PROFILE, Store
 
     store = Store(args.store)
-    entries = store.manifest()
+    entries, generated = store.manifest(), store.entries(GENERATION)
     size = sum(f.stat().st_size for f in store.root.rglob("*") if f.is_file())
     print(f"store {store.root} | schema {store.version} | {size / 2**20:.1f} MiB | "
           f"{len(entries)} parts | {sum(e.n_rows for e in entries):,} rows")
@@ -653,7 +665,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             "new_tokens": info.sampling.max_new_tokens, "dtype": info.dtype,
             "updated": info.updated_at})
     print(_format_table(rows, list(rows[0]) if rows else ["model"]))
-    generated = store.entries(GENERATION)
     rows = []
     for info in store.records(GENERATION):
         mine = _entries_of(generated, info)

@@ -5,11 +5,19 @@ figure's otherwise), labels its axes, adds a legend or colorbar where one is nee
 returns the Axes. Layers are placed at their index in the profile's numbering, which the
 axis label names (hidden-state index, 0 = embeddings, or 0.2.1's block index); profiles of
 mixed numberings are drawn together on the hidden-state axis.
+
+Colours: each model (label) keeps one colour in every plot of a store. `model_colors`
+gives the k-th of the sorted labels the k-th colour of tab10; the CLI passes every model
+of the store, so its profile and compare plots agree, and `plot_profiles`, `plot_cluster`
+and `plot_mean_curves` take the same mapping as `colors` (default: their own labels,
+sorted, so the order of the input changes no colour). `save_figure` wraps titles wider
+than their Axes, so that none is cut at the figure's edge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,20 @@ CLUSTER_FEATURES = ("mean", "distance")
 _METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 # Up to this many points exact t-SNE is faster than Barnes-Hut (and deterministic).
 _EXACT_TSNE_MAX = 300
+PALETTE = "tab10"
+
+
+def model_colors(labels: Iterable[str]) -> dict[str, Any]:
+    """{label: colour}: the k-th of the sorted distinct labels takes the k-th colour of
+    PALETTE (cycling past its 10). Given all the models of a store, every plot of that
+    store draws a model in the same colour, whatever subset it shows, in whatever order."""
+    palette = plt.get_cmap(PALETTE).colors
+    return {label: palette[k % len(palette)] for k, label in enumerate(sorted(set(labels)))}
+
+
+def _colors(labels: Iterable[str], colors: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's colours, and `model_colors(labels)` for the labels they leave out."""
+    return {**model_colors(labels), **(colors or {})}
 
 
 def _axes(ax: Axes | None) -> Axes:
@@ -82,22 +104,26 @@ def plot_profile(profile: EntropyProfile, ax: Axes | None = None, label: str | N
 
 def plot_profiles(profiles: Sequence[EntropyProfile] | AggregatedProfile,
                   labels: Sequence[str] | None = None, ax: Axes | None = None,
-                  show_std: bool = False) -> Axes:
-    """Mean profiles of several profiles on one Axes, one labelled line each."""
+                  show_std: bool = False, colors: Mapping[str, Any] | None = None) -> Axes:
+    """Mean profiles of several profiles on one Axes, one labelled line each.
+
+    colors: {label: colour}; a label it lacks takes its `model_colors(labels)` colour.
+    """
     profiles = _profile_list(profiles)
     if labels is not None and len(labels) != len(profiles):
         raise ValueError(f"got {len(labels)} labels for {len(profiles)} profiles")
     labels = labels or [p.model_name or f"profile {k}" for k, p in enumerate(profiles)]
+    colors = _colors(labels, colors)
     ax = _axes(ax)
     numbering = _shared_numbering(profiles)
     for profile, label in zip(profiles, labels, strict=True):
         profile = profile.to_numbering(numbering)
         x = np.asarray(profile.layer_indices)
         mean = profile.mean_profile().double().numpy()
-        line = ax.plot(x, mean, marker="o", markersize=3, label=label)[0]
+        ax.plot(x, mean, marker="o", markersize=3, label=label, color=colors[label])
         if show_std:
             std = profile.std_profile().double().numpy()
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.fill_between(x, mean - std, mean + std, color=colors[label], alpha=0.15)
     ax.set_xlabel(layer_axis_label(numbering))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(_entropy_label(profiles[0], "mean entropy"))
@@ -199,13 +225,15 @@ def _embed(profiles: list[EntropyProfile], method: str, feature: str, metric: st
 def plot_cluster(profiles: Sequence[EntropyProfile] | AggregatedProfile,
                  labels: Sequence[str] | None = None, method: str = "pca",
                  feature: str = "mean", metric: str = "wasserstein", ax: Axes | None = None,
-                 bin_width: float = DEFAULT_BIN_WIDTH, random_state: int = 0) -> Axes:
+                 bin_width: float = DEFAULT_BIN_WIDTH, random_state: int = 0,
+                 colors: Mapping[str, Any] | None = None) -> Axes:
     """2-D embedding of many profiles, one point each, coloured by label.
 
     feature="mean": embed the (n_layers,) mean profiles; feature="distance": embed the
     pairwise_distances(profiles, metric) matrix (pca then means classical MDS).
     method: "pca", "tsne" (scikit-learn) or "umap" (umap-learn, when installed).
     labels: a group name per profile (legend); default: the model names.
+    colors: {label: colour}; a label it lacks takes its `model_colors(labels)` colour.
     """
     profiles = _profile_list(profiles)
     if method not in CLUSTER_METHODS:
@@ -218,11 +246,13 @@ def plot_cluster(profiles: Sequence[EntropyProfile] | AggregatedProfile,
         raise ValueError(f"got {len(labels)} labels for {len(profiles)} profiles")
     labels = list(labels) if labels is not None else [p.model_name or "profiles"
                                                       for p in profiles]
+    colors = _colors(labels, colors)
     points = _embed(profiles, method, feature, metric, bin_width, random_state)
     ax = _axes(ax)
     for group in dict.fromkeys(labels):
         mask = np.array([label == group for label in labels])
-        ax.scatter(points[mask, 0], points[mask, 1], s=18, alpha=0.8, label=str(group))
+        ax.scatter(points[mask, 0], points[mask, 1], s=18, alpha=0.8, label=str(group),
+                   color=colors[group])
     what = "mean profiles" if feature == "mean" else f"{metric} distances"
     name = "MDS" if (method, feature) == ("pca", "distance") else _METHOD_NAMES[method]
     ax.set_xlabel(f"{name} 1")
@@ -303,13 +333,17 @@ def plot_velocity_entropy(analyzer: Any, ax: Axes | None = None) -> Axes:
 
 def plot_mean_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float],
                                                 Sequence[float]]],
-                     ax: Axes | None = None, title: str = "", unit: str = "nats") -> Any:
+                     ax: Axes | None = None, title: str = "", unit: str = "nats",
+                     colors: Mapping[str, Any] | None = None) -> Any:
     """Mean ± std curves (layers, mean, std) per label on one Axes; returns its Figure.
+
+    colors: {label: colour}; a label it lacks takes its `model_colors(curves)` colour.
 
     x is the hidden-state index, or the relative depth layer / last layer when the curves
     end at different depths. The y axis shows plain values (no offset), so a nearly
     constant profile reads at its level.
     """
+    colors = _colors(curves, colors)
     ax = _axes(ax)
     depths = {max(layers, default=0) for layers, _, _ in curves.values()}
     relative = len(depths) > 1
@@ -317,8 +351,8 @@ def plot_mean_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float],
         x = np.asarray(layers, dtype=float)
         x = x / max(x.max(), 1) if relative else x
         mean, std = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
-        line = ax.plot(x, mean, marker="o", markersize=3, label=label)[0]
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.plot(x, mean, marker="o", markersize=3, label=label, color=colors[label])
+        ax.fill_between(x, mean - std, mean + std, color=colors[label], alpha=0.2)
     if not relative:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", useOffset=False)
@@ -332,10 +366,24 @@ def plot_mean_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float],
 
 
 def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a figure as PNG (creating folders) and close it; returns the path."""
+    """Save a figure as PNG (creating folders) and close it; returns the path. Titles wider
+    than their Axes are wrapped first (tight_layout makes room above, never beside)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _wrap_titles(figure)
     figure.tight_layout()
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
+
+
+def _wrap_titles(figure: Any) -> None:
+    """Wrap each Axes title onto as many lines as it takes to be no wider than its Axes:
+    centred over them, it then stays inside the figure."""
+    for ax in figure.axes:
+        text = " ".join(ax.title.get_text().split())
+        room = ax.get_window_extent().width
+        chars = len(text)
+        while chars > 1 and ax.title.get_window_extent().width > room:
+            chars -= max(1, chars // 20)
+            ax.title.set_text(textwrap.fill(text, chars))

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from entropy_fast.cli import COMMANDS, main
 from entropy_fast.store import Store
 from entropy_fast.store.check import check_store
 from entropy_fast.store.codec import read_profiles
 from entropy_fast.store.sql import ProfileStore
 from tests.cli_runner import run_cli
+from tests.test_viz import title_inside_figure
 from tests.tiny_models import forbid_hf_weights
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time there",
@@ -118,7 +123,12 @@ def user_errors(models, tmp_path) -> list[tuple[list[str], str]]:
         (["profile", llama, "--out", str(tmp_path / "plain")], "not an entropy-fast store"),
         (["query", str(tmp_path / "plain"), "mean_profile"], "not an entropy-fast store"),
         (["query", str(tmp_path / "store"), "no_such_query"], "unknown query"),
-        (["query", str(tmp_path / "store"), "mean_profile", "--param", "x=1"], "no parameter x"),
+        (["query", str(tmp_path / "store"), "mean_profile", "--param", "x=1"],
+         "no parameter x; its parameters: model, run_id, alpha"),  # not --run-id, --alpha
+        (["query", str(tmp_path / "store"), "layer_jsd", "--param", "model_b=m"],
+         "needs model_a; pass model_a=... (on the command line: --param model_a=...)"),
+        (["query", str(tmp_path / "store"), "mean_profile", "--param", "model=m"],
+         "model 'm' (parameter model) is not in the store; models in the store: none"),
         (["query", str(tmp_path / "store"), "mean_profile", "--param", "alpha=high"],
          "alpha must be DOUBLE"),
         (["query", str(tmp_path / "store"), "SELECT * FROM nowhere"], "nowhere"),
@@ -322,3 +332,83 @@ def test_vllm_alone_on_the_gpu_takes_most_of_it(models, monkeypatch):
     vllm_generation.VllmGenerationModel(models["gpt2"], "float32",
                                         gpu_memory_utilization=0.3).close()
     assert FakeEngine.made[-1][2] == {"gpu_memory_utilization": 0.3}  # the caller's wins
+
+
+@pytest.fixture(scope="module")
+def two_models(models, tmp_path_factory) -> str:
+    """A store with a text-mode run of each tiny model (made once: tests copy it to damage)."""
+    root = tmp_path_factory.mktemp("two-models")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    store = str(root / "store")
+    assert main(["profile", models["llama"], models["gpt2"], "--prompts",
+                 str(root / "prompts.txt"), "--out", store, "--max-new-tokens", "0",
+                 "--no-plot", "--no-progress"]) == 0
+    return store
+
+
+def test_a_damaged_store_says_so_in_one_clean_line(two_models, models, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(two_models, store)
+    entry = next(e for e in Store(store).manifest() if e.model == models["llama"])
+    with open(store / entry.entropy_file, "ab") as part:
+        part.write(b"garbage")
+    for argv in (["query", str(store), "SELECT DISTINCT model FROM entropy"],
+                 ["query", str(store), "mean_profile"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert f"{entry.run_id} ({models['llama']})" in err and "check --repair" in err
+        assert "Warning" not in err and ".py" not in err
+    # a Python user who set up no logging sees the same line (logging's last resort)
+    script = f"from entropy_fast.store.sql import ProfileStore; ProfileStore({str(store)!r})"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, check=True)
+    assert done.stderr.strip().splitlines() == [err.strip()]
+
+
+def test_query_names_a_model_or_run_the_store_lacks(two_models, models, capsys):
+    runs = sorted((r.run_id, r.model) for r in Store(two_models).runs())
+    for param, listed in ((f"model={models['llama']}x", ", ".join(sorted(m for _, m in runs))),
+                          ("run_id=nope", ", ".join(f"{r} ({m})" for r, m in runs))):
+        code, out, err = run_cli(capsys, "query", two_models, "mean_profile", "--param", param)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert "is not in the store" in err and err.strip().endswith(listed), err
+    code, out, _ = run_cli(capsys, "query", two_models, "mean_profile", "--param",
+                           f"model={models['llama']}")
+    assert code == 0 and "(no rows)" not in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_shows_each_default_once(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    for line in out.lower().splitlines():
+        assert line.count("default") <= 1, line
+        assert not re.search(r"\(default: (none|false|\[\])\)", line), line
+
+
+def test_every_plot_keeps_its_title_and_each_model_its_colour(two_models, models, tmp_path,
+                                                              capsys, monkeypatch):
+    """compare draws both models, profile one of them: the same colour, whole titles."""
+    from entropy_fast import viz
+
+    drawn: list[Any] = []
+
+    def save(figure: Any, path: Any) -> Any:
+        drawn.append(figure)
+        return save_figure(figure, path)
+
+    save_figure = viz.save_figure
+    monkeypatch.setattr(viz, "save_figure", save)
+    code, _, err = run_cli(capsys, "compare", two_models, "--plot", str(tmp_path / "c.png"))
+    assert code == 0, err
+    corpus = str(Path(two_models).parent / "prompts.txt")  # the run is there: nothing to do
+    code, _, err = run_cli(capsys, "profile", models["llama"], "--prompts", corpus, "--out",
+                           two_models, "--max-new-tokens", "0", "--no-progress", "--plot",
+                           str(tmp_path / "p.png"))
+    assert code == 0, err
+    colors = [{line.get_label().split(" (")[0]: line.get_color()
+               for line in figure.axes[0].get_lines()} for figure in drawn]
+    assert len(colors[0]) == 2 and colors[1] == {models["llama"]: colors[0][models["llama"]]}
+    assert all(title_inside_figure(figure) for figure in drawn)

@@ -223,7 +223,7 @@ def test_an_unknown_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypa
     for auto in (transformers.AutoConfig, transformers.AutoTokenizer,
                  transformers.AutoModelForCausalLM):
         monkeypatch.setattr(auto, "from_pretrained", no_hub_call)
-    with pytest.raises(ModelNotFoundError, match="cannot be reached.*connect to the network"):
+    with pytest.raises(ModelNotFoundError, match=r"cannot be reached.*connect to the network"):
         if load == "profiler":
             EntropyProfiler("no-such-org/no-such-model")
         else:

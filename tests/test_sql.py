@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -280,9 +281,40 @@ def test_bad_queries_and_parameters(world):
 def test_parameters_are_bound_not_pasted(world):
     db, _ = world
     hostile = "b' OR '1'='1"
-    assert db.query("mean_profile", model=hostile).num_rows == 0
+    with pytest.raises(QueryError, match="is not in the store"):
+        db.query("mean_profile", model=hostile)
     rows = db.sql("SELECT count(*) AS n FROM runs WHERE model = $m", {"m": hostile})
     assert rows["n"][0].as_py() == 0
+
+
+@pytest.mark.parametrize(("query", "params", "message"), [
+    ("mean_profile", {"model": "a"}, "model 'a' (parameter model) is not in the store; "
+     "models in the store: b, c, org/a"),
+    ("layer_jsd", {"model_a": "b", "model_b": "B"}, "model 'B' (parameter model_b)"),
+    ("mean_profile", {"run_id": "nope"}, "run 'nope' (parameter run_id) is not in the store; "
+     "runs in the store: "),
+    ("layer_jsd", {"model_a": "b", "run_a": "nope"}, "run 'nope' (parameter run_a)"),
+    ("model_distances", {"runs": ["nope", "RUN"]}, "run 'nope' (parameter runs)"),
+])
+def test_a_model_or_run_the_store_lacks_is_an_error_listing_those_it_has(world, query,
+                                                                         params, message):
+    """Not an empty result, which reads as "nothing there" where the name is a typo."""
+    db, data = world
+    run = run_of(data, "b")
+    params = {k: [run if r == "RUN" else r for r in v] if isinstance(v, list) else v
+              for k, v in params.items()}
+    with pytest.raises(QueryError, match=re.escape(message)) as raised:
+        db.query(query, **params)
+    if "runs in the store" in message:
+        assert all(f"{r} ({m})" in str(raised.value) for m, r in data)
+
+
+def test_models_and_runs_the_store_has_pass(world):
+    db, data = world
+    run = run_of(data, "b")
+    assert db.query("mean_profile", model="b", run_id=run).num_rows > 0
+    assert db.query("layer_jsd", model_a="b", run_a=run, model_b="org/a").num_rows > 0
+    assert db.query("model_distances", runs=[run, run_of(data, "c")]).num_rows == 4
 
 
 def test_every_named_query_declares_what_it_uses(world):

@@ -131,17 +131,19 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 @pytest.mark.parametrize("where", [0.2, 0.35, 0.5, 0.65, 0.8])
-def test_a_flipped_byte_is_named_and_never_read(filled, where):
+def test_a_flipped_byte_is_named_and_never_read(filled, where, caplog):
     entry = next(e for e in filled.manifest() if e.model == "m")
     path = filled.root / entry.entropy_file
     flip_byte(path, int(path.stat().st_size * where))
     report = check_store(filled.root)
     assert any(entry.entropy_file in p and "sha256" in p and
                f"prompts {entry.prompt_ids[0]}" in p for p in report.problems), report.problems
-    with pytest.warns(UserWarning, match="left out of the views"), \
-            ProfileStore(filled.root) as db:
+    with ProfileStore(filled.root) as db:
         models = db.sql("SELECT DISTINCT model FROM entropy").column(0).to_pylist()
         assert models == ["other"]  # the damaged run is left out, the other one still reads
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.name == "entropy_fast"
+    assert f"{entry.run_id} (m)" in record.getMessage() and "check --repair" in record.getMessage()
     with pytest.raises(StoreError, match="sha256"):
         list(read_profiles(filled, "m"))
 
@@ -161,11 +163,13 @@ def test_damaged_metadata_is_one_line_naming_the_file(filled, kind, content):
     assert any(str(path) in p for p in report.problems)
 
 
-def test_repair_sets_a_lost_part_aside_and_the_rerun_recomputes_it(filled, corpus, profiles):
+def test_repair_sets_a_lost_part_aside_and_the_rerun_recomputes_it(filled, corpus, profiles,
+                                                                   caplog):
     entry = next(e for e in filled.manifest() if e.model == "m")
     (filled.root / entry.entropy_file).unlink()
-    with pytest.warns(UserWarning, match="left out"), ProfileStore(filled.root) as db:
+    with ProfileStore(filled.root) as db:
         assert db.sql("SELECT count(*) AS n FROM entropy WHERE model = 'other'")["n"][0].as_py()
+    assert "left out" in caplog.text
     report = check_store(filled.root, repair=True)
     assert report.repaired and any("quarantine" in line for line in report.repaired)
     assert check_store(filled.root).problems == []

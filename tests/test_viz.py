@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from entropy_fast import viz
 from entropy_fast.analysis import LayerAnalyzer
@@ -108,3 +109,38 @@ def test_bad_input_raises(synthetic):
     if importlib.util.find_spec("umap") is None:
         with pytest.raises(ValueError, match="needs the umap-learn package"):
             viz.plot_cluster(synthetic, method="umap")
+
+
+def title_inside_figure(figure) -> bool:
+    """Whether every Axes title, drawn at the figure's own dpi (savefig's may differ), lies
+    within the figure."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    boxes = [ax.title.get_window_extent(canvas.get_renderer()) for ax in figure.axes]
+    return all(figure.bbox.contains(*b.p0) and figure.bbox.contains(*b.p1) for b in boxes)
+
+
+def test_save_figure_keeps_a_long_title_whole(tmp_path):
+    long = "mean entropy across prompts (each prompt weighs the same; band: ± 1 std) " * 2
+    figure = viz.plot_mean_curves({"m": ([0, 1, 2], [1.0, 2.0, 3.0], [0.1, 0.1, 0.1])},
+                                  title=long)
+    viz.save_figure(figure, tmp_path / "long.png")
+    assert title_inside_figure(figure)
+    assert " ".join(figure.axes[0].get_title().split()) == long.strip()  # wrapped, not cut
+
+
+def test_each_model_keeps_its_colour_whatever_the_subset_or_order(synthetic):
+    store_models = ["org/b", "a", "c"]
+    colors = viz.model_colors(store_models)
+    assert colors == viz.model_colors(sorted(store_models, reverse=True))
+    assert len(set(colors.values())) == 3 and colors["a"] == plt.get_cmap("tab10").colors[0]
+    curve = ([0, 1], [1.0, 2.0], [0.0, 0.0])
+    figure = viz.plot_mean_curves({"c": curve}, colors=colors)
+    assert figure.axes[0].get_lines()[0].get_color() == colors["c"]
+    first, second = synthetic[0], synthetic[1]
+    forward = viz.plot_profiles([first, second], labels=["x", "y"])
+    backward = viz.plot_profiles([second, first], labels=["y", "x"])
+    assert ({line.get_label(): line.get_color() for line in forward.get_lines()}
+            == {line.get_label(): line.get_color() for line in backward.get_lines()})
+    ax = viz.plot_cluster(synthetic, labels=["c", "a", "org/b"] * 3, colors=colors)
+    assert {c.get_label(): tuple(c.get_facecolor()[0][:3]) for c in ax.collections} == colors

@@ -3,8 +3,10 @@
 A named query file starts with comment lines: the first is its description, then one
 ``-- @param NAME TYPE [= DEFAULT] [: help]`` per parameter (TYPE one of VARCHAR,
 DOUBLE, INTEGER, VARCHAR[], INTEGER[]; no default = required). Parameters are always
-bound (`$name`), never pasted into SQL text. This module needs neither DuckDB nor Arrow,
-so listing the queries is instant.
+bound (`$name`), never pasted into SQL text. A parameter named `model` or `model_*`
+names models, one named `run_id`, `run_*` or `runs` names run ids (`QueryParam.names`):
+`ProfileStore.query` refuses a model or run the store lacks instead of answering with no
+rows. This module needs neither DuckDB nor Arrow, so listing the queries is instant.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ class QueryParam:
     default: Any
     required: bool
     help: str
+
+    @property
+    def names(self) -> str | None:
+        """'model' or 'run' when the values are models or run ids of the store (by the
+        parameter's name, see the module doc), else None."""
+        if self.name == "model" or self.name.startswith("model_"):
+            return "model"
+        if self.name in ("run_id", "runs") or self.name.startswith("run_"):
+            return "run"
+        return None
 
     def convert(self, value: Any) -> Any:
         """`value` (a Python value, or a string from the command line) as this type."""
@@ -92,7 +104,8 @@ class NamedQuery:
         missing = [p.name for p in self.params if p.required and values.get(p.name) is None]
         if missing:
             raise QueryError(f"query {self.name} needs {', '.join(missing)}",
-                             f"e.g. --param {missing[0]}=...")
+                             f"pass {missing[0]}=... (on the command line: --param "
+                             f"{missing[0]}=...)")
         return {p.name: p.convert(values[p.name]) if p.name in values else p.default
                 for p in self.params}
 

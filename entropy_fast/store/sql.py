@@ -18,7 +18,6 @@ take their columns from the record classes, so a new record field is a new colum
 from __future__ import annotations
 
 import json
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -31,7 +30,7 @@ import pyarrow as pa
 from entropy_fast.errors import MissingDependencyError
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import GENERATION, Store
-from entropy_fast.store.queries import QueryError, macros_sql, named_queries
+from entropy_fast.store.queries import NamedQuery, QueryError, macros_sql, named_queries
 from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo
 from entropy_fast.store.schema import (
     CONTINUATIONS_SCHEMA,
@@ -39,7 +38,7 @@ from entropy_fast.store.schema import (
     PROMPTS_SCHEMA,
     record_schema,
 )
-from entropy_fast.store.verify import damaged_runs
+from entropy_fast.store.verify import report_damage
 
 _DUCK_TYPES = {pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
                pa.float64(): "DOUBLE", pa.string(): "VARCHAR",
@@ -65,7 +64,8 @@ class ProfileStore:
     committed later, and files that were never committed, are not seen. Every committed
     file is checked against the size and sha256 recorded at commit, each file once (see
     `store.verify`); a run with a missing or damaged file is left out of the views with a
-    warning (see `damaged`), so the other runs stay queryable and none reads wrong.
+    one-line warning on the `entropy_fast` logger (see `damaged`), so the other runs stay
+    queryable and none reads wrong.
 
     Args:
         path: the store directory.
@@ -100,12 +100,7 @@ class ProfileStore:
         root = self.store.root.resolve()
         entries = self.store.manifest()
         generated = self.store.entries(GENERATION)
-        self.damaged = damaged_runs(self.store, [*entries, *generated])
-        if self.damaged:
-            warnings.warn(
-                f"{self.store.root}: runs {', '.join(sorted(self.damaged))} have missing or "
-                "damaged files and are left out of the views; run `entropy-fast check "
-                "--repair` on the store", stacklevel=2)
+        self.damaged = report_damage(self.store, [*entries, *generated])
         entries = [e for e in entries if e.run_id not in self.damaged]
         generated = [e for e in generated if e.run_id not in self.damaged]
         self._file_view("entropy", ENTROPY_SCHEMA, root, entries, "entropy_file")
@@ -160,13 +155,36 @@ class ProfileStore:
             raise QueryError(str(err).strip().splitlines()[0]) from err
 
     def query(self, name: str, *, output: str = "arrow", **params: Any) -> Any:
-        """Run the named query `name` with its parameters (see `named_queries()`)."""
+        """Run the named query `name` with its parameters (see `named_queries()`); a model
+        or run id the store has no run of is a QueryError listing those it has."""
         queries = named_queries()
         if name not in queries:
             raise QueryError(f"unknown query {name!r}",
                              f"named queries: {', '.join(queries)}")
         named = queries[name]
-        return self.sql(named.sql, named.bind(params), output=output)
+        values = named.bind(params)
+        self._check_names(named, values)
+        return self.sql(named.sql, values, output=output)
+
+    def _check_names(self, named: NamedQuery, values: dict[str, Any]) -> None:
+        """Refuse a model or run id the store has no run of: the query would answer with
+        no rows, which reads as "nothing there" where the name is a typo."""
+        asked = {p: values[p.name] for p in named.params
+                 if p.names is not None and values[p.name] is not None}
+        if not asked:
+            return
+        model_of = {r.run_id: r.model for r in self.store.runs()}
+        known = {"model": sorted(set(model_of.values())), "run": sorted(model_of)}
+        for param, value in asked.items():
+            unknown = [v for v in (value if isinstance(value, list) else [value])
+                       if v not in known[param.names]]
+            if unknown:
+                listed = (known["model"] if param.names == "model" else
+                          [f"{run} ({model_of[run]})" for run in known["run"]])
+                raise QueryError(
+                    f"{self.store.root}: {param.names} {', '.join(map(repr, unknown))} "
+                    f"(parameter {param.name}) is not in the store",
+                    f"{param.names}s in the store: {_listing(listed)}")
 
     def close(self) -> None:
         """Close the DuckDB connection."""
@@ -177,6 +195,13 @@ class ProfileStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _listing(items: Sequence[str], limit: int = 20) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
+    more = (f" ... and {len(items) - limit} more (`entropy-fast info STORE` lists them)"
+            if len(items) > limit else "")
+    return (", ".join(items[:limit]) or "none") + more
 
 
 def _require_pandas() -> None:

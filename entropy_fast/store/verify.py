@@ -5,7 +5,8 @@ mtime) when it verified is remembered in STORE/.verified.json, and later opens o
 it, so reading a store costs one hash pass over new parts, not over the store. A file that
 changes through the filesystem changes its mtime and is hashed again; damage that leaves
 size and mtime alone (bit rot) is what `entropy-fast check`, which hashes everything,
-is for.
+is for. `report_damage` says which runs are left out, in one line on the `entropy_fast`
+logger.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 from entropy_fast.store.layout import Store, write_json_atomic
 
 CACHE = ".verified.json"
+log = logging.getLogger("entropy_fast")
 
 
 def sha256_file(path: Path) -> str:
@@ -77,3 +81,19 @@ def damaged_runs(store: Store, entries: Sequence[Any]) -> dict[str, list[str]]:
         with contextlib.suppress(OSError):  # a read-only store: verify again next time
             write_json_atomic(cache, seen)
     return dict(damaged)
+
+
+def report_damage(store: Store, entries: Sequence[Any]) -> dict[str, list[str]]:
+    """`damaged_runs`, and one WARNING line on the `entropy_fast` logger naming the runs
+    left out and the command that repairs them: the CLI prints it as it prints every
+    message, and a Python caller without logging set up still sees it on stderr (logging's
+    last-resort handler), without a warnings.warn source line under it."""
+    damaged = damaged_runs(store, entries)
+    if damaged:
+        models = {e.run_id: e.model for e in entries}
+        runs = ", ".join(f"{run} ({models[run]})" for run in sorted(damaged))
+        log.warning("%s: runs left out of every query, for missing or damaged files: %s; "
+                    "run `entropy-fast check --repair %s` to set the damage aside (the "
+                    "same profile command then recomputes it)", store.root, runs,
+                    shlex.quote(str(store.root)))
+    return damaged
