@@ -25,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import urllib.parse
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,6 +458,13 @@ def load_tokenizer_and_config(model: str) -> tuple[Any, Any]:
                                  f"({str(error).splitlines()[0]})", _suggestion(model)) from None
 
 
+def tokenize_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids (the tokenizer's defaults), in one call of the tokenizer."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
+
+
 class TokenizerOnly:
     """A model's tokenizer and config, without its weights: enough to tokenize a corpus
     and check it against the context window before anything heavy loads."""
@@ -467,6 +475,10 @@ class TokenizerOnly:
     def tokenize(self, text: str) -> list[int]:
         """Token ids as the profiler makes them (the tokenizer's defaults)."""
         return list(self.tokenizer(text)["input_ids"])
+
+    def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """`tokenize` of each text, in one call of the tokenizer."""
+        return tokenize_many(self.tokenizer, texts)
 
     @property
     def context_length(self) -> int | None:

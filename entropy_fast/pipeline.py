@@ -29,6 +29,7 @@ from typing import Any
 
 from entropy_fast.corpus import Corpus, Prompt, read_corpus
 from entropy_fast.errors import ConfigError
+from entropy_fast.host_stage import WriterStage
 from entropy_fast.models import identify
 from entropy_fast.settings import LensSettings, ModelSettings, SamplingSettings, split_options
 from entropy_fast.store import GENERATION, PROFILE, GenerationInfo, RunInfo, Store, StoreError
@@ -263,19 +264,21 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
         if result.done_before:
             log.info("%s: resuming run %s: %d of %d prompts already committed", info.model,
                      info.run_id, result.done_before, len(info.prompt_ids))
-        with _profiler(model, info.lens, settings) as profiler:
+        with _profiler(model, info.lens, settings) as profiler, \
+                WriterStage(writer, corpus.prompts.__getitem__, profiler.layer_indices,
+                            info.lens.alphas) as stage:
             writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
             tick = _ticker(result, on_progress)
             if work is not None:
                 result.skipped = tuple(i for i in pending if i not in work)
                 work = {i: work[i] for i in pending if i in work}
-                stream = _profile_waves(profiler, work, info.sampling, flush_seconds, writer,
-                                        tick)
+                stream = _profile_waves(profiler, work, info.sampling, flush_seconds,
+                                        stage.commit, tick)
             else:
                 log.info("%s: profiling the continuations of generation %s", info.model,
                          generation.run_id)
-                stream = _stored_profiles(store, profiler, generation, pending, tick)
-            _consume(stream, writer, corpus, result)
+                stream = _stored_batches(store, profiler, generation, pending, tick)
+            _write_batches(stream, stage, result)
     return result
 
 
@@ -337,23 +340,28 @@ def _ticker(result: RunResult, on_progress: Progress | None) -> Callable[[int, i
     return tick
 
 
-def _consume(stream: Iterator[tuple[int, Any]], writer: Any, corpus: Corpus,
-             result: RunResult) -> None:
-    """Write every (prompt_id, profile) into the run, counting what was written."""
+Batches = Iterator[tuple[Any, list[int]]]
+"""(profiler.ProfiledBatch, the prompt id of each of its sequences), as the device stage
+hands them over."""
+
+
+def _write_batches(stream: Batches, stage: WriterStage, result: RunResult) -> None:
+    """Hand every batch to the writer stage, counting what was profiled."""
     start = time.perf_counter()
     try:
-        for prompt_id, profile in stream:
-            writer.add(corpus.prompts[prompt_id], profile)
-            result.prompts += 1
-            result.tokens += profile.n_tokens
+        for batch, prompt_ids in stream:
+            stage.put(batch, prompt_ids)
+            result.prompts += len(prompt_ids)
+            result.tokens += batch.n_rows
+        stage.close()  # the time includes writing the last batches
     finally:
         result.seconds = time.perf_counter() - start
 
 
 def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: SamplingSettings,
-                   flush_seconds: float, writer: Any, tick: Callable[[int, int], None]
-                   ) -> Iterator[tuple[int, Any]]:
-    """(prompt_id, profile) of `work` (prompt_id -> token ids), wave by wave.
+                   flush_seconds: float, commit: Callable[[], None],
+                   tick: Callable[[int, int], None]) -> Batches:
+    """The batches of `work` (prompt_id -> token ids), wave by wave.
 
     Waves are sized to take about half of `flush_seconds` at the rate measured so far
     (the first has one prompt; each may grow 4x), and a part is committed at the end of a
@@ -366,26 +374,23 @@ def _profile_waves(profiler: Any, work: dict[int, list[int]], sampling: Sampling
         wave = ids[position:position + size]
         position += len(wave)
         started = time.monotonic()
-        yield from profiler.iter_prompt_ids([work[i] for i in wave], sampling,
-                                            indices=wave, texts=[""] * len(wave),
-                                            on_progress=tick)
+        for batch in profiler.prompt_id_batches([work[i] for i in wave], sampling, wave,
+                                                on_progress=tick):
+            yield batch, [s.index for s in batch.sequences]
         elapsed = max(time.monotonic() - started, 1e-3)
         if time.monotonic() - last_commit >= target:
-            writer.commit()
+            commit()
             last_commit = time.monotonic()
         size = max(1, min(4 * size, math.floor(len(wave) * target / elapsed)))
 
 
-def _stored_profiles(store: Store, profiler: Any, generation: GenerationInfo,
-                     pending: list[int], tick: Callable[[int, int], None]
-                     ) -> Iterator[tuple[int, Any]]:
-    """Profile stored continuations, one committed generation part at a time."""
+def _stored_batches(store: Store, profiler: Any, generation: GenerationInfo,
+                    pending: list[int], tick: Callable[[int, int], None]) -> Batches:
+    """The batches of stored continuations, one committed generation part at a time."""
     for rows in store.read_continuations(generation.run_id, pending):
         pairs = [(r["prompt_token_ids"], r["continuation_token_ids"]) for r in rows]
-        stream = profiler.profile_token_ids(pairs, [r["text"] for r in rows],
-                                            generator=generation.generator, on_progress=tick)
-        for index, profile in stream:
-            yield rows[index]["prompt_id"], profile
+        for batch in profiler.token_id_batches(pairs, on_progress=tick):
+            yield batch, [rows[s.index]["prompt_id"] for s in batch.sequences]
 
 
 # -- one generation run -------------------------------------------------------------------
@@ -458,6 +463,9 @@ class _HFGeneration:
     def tokenize(self, text: str) -> list[int]:
         return self.profiler.tokenize(text)
 
+    def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.profiler.tokenize_many(texts)
+
     def __enter__(self) -> _HFGeneration:
         return self
 
@@ -476,9 +484,9 @@ def _tokenized(model: Any, corpus: Corpus, pending: Sequence[int],
     budget = None if limit is None else limit - sampling.max_new_tokens
     minimum = 1 if sampling.generating else 2
     work: dict[int, list[int]] = {}
-    for prompt_id in pending:
+    tokenized = model.tokenize_many([corpus.prompts[i].text for i in pending])
+    for prompt_id, ids in zip(pending, tokenized, strict=True):
         prompt = corpus.prompts[prompt_id]
-        ids = model.tokenize(prompt.text)
         if budget is not None and len(ids) > budget:
             if long_prompts == "fail":
                 raise _too_long(corpus, prompt, len(ids), limit, sampling)

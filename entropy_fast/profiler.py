@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from entropy_fast.generation import (
     generate_continuations,
 )
 from entropy_fast.lens import Lens
-from entropy_fast.models import load_model, model_source
+from entropy_fast.models import load_model, model_source, tokenize_many
 from entropy_fast.profile import AggregatedProfile, EntropyProfile
 from entropy_fast.settings import (
     DEFAULT_MODEL,
@@ -248,9 +249,20 @@ class EntropyProfiler:
         indices = list(range(len(prompt_ids))) if indices is None else list(indices)
         texts = [""] * len(indices) if texts is None else texts
         by_index = dict(zip(indices, texts, strict=True))
-        for index, profile, _ in self._profile_ids(prompt_ids, indices, sampling, by_index,
-                                                   on_progress=on_progress):
-            yield index, profile
+        metadata = self._metadata(sampling)
+        for batch in self.prompt_id_batches(prompt_ids, sampling, indices,
+                                            on_progress=on_progress):
+            for index, profile, _ in self._split_batch(batch, by_index, metadata):
+                yield index, profile
+
+    def prompt_id_batches(self, prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
+                          indices: Sequence[int] | None = None, *,
+                          on_progress: Progress | None = None) -> Iterator[ProfiledBatch]:
+        """`iter_prompt_ids` without the profiles: each batch's statistics as the device
+        stage leaves them (`ProfiledBatch`), for callers that handle a batch at once (a
+        store run turns it into rows). Sequence indices default to 0..n-1."""
+        indices = list(range(len(prompt_ids))) if indices is None else list(indices)
+        yield from self._batches_of_ids(prompt_ids, indices, sampling, on_progress=on_progress)
 
     def profile_prompt_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
                            *, keep_states: bool = False, **sampling: Any
@@ -266,8 +278,9 @@ class EntropyProfiler:
         for index, prompt in enumerate(ids):
             self.check_length(index, len(prompt), settings.max_new_tokens, settings.generating)
         indices = list(range(len(ids)))
-        yield from self._profile_ids(ids, indices, settings, dict.fromkeys(indices, ""),
-                                     keep_states)
+        metadata = self._metadata(settings)
+        for batch in self._batches_of_ids(ids, indices, settings, keep_states):
+            yield from self._split_batch(batch, dict.fromkeys(indices, ""), metadata)
 
     def profile_token_ids(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                           texts: Sequence[str] | None = None, *,
@@ -278,6 +291,17 @@ class EntropyProfiler:
         Rows are the continuation tokens; an empty continuation profiles the prompt as text
         (rows = tokens 1..T-1). `texts` (the prompts' text) only goes into the metadata.
         """
+        texts = texts if texts is not None else [""] * len(sequences)
+        longest = max((len(c) for _, c in sequences), default=0)
+        metadata = self._metadata(SamplingSettings(longest), generator)
+        for batch in self.token_id_batches(sequences, on_progress=on_progress):
+            for index, profile, _ in self._split_batch(batch, texts, metadata):
+                yield index, profile
+
+    def token_id_batches(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                         on_progress: Progress | None = None) -> Iterator[ProfiledBatch]:
+        """`profile_token_ids` without the profiles: each batch's statistics as the device
+        stage leaves them (`ProfiledBatch`); sequence i has index i."""
         prepared = []
         for index, (prompt_ids, continuation) in enumerate(sequences):
             prompt_ids, continuation = [int(t) for t in prompt_ids], [int(t) for t in continuation]
@@ -285,12 +309,7 @@ class EntropyProfiler:
             first = len(prompt_ids) if continuation else 1
             prepared.append(TeacherForced(index, prompt_ids + continuation, first,
                                           bool(continuation)))
-        texts = texts if texts is not None else [""] * len(prepared)
-        longest = max((len(c) for _, c in sequences), default=0)
-        metadata = self._metadata(SamplingSettings(longest), generator)
-        for index, profile, _ in self._profile_sequences(prepared, texts, metadata,
-                                                         on_progress=on_progress):
-            yield index, profile
+        yield from self._batches(prepared, on_progress=on_progress)
 
     def check_length(self, index: int, n_prompt: int, n_new: int, generating: bool) -> None:
         """ConfigError unless a prompt of `n_prompt` tokens plus `n_new` fits the model."""
@@ -310,6 +329,11 @@ class EntropyProfiler:
     def tokenize(self, text: str) -> list[int]:
         """The token ids the profiler uses for `text` (the tokenizer's defaults)."""
         return list(self.tokenizer(text)["input_ids"])
+
+    def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """`tokenize` of each text, in one call of the tokenizer (a fast tokenizer's batch
+        call encodes them in parallel)."""
+        return tokenize_many(self.tokenizer, texts)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -337,16 +361,18 @@ class EntropyProfiler:
             self._check_text(index, text)
             ids.append(self.tokenize(text))
             self.check_length(index, len(ids[-1]), sampling.max_new_tokens, sampling.generating)
-        yield from self._profile_ids(ids, indices, sampling,
-                                     dict(zip(indices, texts, strict=True)), keep_states)
-
-    def _profile_ids(self, ids: Sequence[list[int]], indices: Sequence[int],
-                     sampling: SamplingSettings, texts: dict[int, str],
-                     keep_states: bool = False, on_progress: Progress | None = None):
         metadata = self._metadata(sampling)
+        by_index = dict(zip(indices, texts, strict=True))
+        for batch in self._batches_of_ids(ids, indices, sampling, keep_states):
+            yield from self._split_batch(batch, by_index, metadata)
+
+    def _batches_of_ids(self, ids: Sequence[list[int]], indices: Sequence[int],
+                        sampling: SamplingSettings, keep_states: bool = False,
+                        on_progress: Progress | None = None) -> Iterator[ProfiledBatch]:
+        """The batches of prompts given as ids: generated first when sampling says so."""
         if sampling.generating and isinstance(self.generator, HFGenerator):
-            yield from self._profile_while_generating(ids, indices, sampling, texts, metadata,
-                                                      keep_states, on_progress)
+            yield from self._batches_while_generating(ids, indices, sampling, keep_states,
+                                                      on_progress)
             return
         if sampling.generating:
             continuations = self.generator.generate(ids, sampling)
@@ -355,12 +381,11 @@ class EntropyProfiler:
         else:
             sequences = [TeacherForced(i, list(p), 1, False)
                          for i, p in zip(indices, ids, strict=True)]
-        yield from self._profile_sequences(sequences, texts, metadata, keep_states, on_progress)
+        yield from self._batches(sequences, keep_states, on_progress)
 
-    def _profile_while_generating(self, ids: Sequence[list[int]], indices: Sequence[int],
-                                  sampling: SamplingSettings, texts: dict[int, str],
-                                  metadata: dict, keep_states: bool,
-                                  on_progress: Progress | None) -> list[tuple]:
+    def _batches_while_generating(self, ids: Sequence[list[int]], indices: Sequence[int],
+                                  sampling: SamplingSettings, keep_states: bool,
+                                  on_progress: Progress | None) -> list[ProfiledBatch]:
         """HF generation with taps that keep each decoding step's newest position of every
         profiled layer; each generation batch is reduced as soon as it is decoded.
 
@@ -368,7 +393,7 @@ class EntropyProfiler:
         every row's newest token last): the state that produced continuation token t.
         """
         captured: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_indices}
-        finished: list[tuple] = []
+        finished: list[ProfiledBatch] = []
 
         def keep_newest(index: int, hidden: torch.Tensor) -> None:
             # a copy: a view would keep the prefill's (batch x prompt x d) states alive
@@ -383,9 +408,9 @@ class EntropyProfiler:
                 states.clear()
             rows = torch.cat([torch.cat([s[row, :seq.n_rows] for row, seq in enumerate(batch)])
                               for s in steps])  # (layers * rows) x d
-            columns, states = self._reduce(rows, batch, keep_states)
-            finished.extend(self._split_batch(batch, columns, states, texts, metadata,
-                                              time.perf_counter() - started, on_progress))
+            finished.append(self._reduce(rows, batch, keep_states))
+            finished[-1].seconds = time.perf_counter() - started
+            _report(on_progress, finished[-1])
 
         generator = self.generator
         with torch.no_grad(), StateTap(self.layers, self.layer_indices, keep_newest):
@@ -416,35 +441,32 @@ class EntropyProfiler:
                 return int(candidate)
         return 0
 
-    def _profile_sequences(self, sequences: list[TeacherForced], prompts, metadata: dict,
-                           keep_states: bool = False, on_progress: Progress | None = None):
-        """Yield (index, profile, states or None) per sequence, bucket by bucket."""
+    def _batches(self, sequences: list[TeacherForced], keep_states: bool = False,
+                 on_progress: Progress | None = None) -> Iterator[ProfiledBatch]:
+        """One ProfiledBatch per length bucket of `sequences`."""
         lengths = [len(s.ids) - 1 for s in sequences]  # the last token is never an input
         for bucket in length_buckets(lengths, self.batch_tokens):
             started = time.perf_counter()
-            batch = [sequences[i] for i in bucket]
-            columns, states = self._forward(batch, keep_states)
-            yield from self._split_batch(batch, columns, states, prompts, metadata,
-                                         time.perf_counter() - started, on_progress)
+            batch = self._forward([sequences[i] for i in bucket], keep_states)
+            batch.seconds = time.perf_counter() - started
+            _report(on_progress, batch)
+            yield batch
 
-    def _split_batch(self, batch: list[TeacherForced], columns: dict[str, Any],
-                     states: torch.Tensor | None, prompts, metadata: dict, elapsed: float,
-                     on_progress: Progress | None) -> list[tuple]:
-        """(index, profile, states or None) of each sequence of a reduced batch."""
+    def _split_batch(self, batch: ProfiledBatch, prompts, metadata: dict) -> list[tuple]:
+        """(index, profile, states or None) of each sequence of a batch."""
+        columns, states = batch.host_columns(), batch.states
         out, offset = [], 0
-        for seq in batch:
+        for seq in batch.sequences:
             rows = slice(offset, offset + seq.n_rows)
             offset += seq.n_rows
             profile = self._build_profile(seq, columns, rows, prompts[seq.index], metadata)
-            profile.metadata["batch_seconds"] = elapsed
+            profile.metadata["batch_seconds"] = batch.seconds
             out.append((seq.index, profile, None if states is None else states[:, rows]))
-        if on_progress is not None:
-            on_progress(len(batch), offset)
         return out
 
-    def _forward(self, batch: list[TeacherForced], keep_states: bool):
-        """Per-layer statistics of the batch's rows, on the host: {statistic: (rows x
-        layers [x alphas])}, and the states (layers x rows x d) when asked for."""
+    def _forward(self, batch: list[TeacherForced], keep_states: bool) -> ProfiledBatch:
+        """The device stage of a batch: one teacher-forced forward whose taps reduce each
+        layer's rows to statistics; the states (layers x rows x d) when asked for."""
         targets = self._targets(batch)
         columns: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
@@ -460,7 +482,7 @@ class EntropyProfiler:
                      reduce_layer)
         stats = [columns[i] for i in self.layer_indices]
         states = torch.stack([kept[i] for i in self.layer_indices]) if keep_states else None
-        return _stack_on_host(stats), states
+        return self._on_host(batch, stats, states)
 
     def _targets(self, batch: list[TeacherForced]) -> torch.Tensor | None:
         """The tokens the batch's rows predict, when target statistics are asked for."""
@@ -481,12 +503,29 @@ class EntropyProfiler:
         n_rows = len(rows) // n_layers
         per_layer = [stats.rows(slice(k * n_rows, (k + 1) * n_rows)) for k in range(n_layers)]
         states = rows.float().cpu().view(n_layers, -1, rows.shape[-1]) if keep_states else None
-        return _stack_on_host(per_layer), states
+        return self._on_host(batch, per_layer, states)
+
+    def _on_host(self, batch: list[TeacherForced], stats: list[Any],
+                 states: torch.Tensor | None) -> ProfiledBatch:
+        """Each statistic of every layer stacked on dim 1, in the profiler's unit (`base`),
+        and started on its way to the host: one copy per statistic and batch, into pinned
+        memory without waiting on CUDA (`ProfiledBatch.host_columns` waits)."""
+        scale = 1.0 if self.base is None else 1.0 / math.log(self.base)
+        columns: dict[str, torch.Tensor | None] = {}
+        for name in ("entropy", "top_token", "target_surprisal", "target_rank"):
+            values = [getattr(s, name) for s in stats]
+            stacked = None if values[0] is None else torch.stack(values, dim=1)
+            if stacked is not None and scale != 1.0 and stacked.is_floating_point():
+                stacked = stacked * scale
+            columns[name] = None if stacked is None else _start_copy_to_host(stacked)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        return ProfiledBatch(batch, columns, states, ready=ready)
 
     def _build_profile(self, seq: TeacherForced, columns: dict[str, torch.Tensor | None],
                        rows: slice, prompt: str, metadata: dict) -> EntropyProfile:
-        scale = 1.0 if self.base is None else 1.0 / math.log(self.base)
-        entropy = columns["entropy"][rows] * scale           # (rows x layers x alphas)
+        entropy = columns["entropy"][rows]                   # (rows x layers x alphas)
         surprisal = columns["target_surprisal"]
         by_alpha = {a: entropy[:, :, k] for k, a in enumerate(self.alphas)}
         return EntropyProfile(
@@ -501,7 +540,7 @@ class EntropyProfiler:
                       else seq.ids},
             entropies=by_alpha,
             top_token_ids=_rows(columns["top_token"], rows),
-            target_surprisal=None if surprisal is None else surprisal[rows] * scale,
+            target_surprisal=None if surprisal is None else surprisal[rows],
             target_rank=_rows(columns["target_rank"], rows),
         )
 
@@ -510,13 +549,49 @@ def _rows(values: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if values is None else values[rows]
 
 
-def _stack_on_host(stats: list[Any]) -> dict[str, torch.Tensor | None]:
-    """Each statistic of every layer stacked on dim 1 and copied to the host once per batch."""
-    out: dict[str, torch.Tensor | None] = {}
-    for name in ("entropy", "top_token", "target_surprisal", "target_rank"):
-        values = [getattr(s, name) for s in stats]
-        out[name] = None if values[0] is None else torch.stack(values, dim=1).cpu()
-    return out
+def _start_copy_to_host(values: torch.Tensor) -> torch.Tensor:
+    """`values` on the host: itself on CPU; on CUDA a pinned buffer that a non-blocking
+    copy fills (read it only after the batch's `ready` event)."""
+    if values.device.type != "cuda":
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    return host
+
+
+def _report(on_progress: Progress | None, batch: ProfiledBatch) -> None:
+    if on_progress is not None:
+        on_progress(len(batch.sequences), batch.n_rows)
+
+
+@dataclass
+class ProfiledBatch:
+    """What the device stage leaves of one batch: its sequences and, per statistic, the
+    (rows x layers [x alphas]) values of their rows concatenated in sequence order, in the
+    profiler's unit (entropy, target_surprisal) or as token ids and ranks (top_token,
+    target_rank); None for a statistic not asked for. On CUDA the values may still be on
+    their way to the host: read them through `host_columns`.
+
+    states: (layers x rows x d) float32 when asked for; seconds: the device stage's time.
+    """
+
+    sequences: list[TeacherForced]
+    columns: dict[str, torch.Tensor | None]
+    states: torch.Tensor | None = None
+    seconds: float = 0.0
+    ready: Any = None  # a torch.cuda.Event recorded after the copies to the host
+
+    @property
+    def n_rows(self) -> int:
+        """Profile rows (tokens) of the batch."""
+        return sum(s.n_rows for s in self.sequences)
+
+    def host_columns(self) -> dict[str, torch.Tensor | None]:
+        """`columns`, once their copies to the host are done (waits for them on CUDA)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.columns
 
 
 def _waves(ids: Sequence[list[int]], sampling: SamplingSettings,

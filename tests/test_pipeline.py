@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,21 +165,18 @@ def test_waves_commit_at_least_every_flush_seconds(monkeypatch, seconds_per_prom
     monkeypatch.setattr(pipeline.time, "monotonic", lambda: clock[0])
 
     class Profiler:  # costs seconds_per_prompt of the fake clock per prompt
-        def iter_prompt_ids(self, ids, sampling, indices, texts, on_progress):
-            for index in indices:
+        def prompt_id_batches(self, ids, sampling, indices, on_progress):
+            for index in indices:  # a batch of one prompt
                 clock[0] += seconds_per_prompt
                 on_progress(1, 3)
-                yield index, None
+                yield SimpleNamespace(sequences=[SimpleNamespace(index=index)])
 
     commits: list[float] = []
 
-    class Writer:
-        def commit(self):
-            commits.append(clock[0])
-
     work = {i: [1, 2, 3] for i in range(400)}
-    done = [i for i, _ in pipeline._profile_waves(Profiler(), work, SamplingSettings(0), 10.0,
-                                                  Writer(), lambda prompts, tokens: None)]
+    waves = pipeline._profile_waves(Profiler(), work, SamplingSettings(0), 10.0,
+                                    lambda: commits.append(clock[0]), lambda *counts: None)
+    done = [i for _, (i,) in waves]
     assert done == list(work)
     # uncommitted work at any moment: between commits, and before the final one at close
     marks = [0.0, *commits, clock[0]]
@@ -314,7 +312,7 @@ def test_ctrl_c_says_what_was_kept(folder, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_consume", interrupted)
+    monkeypatch.setattr(pipeline, "_write_batches", interrupted)
     argv = ["profile", str(folder), "--max-new-tokens", "0", "--no-plot"]
     assert main(argv) == 130
     assert "nothing was kept (no --out STORE)" in capsys.readouterr().err

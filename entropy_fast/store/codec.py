@@ -21,46 +21,31 @@ from entropy_fast.settings import describe
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import Store
 from entropy_fast.store.records import ManifestEntry, RunInfo
-from entropy_fast.store.schema import ENTROPY_SCHEMA
+from entropy_fast.store.rows import long_rows
 
 _OPTIONAL = {
-    "top_token_id": ("top_token_ids", np.int32, torch.int64),
-    "target_surprisal": ("target_surprisal", np.float32, torch.float32),
-    "target_rank": ("target_rank", np.int32, torch.int64),
+    "top_token_id": ("top_token_ids", torch.int64),
+    "target_surprisal": ("target_surprisal", torch.float32),
+    "target_rank": ("target_rank", torch.int64),
 }
-"""Nullable column -> (EntropyProfile attribute, stored dtype, dtype read back)."""
+"""Nullable column -> (EntropyProfile attribute, dtype read back)."""
 
 
 def profile_rows(prompt_id: int, profile: EntropyProfile,
                  alphas: Sequence[float]) -> pa.RecordBatch:
-    """The long-format rows of one profile, ordered by (alpha, pos, layer).
-
-    (n_alphas * n_tokens * n_layers) rows in ENTROPY_SCHEMA; the optional statistics,
-    which do not depend on alpha, repeat for each alpha.
-    """
+    """The long-format rows of one profile (`rows.long_rows`), ordered by (alpha, pos,
+    layer): (n_alphas * n_tokens * n_layers) rows in ENTROPY_SCHEMA."""
     missing = [a for a in alphas if a not in profile.entropies]
     if missing:
         raise StoreError(f"profile of prompt {prompt_id} lacks alphas {missing}")
-    n_a, (n_t, n_l) = len(alphas), profile.entropy.shape
-    n = n_a * n_t * n_l
-    values = np.stack([profile.entropies[a].detach().cpu().numpy() for a in alphas])
-    token_ids = profile.token_ids.cpu().numpy().astype(np.int32)
-    columns = {
-        "prompt_id": np.full(n, prompt_id, dtype=np.int32),
-        "pos": np.tile(np.repeat(np.arange(n_t, dtype=np.int32), n_l), n_a),
-        "token_id": np.tile(np.repeat(token_ids, n_l), n_a),
-        "layer": np.tile(np.asarray(profile.layer_indices, dtype=np.int16), n_a * n_t),
-        "alpha": np.repeat(np.asarray(alphas, dtype=np.float64), n_t * n_l),
-        "entropy": values.astype(np.float32).reshape(-1),
-    }
-    for column, (attr, dtype, _) in _OPTIONAL.items():
-        extra = getattr(profile, attr)
-        columns[column] = (pa.nulls(n, ENTROPY_SCHEMA.field(column).type) if extra is None
-                           else np.tile(extra.detach().cpu().numpy().reshape(-1), n_a)
-                           .astype(dtype))
-    arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c)
-              for f in ENTROPY_SCHEMA]
-    return pa.RecordBatch.from_arrays(arrays, schema=ENTROPY_SCHEMA)
+    n_tokens = profile.n_tokens
+    entropy = np.stack([profile.entropies[a].detach().cpu().numpy() for a in alphas], axis=-1)
+    optional = {column: None if (value := getattr(profile, attr)) is None
+                else value.detach().cpu().numpy()
+                for column, (attr, _) in _OPTIONAL.items()}
+    return long_rows(np.full(n_tokens, prompt_id), np.arange(n_tokens),
+                     profile.token_ids.cpu().numpy(), profile.layer_indices, alphas, entropy,
+                     optional)
 
 
 def read_profiles(store: Store, model: str | None = None, run_id: str | None = None, *,
@@ -137,7 +122,7 @@ def _block_profile(block: pa.Table, prompt: dict[str, Any], info: RunInfo,
         raise StoreError(f"run {info.run_id} has alphas {alphas}, not {primary}")
     token_ids = block.column("token_id").to_numpy()[: n_tok * len(layers): len(layers) or 1]
     extra = {attr: _optional(block, column, shape, dtype)
-             for column, (attr, _, dtype) in _OPTIONAL.items()}
+             for column, (attr, dtype) in _OPTIONAL.items()}
     metadata = {**describe(info.lens, info.sampling, info.dtype, info.generator),
                 "prompt": prompt["text"], "prompt_token_ids": prompt["prompt_token_ids"],
                 "run_id": info.run_id, "weights": info.weights, "source": prompt["source"],

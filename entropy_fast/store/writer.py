@@ -240,18 +240,23 @@ class PartWriter:
         """Prompt ids of this shard not committed yet, ascending."""
         return [i for i in self.info.prompt_ids if i not in self.done]
 
-    def _check_new(self, prompt_id: int) -> None:
-        if prompt_id in self.done or prompt_id in self._buffered:
-            raise StoreError(f"prompt {prompt_id} is already committed or buffered in run "
+    def _check_new(self, prompt_ids: Sequence[int]) -> None:
+        new = set(prompt_ids)
+        if len(new) != len(prompt_ids) or not new.isdisjoint(self.done) \
+                or not new.isdisjoint(self._buffered):
+            again = sorted(i for i in prompt_ids if i in self.done or i in self._buffered
+                           or prompt_ids.count(i) > 1)
+            raise StoreError(f"prompt {again[0]} is already committed or buffered in run "
                              f"{self.info.run_id}")
-        if prompt_id not in self.info.prompt_ids:
-            raise StoreError(f"prompt {prompt_id} does not belong to shard "
+        outside = [i for i in prompt_ids if i not in self.info.prompt_ids]
+        if outside:
+            raise StoreError(f"prompt {outside[0]} does not belong to shard "
                              f"{self.info.shard_key} of run {self.info.run_id}")
 
-    def _append(self, row: dict[str, Any], n_rows: int) -> None:
-        """Buffer one prompt's row (and `n_rows` data rows); commit at a threshold."""
-        self._prompts.append(row)
-        self._buffered.add(row["prompt_id"])
+    def _append(self, rows: list[dict[str, Any]], n_rows: int) -> None:
+        """Buffer prompts' rows (and their `n_rows` data rows); commit at a threshold."""
+        self._prompts.extend(rows)
+        self._buffered.update(row["prompt_id"] for row in rows)
         self._n_rows += n_rows
         if (self._n_rows >= self.rows_per_part
                 or time.monotonic() - self._last_commit >= self.flush_seconds):
@@ -398,18 +403,27 @@ class RunWriter(PartWriter):
     def add_rows(self, prompt: Any, rows: pa.RecordBatch, n_tokens: int,
                  layers: Sequence[int], prompt_token_ids: Sequence[int]) -> None:
         """Buffer one prompt's rows (ENTROPY_SCHEMA, as `codec.profile_rows` makes them)."""
-        self._check_new(prompt.prompt_id)
+        self.add_batch([prompt], rows, [n_tokens], layers, [prompt_token_ids])
+
+    def add_batch(self, prompts: Sequence[Any], rows: pa.RecordBatch,
+                  n_tokens: Sequence[int], layers: Sequence[int],
+                  prompt_token_ids: Sequence[Sequence[int]]) -> None:
+        """Buffer the rows of several prompts at once (ENTROPY_SCHEMA, as `rows.long_rows`
+        makes them): their n_tokens and prompt token ids in the order of `prompts`.
+        Commits a part when a threshold is reached."""
+        self._check_new([p.prompt_id for p in prompts])
         layers = [int(i) for i in layers]
         if self.info.layer_indices is None:
             self.info.layer_indices = layers
         elif layers != self.info.layer_indices:
-            raise StoreError(f"profile of prompt {prompt.prompt_id} has layers {layers}, the "
-                             f"run has {self.info.layer_indices}")
+            raise StoreError(f"profile of prompt {prompts[0].prompt_id} has layers {layers}, "
+                             f"the run has {self.info.layer_indices}")
         self._batches.append(rows)
-        self._append({"prompt_id": prompt.prompt_id, "text": prompt.text,
-                      "prompt_token_ids": [int(t) for t in prompt_token_ids],
-                      "n_tokens": n_tokens, "source": self.info.corpus,
-                      "source_line": prompt.source_line}, rows.num_rows)
+        source = self.info.corpus
+        self._append([{"prompt_id": p.prompt_id, "text": p.text, "prompt_token_ids": ids,
+                       "n_tokens": n, "source": source, "source_line": p.source_line}
+                      for p, n, ids in zip(prompts, n_tokens, prompt_token_ids, strict=True)],
+                     rows.num_rows)
 
     def register_layers(self, layer_indices: Sequence[int], revision: str | None) -> None:
         """Record the run's layers and the model's revision now, before other processes
@@ -528,13 +542,13 @@ class GenerationWriter(PartWriter):
     def add(self, prompt: Any, prompt_token_ids: Sequence[int],
             continuation_token_ids: Sequence[int], continuation_text: str) -> None:
         """Buffer one prompt's continuation; commits a part when a threshold is reached."""
-        self._check_new(prompt.prompt_id)
-        self._append({
+        self._check_new([prompt.prompt_id])
+        self._append([{
             "prompt_id": prompt.prompt_id, "text": prompt.text,
             "source_line": prompt.source_line,
             "prompt_token_ids": [int(t) for t in prompt_token_ids],
             "continuation_token_ids": [int(t) for t in continuation_token_ids],
-            "continuation_text": continuation_text, "generator": self.info.generator}, 1)
+            "continuation_text": continuation_text, "generator": self.info.generator}], 1)
 
     def _tables(self) -> list[pa.Table]:
         return [pa.Table.from_pylist(self._prompts, schema=CONTINUATIONS_SCHEMA)]

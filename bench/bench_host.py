@@ -1,0 +1,210 @@
+"""Benchmark of the host side of a store run: everything but the device, at device speed.
+
+The real pipeline runs (`profile_corpus`: corpus file -> tokenize -> length buckets ->
+device stage -> statistics -> rows -> committed, checksummed parts), with the device
+stage (`EntropyProfiler._forward`: the teacher-forced forward and the lens) replaced by a
+stub that returns statistics of the right shapes after a set device time. The stub lives
+here only; it is never a user option.
+
+Two workloads, text mode, alpha = 1:
+
+- long: 13 states (a GPT-2-124M-shaped layer count), 512-token prompts;
+- short: 32-token prompts, the same 13 states.
+
+For each, with device time 0 (host capacity: tokens/s, rows/s, prompts/s and the cores the
+process used) and with the device at the GPU goal (250k tok/s for the GPT-2 shape:
+end-to-end against the device rate), beside one bare pyarrow write of the same
+long-format rows with the store's Parquet options, in the same process (the ratio is what
+matters on a noisy machine).
+
+    python bench/bench_host.py                       # both workloads, prints a Markdown table
+    python bench/bench_host.py --json out.json --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from entropy_fast.pipeline import profile_corpus  # noqa: E402
+from entropy_fast.profiler import EntropyProfiler  # noqa: E402
+from entropy_fast.store.schema import ENTROPY_SCHEMA  # noqa: E402
+from entropy_fast.store.writer import _ENTROPY_OPTIONS  # noqa: E402
+from tests.tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
+
+try:
+    from entropy_fast.profiler import ProfiledBatch
+except ImportError:
+    ProfiledBatch = None
+
+N_BLOCKS = 12  # 13 hidden states, as GPT-2-124M
+GOAL_TOKENS_PER_SECOND = 250_000.0
+
+
+@dataclass
+class Workload:
+    name: str
+    n_prompts: int
+    n_rows: int  # profiled tokens per prompt (text mode: the text's tokens 1..T-1)
+
+
+WORKLOADS = {"long": Workload("long", 300, 512), "short": Workload("short", 20_000, 32)}
+
+
+class StubDevice:
+    """Stands in for `EntropyProfiler._forward`: sleeps `seconds_per_row` per profiled
+    token (the device's time, during which the host is free), then returns statistics of
+    the right shapes from a buffer made once (no host work that a device would not cause)."""
+
+    def __init__(self, n_layers: int, n_alphas: int, seconds_per_row: float) -> None:
+        self.seconds_per_row = seconds_per_row
+        self.buffer = torch.rand(1 << 17, n_layers, n_alphas) * 5
+        self.rows = 0
+
+    def __call__(self, profiler: EntropyProfiler, batch, keep_states=False):
+        n_rows = sum(s.n_rows for s in batch)
+        self.rows += n_rows
+        if self.seconds_per_row:
+            time.sleep(n_rows * self.seconds_per_row)
+        columns = {"entropy": self.buffer[:n_rows], "top_token": None,
+                   "target_surprisal": None, "target_rank": None}
+        if ProfiledBatch is None:  # the tree before the batch path: (columns, states)
+            return columns, None
+        return ProfiledBatch(list(batch), columns)
+
+
+def write_corpus(folder: Path, workload: Workload) -> Path:
+    """A .txt corpus of distinct prompts of n_rows + 1 characters (one token each)."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    path = folder / f"{workload.name}.txt"
+    with open(path, "w") as handle:
+        for _ in range(workload.n_prompts):
+            handle.write("".join(rng.choice(letters, workload.n_rows + 1)) + "\n")
+    return path
+
+
+def save_model(folder: Path) -> Path:
+    path = folder / "model"
+    tiny_model("llama", num_hidden_layers=N_BLOCKS, max_position_embeddings=1024
+               ).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def store_run(model: Path, corpus: Path, store: Path, seconds_per_row: float) -> dict:
+    """One profile_corpus run into a fresh store with the stub device; its figures."""
+    profiler = EntropyProfiler(str(model), threads=1)
+    stub = StubDevice(len(profiler.layer_indices), 1, seconds_per_row)
+    profiler._forward = lambda batch, keep_states=False: stub(profiler, batch, keep_states)
+    cpu, start = cpu_seconds(), time.perf_counter()
+    (result,) = profile_corpus(profiler, corpus, store, max_new_tokens=0)
+    wall = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
+    rows = result.tokens * len(profiler.layer_indices)
+    return {"seconds": wall, "prompts": result.prompts, "tokens": result.tokens,
+            "rows": rows, "tokens_per_s": result.tokens / wall, "rows_per_s": rows / wall,
+            "prompts_per_s": result.prompts / wall, "cores_used": cpu / wall,
+            "device_seconds": stub.rows * seconds_per_row}
+
+
+def bare_write(n_rows: int, n_layers: int, folder: Path) -> float:
+    """rows/s of one pq.write_table of n_rows long-format rows (the store's options)."""
+    rng = np.random.default_rng(1)
+    n_tokens = n_rows // n_layers
+    table = pa.table({
+        "prompt_id": np.repeat(np.arange(n_tokens // 32, dtype=np.int32), 32 * n_layers)[:n_rows],
+        "pos": np.tile(np.repeat(np.arange(32, dtype=np.int32), n_layers), n_tokens // 32 + 1
+                       )[:n_rows],
+        "token_id": np.repeat(rng.integers(0, 50_000, n_tokens).astype(np.int32), n_layers
+                              )[:n_rows],
+        "layer": np.tile(np.arange(n_layers, dtype=np.int16), n_tokens + 1)[:n_rows],
+        "alpha": np.ones(n_rows),
+        "entropy": (rng.random(n_rows, dtype=np.float32) * 5),
+        "top_token_id": pa.nulls(n_rows, pa.int32()),
+        "target_surprisal": pa.nulls(n_rows, pa.float32()),
+        "target_rank": pa.nulls(n_rows, pa.int32()),
+    }, schema=ENTROPY_SCHEMA)
+    start = time.perf_counter()
+    pq.write_table(table, folder / "bare.parquet", row_group_size=1 << 20, **_ENTROPY_OPTIONS)
+    return n_rows / (time.perf_counter() - start)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--device-rate", type=float, default=GOAL_TOKENS_PER_SECOND,
+                        help="the device's tokens/s for the end-to-end runs")
+    parser.add_argument("--json", help="also write the raw rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows_out = []
+    with tempfile.TemporaryDirectory(prefix="bench-host-") as tmp:
+        folder = Path(tmp)
+        model = save_model(folder)
+        for name in args.workloads:
+            workload = WORKLOADS[name]
+            corpus = write_corpus(folder, workload)
+            for repeat in range(args.repeat):
+                for label, per_row in (("host", 0.0), ("goal", 1 / args.device_rate)):
+                    store = folder / f"store-{name}-{label}-{repeat}"
+                    figures = store_run(model, corpus, store, per_row)
+                    bare = bare_write(figures["rows"], N_BLOCKS + 1, folder)
+                    figures.update(workload=name, mode=label, repeat=repeat,
+                                   bare_rows_per_s=bare,
+                                   vs_bare=figures["rows_per_s"] / bare,
+                                   vs_device=(figures["device_seconds"] / figures["seconds"]
+                                              if per_row else None))
+                    rows_out.append(figures)
+                    print(_line(figures), flush=True)
+    meta = {"date": str(date.today()), "commit": commit(), "machine": platform.processor()
+            or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "pyarrow": pa.__version__, "torch_threads": 1}
+    print(json.dumps(meta))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))
+    return 0
+
+
+def _line(f: dict) -> str:
+    device = f"{f['vs_device']:.2f}" if f["vs_device"] is not None else "-"
+    return (f"| {f['workload']} | {f['mode']} | {f['tokens_per_s']:,.0f} | "
+            f"{f['rows_per_s'] / 1e6:.2f} | {f['prompts_per_s']:,.0f} | "
+            f"{f['cores_used']:.2f} | {f['bare_rows_per_s'] / 1e6:.2f} | {f['vs_bare']:.3f} | "
+            f"{device} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
