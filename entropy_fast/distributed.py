@@ -355,7 +355,7 @@ def _run_units(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
 def _lens_input(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
                 generation: GenerationInfo | None, placement: _Placement
                 ) -> tuple[Any, int, dict[str, Any]]:
-    """(dataset, rows per lens call, the lens actors' generator options) for the units.
+    """(dataset, rows per lens call, the lens actors' extra options) for the units.
 
     Without a vLLM stage a dataset row is a unit (the actors generate with HF, or profile
     the text or a stored generation's continuations). A run that generates with vLLM gets
@@ -370,7 +370,7 @@ def _lens_input(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
     if not _has_vllm_stage(info, generation):
         dataset = ray.data.from_items([unit_row(u) for u in units],
                                       override_num_blocks=len(units))
-        return dataset, 1, {"generator": generation.generator if generation else None}
+        return dataset, 1, {}
     from entropy_fast.models import model_source
     from entropy_fast.vllm_generation import cpu_engine_environment, hf_stop_ids
 
@@ -383,7 +383,7 @@ def _lens_input(units: list[list[dict[str, Any]]], source: str, info: RunInfo,
     env = worker_env(None if on_gpu else cpu_engine_environment())
     dataset = vllm_stage(dataset, folder, placement.settings.dtype, placement.workers,
                          placement.cpus, placement.gpus, per_call, env)
-    return dataset, per_call, {"generator": "vllm", "stop_ids": stops}
+    return dataset, per_call, {"stop_ids": stops}
 
 
 def _has_vllm_stage(info: RunInfo, generation: GenerationInfo | None) -> bool:

@@ -9,8 +9,8 @@
   sends them through a `ray.data.llm` vLLM engine stage, which adds the continuation ids;
   the lens actors then take a unit's worth of generated prompts per call.
 - `LensWorker` is the map_batches actor: it checks that it sees the store and the same
-  weights as the driver, loads the model once, and turns each unit into one row per prompt
-  (its long-format rows as Arrow IPC bytes, ready to commit).
+  weights as the driver, loads the model once, and turns each unit into one row per device
+  batch (its long-format rows, made by the local engine's host stage, as Arrow IPC bytes).
 - `StoreSink` is the Datasink: each write task commits its units through
   `store.writer.WorkerWriter` (commit lock, already committed prompts left out, parts named
   by prompt range), so retried tasks never commit a prompt twice.
@@ -38,15 +38,16 @@ from entropy_fast.store.schema import ENTROPY_SCHEMA
 from entropy_fast.store.writer import WorkerWriter
 
 PROFILED_SCHEMA = pa.schema([
-    ("prompt_id", pa.int32()),
-    ("text", pa.string()),
-    ("source_line", pa.int32()),
-    ("prompt_token_ids", pa.list_(pa.int32())),
-    ("n_tokens", pa.int32()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("texts", pa.list_(pa.string())),
+    ("source_lines", pa.list_(pa.int32())),
+    ("prompt_token_ids", pa.list_(pa.list_(pa.int32()))),
+    ("n_tokens", pa.list_(pa.int32())),
     ("layers", pa.list_(pa.int16())),
-    ("rows", pa.binary()),  # the prompt's ENTROPY_SCHEMA rows, an Arrow IPC record batch
+    ("rows", pa.binary()),  # the batch's ENTROPY_SCHEMA rows, an Arrow IPC record batch
 ])
-"""What a LensWorker returns: one row per profiled prompt."""
+"""What a LensWorker returns: one row per device batch, its prompts' fields as lists, its
+rows as `host_stage.batch_rows` makes them (the local engine's host stage)."""
 
 ENGINE_GPU_MEMORY = 0.45
 """Fraction of a GPU's total memory a vLLM engine of a Ray run takes: the engine shares the
@@ -123,15 +124,12 @@ class LensWorker:
         root, info: the store and the run record the driver registered.
         settings: how to load the model (device "cuda" on a GPU actor, else "cpu").
         threads: torch threads on a CPU actor.
-        generator: the generator of the continuations the units carry (a reused generation
-            stage's, or "vllm" after `vllm_stage`), or None.
         stop_ids: after `vllm_stage`: the ids a continuation ends at (what is generated
             after one is dropped, as the local vLLM generator does).
     """
 
     def __init__(self, source: str, root: str, info: RunInfo, settings: ModelSettings,
-                 threads: int, generator: str | None, stop_ids: set[int] | None = None
-                 ) -> None:
+                 threads: int, stop_ids: set[int] | None = None) -> None:
         self._faults = _Faults(actor=True)
         _check_node(source, root, info)
         import torch
@@ -144,32 +142,31 @@ class LensWorker:
         if self.profiler.layer_indices != info.layer_indices:
             raise StoreError(f"{source} has layers {self.profiler.layer_indices} on this "
                              f"node; run {info.run_id} has {info.layer_indices}")
-        self.sampling, self.generator, self.stop_ids = info.sampling, generator, stop_ids
+        self.sampling, self.stop_ids = info.sampling, stop_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._faults.unit_started()
         unit = _unit(batch, self.stop_ids)
-        positions = range(len(unit["prompt_ids"]))
         if unit["continuations"] is None:
-            stream = self.profiler.iter_prompt_ids(unit["token_ids"], self.sampling,
-                                                   texts=[""] * len(positions))
+            batches = self.profiler.prompt_id_batches(unit["token_ids"], self.sampling)
         else:
-            pairs = list(zip(unit["token_ids"], unit["continuations"], strict=True))
-            stream = self.profiler.profile_token_ids(pairs, unit["texts"],
-                                                     generator=self.generator)
-        profiles = dict(stream)
-        return pa.Table.from_pylist([self._row(unit, k, profiles[k]) for k in positions],
+            batches = self.profiler.token_id_batches(
+                list(zip(unit["token_ids"], unit["continuations"], strict=True)))
+        return pa.Table.from_pylist([self._row(unit, batch) for batch in batches],
                                     schema=PROFILED_SCHEMA)
 
-    def _row(self, unit: dict[str, Any], k: int, profile: Any) -> dict[str, Any]:
-        from entropy_fast.store.codec import profile_rows
+    def _row(self, unit: dict[str, Any], batch: Any) -> dict[str, Any]:
+        """One device batch of a unit (sequence k: the unit's k-th prompt) as a row."""
+        from entropy_fast.host_stage import batch_rows, prompt_token_ids
 
-        prompt_id = unit["prompt_ids"][k]
-        rows = profile_rows(prompt_id, profile, self.profiler.alphas)
-        return {"prompt_id": prompt_id, "text": unit["texts"][k],
-                "source_line": unit["source_lines"][k],
-                "prompt_token_ids": profile.metadata.get("prompt_token_ids") or [],
-                "n_tokens": profile.n_tokens, "layers": list(profile.layer_indices),
+        at = [s.index for s in batch.sequences]
+        prompt_ids = [unit["prompt_ids"][k] for k in at]
+        layers = self.profiler.layer_indices
+        rows = batch_rows(batch, prompt_ids, layers, self.profiler.alphas)
+        return {"prompt_ids": prompt_ids, "texts": [unit["texts"][k] for k in at],
+                "source_lines": [unit["source_lines"][k] for k in at],
+                "prompt_token_ids": [prompt_token_ids(s) for s in batch.sequences],
+                "n_tokens": [s.n_rows for s in batch.sequences], "layers": layers,
                 "rows": rows.serialize().to_pybytes()}
 
 
@@ -231,8 +228,10 @@ class StoreSink(Datasink):
             writer.step_hook = faults.commit_step
             for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
                 rows = pa.ipc.read_record_batch(pa.py_buffer(row["rows"]), ENTROPY_SCHEMA)
-                writer.add_rows(Prompt(row["prompt_id"], row["text"], row["source_line"]),
-                                rows, row["n_tokens"], row["layers"], row["prompt_token_ids"])
+                of_rows = [Prompt(*fields) for fields in zip(
+                    row["prompt_ids"], row["texts"], row["source_lines"], strict=True)]
+                writer.add_batch(of_rows, rows, row["n_tokens"], row["layers"],
+                                 row["prompt_token_ids"])
             writer.commit()
             prompts += sum(e.n_prompts for e in writer.entries)
             tokens += sum(e.n_tokens for e in writer.entries)

@@ -230,6 +230,10 @@ class _Entry:
     def shard_key(self) -> str:
         return f"s{self.shard}of{self.n_shards}"
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (`dataclasses.asdict` without its deep copy of every prompt id)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> Any:
         """Inverse of `dataclasses.asdict`; unknown keys are ignored."""

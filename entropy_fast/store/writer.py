@@ -34,7 +34,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +321,7 @@ class PartWriter:
         entry = self._entry(files, sums, tables, prompts)
         folder = self.store.manifest_dir(self.stage, self.info.run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / f"{self.info.shard_key}-{name}.json", asdict(entry))
+        write_json_atomic(folder / f"{self.info.shard_key}-{name}.json", entry.to_json())
         fsync_dir(folder)
         self.done.update(ids)
         self._step("entry")
