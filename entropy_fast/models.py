@@ -459,9 +459,17 @@ def load_tokenizer_and_config(model: str) -> tuple[Any, Any]:
 
 
 def tokenize_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Each text's token ids (the tokenizer's defaults), in one call of the tokenizer."""
+    """Each text's token ids as `tokenizer(text)["input_ids"]` gives them, in one batch call.
+
+    A fast tokenizer whose backend neither truncates nor pads is called directly: the
+    transformers wrapper then does nothing but costs ~30% of the time (20,000 prompts:
+    0.54 s vs 0.82 s for SmolLM2's tokenizer).
+    """
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)]
     return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
 
 

@@ -55,3 +55,21 @@ def test_vllm_stage_reads_tokenizer_and_config_from_the_gguf_file(smollm2_profil
     assert tokenizer.eos_token_id == smollm2_profiler.tokenizer.eos_token_id
     assert config.max_position_embeddings == smollm2_profiler.context_length
     assert config.num_hidden_layers == 30 and config.vocab_size == 49152
+
+
+TRICKY = ["The capital of France is", "  leading spaces", "émigré naïve café", "", "a\nb\tc",
+          "<|im_start|>user\nhi<|im_end|>", "x" * 300, "1, 2, 3, 4,", "def add(a, b):"]
+
+
+@pytest.mark.parametrize("which", ["smollm2", "tiny"])
+def test_batch_tokenization_equals_one_text_at_a_time(smollm2_profiler, which):
+    """tokenize_many (the backend's batch call) against the tokenizer's own per-text call."""
+    from entropy_fast.models import tokenize_many
+    from tests.tiny_models import tiny_tokenizer
+
+    tokenizer = smollm2_profiler.tokenizer if which == "smollm2" else tiny_tokenizer()
+    expected = [list(tokenizer(text)["input_ids"]) for text in TRICKY]
+    assert tokenize_many(tokenizer, TRICKY) == expected
+    tokenizer.backend_tokenizer.enable_truncation(4)  # a backend that truncates: the wrapper
+    assert tokenize_many(tokenizer, TRICKY) == expected
+    tokenizer.backend_tokenizer.no_truncation()
