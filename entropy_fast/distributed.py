@@ -4,7 +4,7 @@
 --ray` come here once `pipeline.profile_corpus` has read the settings, corpus and store. The
 driver (this process) joins or starts the cluster, places the actors (refusing what the
 cluster cannot run), settles each run's record and reused generation stage with
-`pipeline.plan_profile_runs` (the dtype being the workers'), then for each run:
+`runs.plan_profile_runs` (the dtype being the workers'), then for each run:
 
 1. drops the prompts the manifest holds, tokenizes the rest and applies the long-prompt
    policy exactly as the local engine does, before any model loads (so "fail" still stops
@@ -102,7 +102,7 @@ def profile_on_ray(engine: RayEngine, models: list[Any], corpus: Corpus, store: 
     store on a filesystem without locks (before a cluster starts), CUDA asked of a cluster
     without GPUs, more workers than the cluster can place.
     """
-    from entropy_fast.pipeline import plan_profile_runs
+    from entropy_fast.runs import plan_profile_runs
 
     for model in models:
         if not isinstance(model, (str, os.PathLike)):
@@ -218,7 +218,7 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
                  model: Any, generation: GenerationInfo | None, long_prompts: str,
                  part_rows: int, on_progress: Any) -> Any:
     from entropy_fast.models import model_label
-    from entropy_fast.pipeline import start_run
+    from entropy_fast.runs import resume, start_run
 
     result, pending = start_run(store, info, generation)
     if not pending:
@@ -228,11 +228,7 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
                                             long_prompts)
     with store.writer(info, rows_per_part=part_rows, shared=True) as writer:
         writer.register_layers(layers, revision)
-        pending = writer.pending
-        result.done_before = len(info.prompt_ids) - len(pending)
-        if result.done_before:
-            log.info("%s: resuming run %s: %d of %d prompts already committed", info.model,
-                     info.run_id, result.done_before, len(info.prompt_ids))
+        pending = resume(writer, result)
         prompts = _pending_prompts(store, corpus, pending, tokens, generation)
         result.skipped = tuple(sorted(set(pending) - {p["prompt_id"] for p in prompts}))
         rows_per_token = len(layers) * len(info.lens.alphas)
@@ -261,13 +257,13 @@ def _model_files(source: str, info: RunInfo, corpus: Corpus, pending: list[int],
     the local engine tokenizes them); None when a stored generation gives the ids.
     """
     from entropy_fast.models import TokenizerOnly
-    from entropy_fast.pipeline import _tokenized  # the local engine's tokens and policy
     from entropy_fast.profiler import select_layers
+    from entropy_fast.runs import tokenize_pending  # the local engine's tokens and policy
 
     with TokenizerOnly(source) as files:
         n_blocks = files.config.get_text_config().num_hidden_layers
         layers = select_layers(n_blocks, info.lens.layer_stride)
-        tokens = None if generation else _tokenized(files, corpus, pending, info.sampling,
+        tokens = None if generation else tokenize_pending(files, corpus, pending, info.sampling,
                                                     long_prompts)
         return layers, files.revision, tokens
 

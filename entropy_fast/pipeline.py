@@ -4,16 +4,18 @@
 `generate_corpus` stores continuations (a generation stage) that a later
 `profile_corpus` with the same model, corpus and sampling profiles instead of generating.
 Both are what `entropy-fast profile` / `generate` run, and what a scheduler (SLURM, Ray)
-calls per shard. Each run shard:
+calls per shard; `engine="ray"` hands the same runs to `distributed`. Each run shard
+(steps 1-3 are `runs`', the same for every engine):
 
 1. settles its record (identity: model label and weights fingerprint, corpus, settings)
    and whether a stored generation stage serves it, before any model loads;
 2. tokenizes its pending prompts with the model's tokenizer and checks their lengths
    against the context window (fail, skip or truncate), before any model loads;
 3. takes the shard's lock and registers in the store, then loads the model;
-4. profiles in waves sized to about half of `flush_seconds` each, committing a part at
-   the end of a wave when half of `flush_seconds` has passed: a kill loses at most
-   `flush_seconds` of work, and a rerun resumes where the manifest says.
+4. profiles in waves sized to about half of `flush_seconds` each, the device's batches
+   handed to a background writer stage (`host_stage`) that turns each into rows and
+   commits a part at the end of a wave when half of `flush_seconds` has passed: a kill
+   loses at most `flush_seconds` of work, and a rerun resumes where the manifest says.
 """
 
 from __future__ import annotations
@@ -23,50 +25,33 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entropy_fast.corpus import Corpus, Prompt, read_corpus
+from entropy_fast.corpus import Corpus, read_corpus
 from entropy_fast.errors import ConfigError
 from entropy_fast.host_stage import WriterStage
-from entropy_fast.models import identify
+from entropy_fast.runs import (
+    LONG_PROMPTS,
+    RunResult,
+    is_profiler,
+    model_names,
+    plan_profile_runs,
+    resume,
+    run_identity,
+    settle_record,
+    start_run,
+    tokenize_pending,
+)
 from entropy_fast.settings import LensSettings, ModelSettings, SamplingSettings, split_options
-from entropy_fast.store import GENERATION, PROFILE, GenerationInfo, RunInfo, Store, StoreError
+from entropy_fast.store import GENERATION, GenerationInfo, RunInfo, Store
 
 log = logging.getLogger("entropy_fast")
-
-LONG_PROMPTS = ("fail", "skip", "truncate_left", "truncate_right")
-"""What to do with a prompt longer than the context window allows."""
 
 Progress = Callable[[str, int, int, int], None]
 """on_progress(label, prompts done, tokens done, prompts in all), called once as a run starts
 and then per batch. Prompts count the whole run shard (those a resumed run found committed
 included), tokens only what this call profiled."""
-
-
-@dataclass
-class RunResult:
-    """What one run shard of `profile_corpus` / `generate_corpus` did.
-
-    info: its record. done_before: prompts already committed when it started (a resume).
-    prompts, tokens: profiled (or generated) by this call. skipped: prompt ids left out as
-    too long (with long_prompts="skip"). seconds: time spent profiling (generating),
-    model loading excluded. generation: the stored generation stage it profiled, if any.
-    """
-
-    info: RunInfo | GenerationInfo
-    done_before: int = 0
-    prompts: int = 0
-    tokens: int = 0
-    skipped: tuple[int, ...] = ()
-    seconds: float = 0.0
-    generation: str | None = None
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Tokens profiled per second of profiling (0 when nothing was done)."""
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def as_corpus(corpus: Corpus | str | Path | Sequence[str] | None, **read_options: Any
@@ -134,29 +119,6 @@ def profile_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Se
             for info, model, generation in runs]
 
 
-PlannedRun = tuple[RunInfo, Any, "GenerationInfo | None"]
-"""A profile run as `plan_profile_runs` settles it: its record, its model, and the stored
-generation stage whose continuations it profiles (None: it generates, or profiles text)."""
-
-
-def plan_profile_runs(models: list[Any], corpus: Corpus, store: Store, lens: LensSettings,
-                      sampling: SamplingSettings, settings: ModelSettings, *,
-                      shard: tuple[int, int] = (0, 1), run_id: str | None = None,
-                      names: Sequence[str] | None = None) -> list[PlannedRun]:
-    """Each model's run record and source, before any model loads or anything is written.
-
-    This is what an engine (this module's, or `distributed`'s on Ray) then runs; arguments
-    as in `profile_corpus`, settings as objects.
-    """
-    infos = [RunInfo(**_identity(model, name, corpus, sampling, _own(model, settings), shard),
-                     lens=_own(model, lens), run_id=run_id or "")
-             for model, name in zip(models, _names(names, models), strict=True)]
-    # Every run's source is settled before any model loads or any record is written: a
-    # run that cannot start (an unfinished generation stage) leaves the store as it was.
-    sources = [reusable_generation(store, info) for info in infos]
-    return list(zip(infos, models, sources, strict=True))
-
-
 def generate_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | Sequence[str]
                     | None, store: Store | str | Path, *,
                     sampling: SamplingSettings | None = None,
@@ -181,70 +143,14 @@ def generate_corpus(models: Any | Sequence[Any], corpus: Corpus | str | Path | S
     _check_long_prompts(long_prompts)
     _check_generator(settings)
     store = store if isinstance(store, Store) else Store(store, create=True)
-    infos = [GenerationInfo(**_identity(model, name, corpus, sampling, settings, shard))
-             for model, name in zip(models, _names(names, models), strict=True)]
+    infos = [GenerationInfo(**run_identity(model, name, corpus, sampling, settings, shard))
+             for model, name in zip(models, model_names(names, models), strict=True)]
     return [_generate_run(store, info, model, corpus, settings, long_prompts, part_prompts,
                           on_progress, generator_options or {})
             for info, model in zip(infos, models, strict=True)]
 
 
-def reusable_generation(store: Store, info: RunInfo) -> GenerationInfo | None:
-    """The stored generation stage whose continuations this profile run should use.
-
-    None when the run does not generate, has nothing pending, or no stage with its model,
-    weights, corpus, sampling, dtype and generator exists. A stage that lacks some of the
-    run's pending prompts is an error (finish it first) rather than a silent mix of stored
-    and fresh continuations. Reads the store only: prompts committed later by another
-    process only shrink what is pending, so the answer stays right.
-    """
-    if not info.sampling.generating:
-        return None
-    pending = store.pending(PROFILE, info)
-    wanted = info.generation_identity()
-    if not pending or all(r.run_id != wanted.run_id for r in store.generations()):
-        return None
-    stored = {i for e in store.entries(GENERATION, wanted.run_id) for i in e.prompt_ids}
-    missing = [i for i in pending if i not in stored]
-    if missing:
-        raise StoreError(
-            f"generation {wanted.run_id} of {info.model} in {store.root} lacks {len(missing)} "
-            f"of the prompts to profile (e.g. prompt {missing[0]})",
-            "run `entropy-fast generate` again with the same model, corpus and generation "
-            "settings to finish it first")
-    return wanted
-
-
 # -- one profile run ----------------------------------------------------------------------
-
-
-def start_run(store: Store, info: RunInfo, generation: GenerationInfo | None
-              ) -> tuple[RunResult, list[int]]:
-    """The result of a run before it starts, and its pending prompts (none: it is
-    complete, which is logged). Every engine starts a run this way."""
-    pending = store.pending(PROFILE, info)
-    result = RunResult(info, done_before=len(info.prompt_ids) - len(pending),
-                       generation=generation.run_id if generation else None)
-    if not pending:
-        log.info("%s: run %s is complete in %s; nothing to do", info.model, info.run_id,
-                 store.root)
-        settle_record(store, PROFILE, info)
-    return result, pending
-
-
-def settle_record(store: Store, stage: Any, info: RunInfo | GenerationInfo) -> None:
-    """Record as complete a shard whose prompts are all committed but whose record says
-    otherwise: a kill after the last commit and before the final status left it "running".
-    A shard another process holds is left to that process, which records its status."""
-    record = store.record(stage, info.run_id, info.shard_key)
-    if record is None or record.status == "complete":
-        return
-    try:
-        store.writer(info).close()  # nothing pending: closing records "complete"
-    except StoreError as err:
-        log.info("%s: %s; it records the status itself", info.model, err.message)
-        return
-    log.info("%s: %s %s said %r with every prompt committed; recorded it complete",
-             info.model, stage.name, info.run_id, record.status)
 
 
 def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
@@ -257,13 +163,9 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
     work = None
     if generation is None:  # over-long prompts are found before anything heavy loads
         with _tokenizer(model) as tokenizer:
-            work = _tokenized(tokenizer, corpus, pending, info.sampling, long_prompts)
+            work = tokenize_pending(tokenizer, corpus, pending, info.sampling, long_prompts)
     with store.writer(info, rows_per_part=part_rows, flush_seconds=flush_seconds) as writer:
-        pending = writer.pending
-        result.done_before = len(info.prompt_ids) - len(pending)
-        if result.done_before:
-            log.info("%s: resuming run %s: %d of %d prompts already committed", info.model,
-                     info.run_id, result.done_before, len(info.prompt_ids))
+        pending = resume(writer, result)
         with _profiler(model, info.lens, settings) as profiler, \
                 WriterStage(writer, corpus.prompts.__getitem__, profiler.layer_indices,
                             info.lens.alphas) as stage:
@@ -282,24 +184,11 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
     return result
 
 
-def _own(model: Any, settings: Any) -> Any:
-    """A given profiler's own settings of the kind of `settings`, else `settings`."""
-    if not _is_profiler(model):
-        return settings
-    return model.lens_settings if isinstance(settings, LensSettings) else model.model_settings
-
-
-def _is_profiler(model: Any) -> bool:
-    """Whether `model` is an EntropyProfiler (checked by shape: importing the class would
-    load torch, and tests replace it)."""
-    return hasattr(model, "lens_settings") and hasattr(model, "iter_prompt_ids")
-
-
 @contextmanager
 def _tokenizer(model: Any) -> Iterator[Any]:
     """Something with tokenize() and context_length: a given profiler, or the model's
     tokenizer and config alone."""
-    if _is_profiler(model):
+    if is_profiler(model):
         yield model
         return
     from entropy_fast.models import TokenizerOnly
@@ -312,7 +201,7 @@ def _tokenizer(model: Any) -> Iterator[Any]:
 def _profiler(model: Any, lens: LensSettings, settings: ModelSettings) -> Iterator[Any]:
     """A profiler of `model` with these settings: a given one as it is (it must match),
     or one loaded now and unloaded afterwards."""
-    if _is_profiler(model):
+    if is_profiler(model):
         if model.lens_settings != lens:
             raise ConfigError("the given EntropyProfiler profiles with other lens settings "
                               f"({model.lens_settings}) than the run ({lens})")
@@ -407,14 +296,10 @@ def _generate_run(store: Store, info: GenerationInfo, model: Any, corpus: Corpus
         settle_record(store, GENERATION, info)
         return result
     with _tokenizer(model) as tokenizer:
-        work = _tokenized(tokenizer, corpus, pending, info.sampling, long_prompts)
+        work = tokenize_pending(tokenizer, corpus, pending, info.sampling, long_prompts)
     with store.writer(info, rows_per_part=part_prompts, flush_seconds=math.inf) as writer, \
             _load_generation(model, info, settings, generator_options) as loaded:
-        pending = writer.pending
-        result.done_before = len(info.prompt_ids) - len(pending)
-        if result.done_before:
-            log.info("%s: resuming generation %s: %d of %d prompts already committed",
-                     info.model, info.run_id, result.done_before, len(info.prompt_ids))
+        pending = resume(writer, result)
         writer.info.revision = loaded.revision
         result.skipped = tuple(i for i in pending if i not in work)
         work = {i: work[i] for i in pending if i in work}
@@ -476,46 +361,6 @@ class _HFGeneration:
 # -- shared steps -------------------------------------------------------------------------
 
 
-def _tokenized(model: Any, corpus: Corpus, pending: Sequence[int],
-               sampling: SamplingSettings, long_prompts: str) -> dict[int, list[int]]:
-    """prompt_id -> token ids of the pending prompts, over-long ones handled per
-    `long_prompts` (all checked before any work); skipped prompts are left out."""
-    limit = model.context_length
-    budget = None if limit is None else limit - sampling.max_new_tokens
-    minimum = 1 if sampling.generating else 2
-    work: dict[int, list[int]] = {}
-    tokenized = model.tokenize_many([corpus.prompts[i].text for i in pending])
-    for prompt_id, ids in zip(pending, tokenized, strict=True):
-        prompt = corpus.prompts[prompt_id]
-        if budget is not None and len(ids) > budget:
-            if long_prompts == "fail":
-                raise _too_long(corpus, prompt, len(ids), limit, sampling)
-            if long_prompts == "skip":
-                log.warning("skipping %s line %d: %d tokens, over the %d the context window "
-                            "leaves", corpus.path, prompt.source_line, len(ids), budget)
-                continue
-            ids = ids[-budget:] if long_prompts == "truncate_left" else ids[:budget]
-        if len(ids) < minimum:
-            raise ConfigError(f"{corpus.path} line {prompt.source_line}: the prompt has "
-                              f"{len(ids)} token; text mode needs at least 2 (rows are "
-                              "tokens 1..T-1)", "use max_new_tokens > 0",
-                              param="max_new_tokens")
-        work[prompt_id] = ids
-    return work
-
-
-def _too_long(corpus: Corpus, prompt: Prompt, n_tokens: int, limit: int,
-              sampling: SamplingSettings) -> ConfigError:
-    new = f" + {sampling.max_new_tokens} new tokens" if sampling.generating else ""
-    hint = ("skip or truncate over-long prompts (long_prompts='skip', 'truncate_left' or "
-            "'truncate_right')")
-    if sampling.generating:
-        hint += ", or lower max_new_tokens"
-    return ConfigError(f"{corpus.path} line {prompt.source_line} (prompt {prompt.prompt_id}) "
-                       f"has {n_tokens} tokens{new}: more than the model's context window of "
-                       f"{limit}", hint, param="long_prompts")
-
-
 def _settings(lens: LensSettings | None, sampling: SamplingSettings | None,
               settings: ModelSettings | None, options: dict[str, Any]
               ) -> tuple[LensSettings, SamplingSettings, ModelSettings]:
@@ -554,37 +399,10 @@ def _as_list(models: Any) -> list[Any]:
     if not models:
         raise ConfigError("no models given", "name at least one model")
     for model in models:
-        if hasattr(model, "parameters") and not _is_profiler(model):
+        if hasattr(model, "parameters") and not is_profiler(model):
             raise ConfigError("a corpus run takes model names or paths, or EntropyProfiler "
                               "objects, not a bare model object",
                               "wrap it: EntropyProfiler(model, tokenizer=tokenizer)")
     return models
 
 
-def _names(names: Sequence[str] | None, models: list[Any]) -> list[str | None]:
-    if names is None:
-        return [None] * len(models)
-    if len(names) != len(models):
-        raise ConfigError(f"{len(names)} names for {len(models)} models", param="names")
-    return list(names)
-
-
-def _identity(model: Any, name: str | None, corpus: Corpus, sampling: SamplingSettings,
-              settings: ModelSettings, shard: tuple[int, int]) -> dict[str, Any]:
-    """The record fields every stage shares, computed without loading the model."""
-    if _is_profiler(model):
-        model = model._source if isinstance(model._source, str) else model.model
-    identity = identify(model, name)
-    return {"model": identity.label, "source": identity.source, "weights": identity.weights,
-            "corpus": corpus.path, "corpus_sha256": corpus.fingerprint,
-            "n_prompts": len(corpus), "sampling": sampling, "dtype": _dtype_name(settings),
-            "generator": settings.generator, "quantization": settings.quantization,
-            "shard": shard[0], "n_shards": shard[1]}
-
-
-def _dtype_name(settings: ModelSettings) -> str:
-    """The dtype the model will run in ('float32', 'bfloat16', ...)."""
-    from entropy_fast.models import resolve_device, resolve_dtype
-
-    device = resolve_device(settings.device)
-    return str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")

@@ -140,7 +140,7 @@ def test_a_run_that_reuses_stored_continuations_gives_its_lens_actors_whole_gpus
     from types import SimpleNamespace
 
     import entropy_fast.distributed as distributed
-    import entropy_fast.pipeline as pipeline
+    import entropy_fast.runs as runs
 
     @contextmanager
     def gpu_cluster(engine, actors_per_worker):
@@ -151,7 +151,7 @@ def test_a_run_that_reuses_stored_continuations_gives_its_lens_actors_whole_gpus
     fresh = SimpleNamespace(sampling=sampling, generator="vllm")
     stored = SimpleNamespace(run_id="g")
     monkeypatch.setattr(distributed, "ray_cluster", gpu_cluster)
-    monkeypatch.setattr(pipeline, "plan_profile_runs", lambda *a, **k: [
+    monkeypatch.setattr(runs, "plan_profile_runs", lambda *a, **k: [
         (fresh, "m1", None), (fresh, "m2", stored)])
     placed = []
     monkeypatch.setattr(distributed, "_profile_run",
