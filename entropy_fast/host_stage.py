@@ -55,60 +55,22 @@ def prompt_token_ids(sequence: Any) -> list[int]:
 _COMMIT, _STOP = object(), object()
 
 
-class WriterStage:
-    """A RunWriter fed with device batches on a background thread (see the module doc).
+class _Worker:
+    """A thread that calls `handle(item)` for each item put, in order, behind a bounded
+    queue. Its first error is kept and raised by `put` and `close`; after it, items are
+    drained unhandled, so that whoever puts never waits forever."""
 
-    Args:
-        writer: the run's `store.writer.RunWriter`; only this stage's thread uses it while
-            the stage is open.
-        prompt: prompt id -> its `corpus.Prompt` (text, source line).
-        layers, alphas: the run's hidden-state indices and Rényi orders.
-        max_batches: batches queued at most before `put` waits.
-    """
-
-    def __init__(self, writer: Any, prompt: Callable[[int], Any], layers: Sequence[int],
-                 alphas: Sequence[float], max_batches: int = QUEUED_BATCHES) -> None:
-        self.writer, self.prompt = writer, prompt
-        self.layers, self.alphas = list(layers), tuple(alphas)
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
-        self._thread = threading.Thread(target=self._run, name="entropy-fast-writer",
-                                        daemon=True)
+    def __init__(self, name: str, handle: Callable[[Any], None], max_items: int) -> None:
+        self.handle, self.error = handle, None
+        self._queue: queue.Queue = queue.Queue(maxsize=max_items)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def put(self, batch: Any, prompt_ids: Sequence[int]) -> None:
-        """Queue a ProfiledBatch whose sequence k is prompt prompt_ids[k]; waits while the
-        queue is full; raises the stage's error if its writer failed."""
-        self._put((batch, list(prompt_ids)))
-
-    def commit(self) -> None:
-        """Commit what is buffered once the batches queued before are written."""
-        self._put(_COMMIT)
-
-    def close(self) -> None:
-        """Write what is queued, stop the thread; raises the writer's error if it failed."""
-        if self._thread.is_alive():
-            self._put(_STOP, check=False)
-            self._thread.join()
-        self._raise_if_failed()
-
-    def __enter__(self) -> WriterStage:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is None:
-            self.close()
-            return
-        # The body failed: write what was queued (all of it is valid), then let its
-        # exception go on; the writer's own error, if any, is the run writer's to record.
-        if self._thread.is_alive():
-            self._put(_STOP, check=False)
-            self._thread.join()
-
-    def _put(self, item: Any, check: bool = True) -> None:
+    def put(self, item: Any, check: bool = True) -> None:
+        """Queue `item`, waiting while the queue is full; raise the worker's error first."""
         while True:
-            if check:
-                self._raise_if_failed()
+            if check and self.error is not None:
+                raise self.error
             try:
                 self._queue.put(item, timeout=0.1)
                 return
@@ -116,28 +78,86 @@ class WriterStage:
                 if not self._thread.is_alive():
                     return
 
-    def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def stop(self) -> None:
+        """Handle what is queued, then end the thread (the error, if any, stays kept)."""
+        if self._thread.is_alive():
+            self.put(_STOP, check=False)
+            self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
+        while (item := self._queue.get()) is not _STOP:
             if self.error is not None:
-                continue  # after a failure, drain so that the device's thread never waits
+                continue
             try:
-                if item is _COMMIT:
-                    self.writer.commit()
-                else:
-                    self._write(*item)
-            except BaseException as err:  # handed to the device's thread by put/close
+                self.handle(item)
+            except BaseException as err:  # handed over by put / close
                 self.error = err
 
-    def _write(self, batch: Any, prompt_ids: list[int]) -> None:
-        rows = batch_rows(batch, prompt_ids, self.layers, self.alphas)
+
+class WriterStage:
+    """A RunWriter fed with device batches on background threads (see the module doc).
+
+    Two threads, each behind a bounded queue: one turns batches into rows (numpy, Arrow),
+    the other hands them to the writer, whose Parquet encoding releases the GIL, so
+    encoding a part overlaps the rows of the next batches and the device's own thread.
+
+    Args:
+        writer: the run's `store.writer.RunWriter`; only this stage uses it while open.
+        prompt: prompt id -> its `corpus.Prompt` (text, source line).
+        layers, alphas: the run's hidden-state indices and Rényi orders.
+        max_batches: batches queued at most, per thread, before `put` waits.
+    """
+
+    def __init__(self, writer: Any, prompt: Callable[[int], Any], layers: Sequence[int],
+                 alphas: Sequence[float], max_batches: int = QUEUED_BATCHES) -> None:
+        self.writer, self.prompt = writer, prompt
+        self.layers, self.alphas = list(layers), tuple(alphas)
+        self._writes = _Worker("entropy-fast-writer", self._write, max_batches)
+        self._rows = _Worker("entropy-fast-rows", self._to_rows, max_batches)
+
+    def put(self, batch: Any, prompt_ids: Sequence[int]) -> None:
+        """Queue a ProfiledBatch whose sequence k is prompt prompt_ids[k]; waits while the
+        queue is full; raises the writer's error if it failed."""
+        self._rows.put((batch, list(prompt_ids)))
+
+    def commit(self) -> None:
+        """Commit what is buffered once the batches queued before are written."""
+        self._rows.put(_COMMIT)
+
+    def close(self) -> None:
+        """Write what is queued, stop the threads; raises the writer's error if it failed."""
+        self._stop()
+        for worker in (self._rows, self._writes):
+            if worker.error is not None:
+                raise worker.error
+
+    def __enter__(self) -> WriterStage:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # write what was queued (all of it is valid) and let the body's error go on
+            self._stop()
+
+    def _stop(self) -> None:
+        self._rows.stop()
+        self._writes.stop()
+
+    def _to_rows(self, item: Any) -> None:
+        if item is _COMMIT:
+            self._writes.put(_COMMIT)
+            return
+        batch, prompt_ids = item
         sequences = batch.sequences
-        self.writer.add_batch([self.prompt(i) for i in prompt_ids], rows,
-                              [s.n_rows for s in sequences], self.layers,
-                              [prompt_token_ids(s) for s in sequences])
+        self._writes.put(([self.prompt(i) for i in prompt_ids],
+                          batch_rows(batch, prompt_ids, self.layers, self.alphas),
+                          [s.n_rows for s in sequences],
+                          [prompt_token_ids(s) for s in sequences]))
+
+    def _write(self, item: Any) -> None:
+        if item is _COMMIT:
+            self.writer.commit()
+            return
+        prompts, rows, n_tokens, token_ids = item
+        self.writer.add_batch(prompts, rows, n_tokens, self.layers, token_ids)

@@ -247,7 +247,8 @@ class PartWriter:
                            or prompt_ids.count(i) > 1)
             raise StoreError(f"prompt {again[0]} is already committed or buffered in run "
                              f"{self.info.run_id}")
-        outside = [i for i in prompt_ids if i not in self.info.prompt_ids]
+        owned = self.info.prompt_ids
+        outside = [i for i in prompt_ids if i not in owned]
         if outside:
             raise StoreError(f"prompt {outside[0]} does not belong to shard "
                              f"{self.info.shard_key} of run {self.info.run_id}")
