@@ -37,6 +37,12 @@ from entropy_fast.entropy import (
     validate_alphas,
 )
 from entropy_fast.forward import StateTap, find_decoder_layers
+from entropy_fast.kernel_check import (
+    Tolerance,
+    error_summary,
+    token_disagreement,
+    value_disagreement,
+)
 
 if TYPE_CHECKING:  # the kernels import triton: only where the kernel runs
     from entropy_fast.kernels.lens_entropy import KernelConfig
@@ -302,7 +308,7 @@ class Lens:
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as error:  # compile errors, launch failures, bad resources
-            return None, f"it raised {_summary(error)}"
+            return None, f"it raised {error_summary(error)}"
         failure = self._kernel_disagreement(hidden, stats, alphas, normed, targets)
         return (stats, None) if failure is None else (None, failure)
 
@@ -315,9 +321,10 @@ class Lens:
         the kernel alone and not the bf16 rounding of the model's own norm, which moves
         entropies by up to ~2e-2 nats on real bf16 models (docs/kernel.md). What remains is
         the fp32 rounding of the logits (proportional to the row's largest |logit|), or TF32
-        where the user enabled it for torch's GEMMs: `_Tolerance`. A broken kernel misses
-        by far more. The argmax and the target's rank are discrete: near ties may flip, so
-        they are judged on the sample's fp32 logits (`_token_disagreement`).
+        where the user enabled it for torch's GEMMs (`kernel_check.Tolerance`). A broken
+        kernel misses by far more. The argmax and the target's rank are discrete: near ties
+        may flip, so they are judged on the sample's fp32 logits
+        (`kernel_check.token_disagreement`).
         """
         count = min(len(hidden), CHECK_ROWS)  # evenly spaced, first and last included
         index = torch.arange(count, device=hidden.device) * (len(hidden) - 1) // max(count - 1, 1)
@@ -327,16 +334,16 @@ class Lens:
                                      stats.top_token is not None)
         got = stats.rows(index)
         logits = self._exact_logits(rows)  # (<= CHECK_ROWS x V) float32, once per lens
-        tolerance = _Tolerance.of(self.head.weight.dtype, logits)
+        tolerance = Tolerance.of(self.head.weight.dtype, logits)
         checks = [(f"entropy (alpha={a:g})", got.entropy[:, i], ref.entropy[:, i])
                   for i, a in enumerate(alphas)]
         if targets is not None:
             checks.append(("target surprisal", got.target_surprisal, ref.target_surprisal))
         for name, kernel, torch_value in checks:
-            failure = _value_disagreement(name, kernel, torch_value, index, tolerance)
+            failure = value_disagreement(name, kernel, torch_value, index, tolerance)
             if failure is not None:
                 return failure
-        return _token_disagreement(logits, got, ref, row_targets, index, tolerance)
+        return token_disagreement(logits, got, ref, row_targets, index, tolerance)
 
     def _kernel_rows(self, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
         """The normed rows the kernel multiplies for `hidden` (see kernel_statistics)."""
@@ -455,91 +462,6 @@ def _logit_scale(config) -> float:
     if isinstance(divisor, (int, float)) and divisor:
         return 1.0 / float(divisor)
     return 1.0
-
-
-@dataclass(frozen=True)
-class _Tolerance:
-    """|kernel - torch| allowed in the kernel check, per sampled row, in nats: on entropies,
-    surprisals and (near ties) logits alike, atol + rtol |value| + zrel max_v |z_v|.
-
-    fp32 (torch's GEMMs at "highest" precision): 1e-3 + 1e-3 |value| + 4e-6 max|z|, as
-    each backend is within ~2e-7 max|z| of float64 (docs/kernel.md). bf16/fp16 heads, and
-    fp32 heads where TF32 is allowed (the torch side then rounds its operands to 10
-    bits): 2e-2 + 1e-2 |value| + 1e-3 max|z|. On the tests' case table (all zero, nearly
-    one-hot, near-uniform rows, |z| ~ 1e4) the real kernel uses at most 1.2% (fp32) and
-    0.01% (bf16) of these; a broken one (a wrong tile, mask or merge) misses by far more.
-    """
-
-    atol: float
-    rtol: float
-    zrel: float
-    scale: torch.Tensor  # (n,) each row's largest |logit|
-
-    @classmethod
-    def of(cls, dtype: torch.dtype, logits: torch.Tensor) -> _Tolerance:
-        exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-        atol, rtol, zrel = (1e-3, 1e-3, 4e-6) if exact else (2e-2, 1e-2, 1e-3)
-        return cls(atol, rtol, zrel, logits.abs().amax(1).double())
-
-    def allowed(self, values: torch.Tensor) -> torch.Tensor:
-        """(n,) or (n x k) allowed differences around `values` of the same rows."""
-        scale = self.scale if values.ndim == 1 else self.scale[:, None]
-        return self.atol + self.rtol * values.double().abs() + self.zrel * scale
-
-
-def _value_disagreement(name: str, kernel: torch.Tensor, reference: torch.Tensor,
-                        index: torch.Tensor, tolerance: _Tolerance) -> str | None:
-    """The worst row where the kernel's value is off by more than the tolerance, or is
-    non-finite where torch's is finite (or the reverse); None if there is none."""
-    kernel, reference = kernel.double(), reference.double()
-    allowed = tolerance.allowed(reference.nan_to_num())
-    finite = kernel.isfinite() & reference.isfinite()
-    excess = ((kernel - reference).abs() / allowed).where(finite, 0.0)
-    excess = excess.where(finite | (kernel.isfinite() == reference.isfinite()), torch.inf)
-    worst = int(excess.argmax())
-    if not excess[worst] > 1:
-        return None
-    return (f"{name} at row {int(index[worst])}: kernel {float(kernel[worst]):.6g}, torch "
-            f"{float(reference[worst]):.6g}, tolerance {float(allowed[worst]):.3g}")
-
-
-def _token_disagreement(logits: torch.Tensor, got: LensStatistics, ref: LensStatistics,
-                        targets: torch.Tensor | None, index: torch.Tensor,
-                        tolerance: _Tolerance) -> str | None:
-    """Argmax and target rank may differ from torch's only within a near tie: the kernel's
-    top token's logit within tolerance of the row's maximum; its rank off by at most the
-    number of other tokens whose logits are within tolerance of the target's."""
-    vocab = logits.shape[1]
-    if got.top_token is not None and not torch.equal(got.top_token, ref.top_token):
-        picked = logits.gather(1, got.top_token.clamp(0, vocab - 1)[:, None])[:, 0]
-        best = logits.amax(1)
-        bad = (best - picked > tolerance.allowed(best)) | (got.top_token < 0) | (
-            got.top_token >= vocab)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            return (f"top token at row {int(index[i])}: kernel {int(got.top_token[i])} "
-                    f"(logit {float(picked[i]):.6g}), torch {int(ref.top_token[i])} "
-                    f"(logit {float(best[i]):.6g})")
-    if targets is not None and not torch.equal(got.target_rank, ref.target_rank):
-        valid = (targets >= 0) & (targets < vocab)
-        z = logits.gather(1, targets.clamp(0, vocab - 1)[:, None])
-        near = ((logits - z).abs() <= tolerance.allowed(z[:, 0])[:, None]).sum(1) - 1
-        off = (got.target_rank - ref.target_rank).abs()
-        bad = torch.where(valid, off > near, off != 0)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            return (f"target rank at row {int(index[i])}: kernel {int(got.target_rank[i])}, "
-                    f"torch {int(ref.target_rank[i])} ({int(near[i])} tokens in a near tie)")
-    return None
-
-
-def _summary(error: BaseException) -> str:
-    """One line for an exception: its type, its message's first line and (Triton's
-    compile errors put the cause last) its last line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = " ... ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
