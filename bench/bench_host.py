@@ -35,7 +35,9 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -50,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from entropy_fast.pipeline import profile_corpus  # noqa: E402
 from entropy_fast.profiler import EntropyProfiler  # noqa: E402
+from entropy_fast.store import layout  # noqa: E402
+from entropy_fast.store import writer as writer_module  # noqa: E402
 from entropy_fast.store.schema import ENTROPY_SCHEMA  # noqa: E402
 from entropy_fast.store.writer import _ENTROPY_OPTIONS  # noqa: E402
 from tests.tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
@@ -126,10 +130,56 @@ class Shift(torch.nn.Module):
         return hidden_states + 0.01
 
 
-def store_run(model: Path, corpus: Path, store: Path, seconds_per_row: float | None) -> dict:
+class PeakMemory:
+    """The largest resident set of this process while it is entered, sampled every 5 ms
+    (ru_maxrss cannot be reset between runs of one process)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = rss_mb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@contextmanager
+def slow_disk(seconds_per_part: float):
+    """Every committed file takes `seconds_per_part` longer to write (a slow disk)."""
+    if not seconds_per_part:
+        yield
+        return
+    original = layout.write_atomic
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds_per_part)
+        return original(*args, **kwargs)
+
+    writer_module.write_atomic = slow
+    try:
+        yield
+    finally:
+        writer_module.write_atomic = original
+
+
+def store_run(model: Path, corpus: Path, store: Path, seconds_per_row: float | None,
+              seconds_per_part: float = 0.0) -> dict:
     """One profile_corpus run into a fresh store; its figures. seconds_per_row: the stub
     device's time per row, or None for the real model with its blocks replaced by `Shift`
-    (the forward and the lens then run for real, on this CPU)."""
+    (the forward and the lens then run for real, on this CPU); seconds_per_part: a slow
+    disk's extra time per file written."""
     profiler = EntropyProfiler(str(model), threads=1)
     stub = StubDevice(len(profiler.layer_indices), 1, seconds_per_row or 0.0)
     if seconds_per_row is None:
@@ -138,14 +188,17 @@ def store_run(model: Path, corpus: Path, store: Path, seconds_per_row: float | N
     else:
         profiler._forward = lambda batch, keep_states=False: stub(profiler, batch, keep_states)
     cpu, start = cpu_seconds(), time.perf_counter()
-    (result,) = profile_corpus(profiler, corpus, store, max_new_tokens=0)
+    with PeakMemory() as memory, slow_disk(seconds_per_part):
+        (result,) = profile_corpus(profiler, corpus, store, max_new_tokens=0,
+                                   part_rows=1 << 18 if seconds_per_part else 1 << 20)
     wall = time.perf_counter() - start
     cpu = cpu_seconds() - cpu
     rows = result.tokens * len(profiler.layer_indices)
     return {"seconds": wall, "loop_seconds": result.seconds, "prompts": result.prompts,
             "tokens": result.tokens, "rows": rows, "tokens_per_s": result.tokens / wall,
             "rows_per_s": rows / wall, "prompts_per_s": result.prompts / wall,
-            "cores_used": cpu / wall, "device_seconds": stub.rows * (seconds_per_row or 0.0)}
+            "cores_used": cpu / wall, "device_seconds": stub.rows * (seconds_per_row or 0.0),
+            "peak_rss_growth_mb": memory.peak - memory.start}
 
 
 def bare_write(n_rows: int, n_layers: int, folder: Path) -> float:
@@ -184,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--device-rate", type=float, default=GOAL_TOKENS_PER_SECOND,
                         help="the device's tokens/s for the end-to-end runs")
+    parser.add_argument("--slow-disk", type=float, default=0.2,
+                        help="seconds a slow disk adds to each file written ('slow disk' "
+                             "mode, parts of 2^18 rows: the device runs ahead of the disk)")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -199,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             workload = WORKLOADS[name]
             corpus = write_corpus(folder, workload)
             for repeat in range(args.repeat):
-                for label, per_row in (("host", 0.0), ("goal", 1 / args.device_rate),
-                                       ("real", None)):
-                    store = folder / f"store-{name}-{label}-{repeat}"
-                    figures = store_run(model, corpus, store, per_row)
+                for label, per_row, per_part in (("host", 0.0, 0.0),
+                                                 ("goal", 1 / args.device_rate, 0.0),
+                                                 ("real", None, 0.0),
+                                                 ("slow disk", 0.0, args.slow_disk)):
+                    store = folder / f"store-{name}-{label.replace(' ', '-')}-{repeat}"
+                    figures = store_run(model, corpus, store, per_row, per_part)
                     bare = bare_write(figures["rows"], N_BLOCKS + 1, folder)
                     figures.update(workload=name, mode=label, repeat=repeat,
                                    bare_rows_per_s=bare,
@@ -229,7 +287,7 @@ def _line(f: dict) -> str:
     return (f"| {f['workload']} | {f['mode']} | {f['tokens_per_s']:,.0f} | "
             f"{f['rows_per_s'] / 1e6:.2f} | {f['prompts_per_s']:,.0f} | "
             f"{f['cores_used']:.2f} | {f['bare_rows_per_s'] / 1e6:.2f} | {f['vs_bare']:.3f} | "
-            f"{device} |")
+            f"{device} | {f['peak_rss_growth_mb']:.0f} |")
 
 
 if __name__ == "__main__":

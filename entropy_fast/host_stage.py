@@ -2,12 +2,12 @@
 thread that drives the device.
 
 `batch_rows` turns a whole `profiler.ProfiledBatch` into long-format Arrow rows with a
-few numpy calls (no per-prompt objects). `WriterStage` runs that and the run's writer on a
-thread of its own behind a bounded queue: the device's thread queues the next batch while
-the last one is turned into rows, encoded, checksummed and committed. A slow disk
-back-pressures (`put` waits while the queue is full, so memory stays bounded); a writer
-that fails stops the run at the next `put` with its own error, never a hung process.
-Everything queued was computed in full, so an interrupted run still commits it.
+few numpy calls (no per-prompt objects). `WriterStage` runs that and the run's writer on
+two threads of their own, each behind a bounded queue: the device's thread queues the next
+batch while the last ones are turned into rows, encoded, checksummed and committed. A slow
+disk back-pressures (`put` waits while the queues are full, so memory stays bounded); a
+writer that fails stops the run at the next `put` with its own error, never a hung
+process. Everything queued was computed in full, so an interrupted run still commits it.
 """
 
 from __future__ import annotations
