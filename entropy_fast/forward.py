@@ -120,11 +120,20 @@ def forward_rows(model: nn.Module, layers: nn.ModuleList, batch: Sequence[Teache
         attention_mask[row, :n] = 1  # right padding: real tokens never see the pads
         positions.append(torch.arange(seq.first_target - 1, n) + row * width)
     device = next(model.parameters()).device
-    flat_positions = torch.cat(positions).to(device)
+    flat_positions = to_device(torch.cat(positions), device)
 
     def select(index: int, hidden: torch.Tensor) -> None:
         reduce(index, hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions))
 
     with StateTap(layers, indices, select):
-        model.base_model(input_ids=input_ids.to(device),
-                         attention_mask=attention_mask.to(device), use_cache=False)
+        model.base_model(input_ids=to_device(input_ids, device),
+                         attention_mask=to_device(attention_mask, device), use_cache=False)
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` on `device`. On CUDA through pinned memory without blocking: a copy from
+    pageable memory would make the host wait for the previous batch's kernels, so the next
+    batch could not be queued while the device works on the last."""
+    if device.type != "cuda":
+        return values
+    return values.pin_memory().to(device, non_blocking=True)

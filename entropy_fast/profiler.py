@@ -35,7 +35,13 @@ import torch
 from entropy_fast.batching import length_buckets
 from entropy_fast.cpu_threads import CpuSample, default_threads
 from entropy_fast.errors import ConfigError
-from entropy_fast.forward import StateTap, TeacherForced, find_decoder_layers, forward_rows
+from entropy_fast.forward import (
+    StateTap,
+    TeacherForced,
+    find_decoder_layers,
+    forward_rows,
+    to_device,
+)
 from entropy_fast.generation import (
     Generator,
     HFGenerator,
@@ -488,8 +494,8 @@ class EntropyProfiler:
         """The tokens the batch's rows predict, when target statistics are asked for."""
         if not self.lens_settings.target_stats:
             return None
-        return torch.tensor([t for s in batch for t in s.ids[s.first_target:]],
-                            device=self.device)
+        return to_device(torch.tensor([t for s in batch for t in s.ids[s.first_target:]]),
+                         self.device)
 
     def _reduce(self, rows: torch.Tensor, batch: list[TeacherForced], keep_states: bool):
         """`_forward`'s result for states given as (layers * rows) x d, layer-major: every
