@@ -186,7 +186,7 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
 
 @contextmanager
 def _tokenizer(model: Any) -> Iterator[Any]:
-    """Something with tokenize() and context_length: a given profiler, or the model's
+    """Something with tokenize_many() and context_length: a given profiler, or the model's
     tokenizer and config alone."""
     if is_profiler(model):
         yield model
@@ -344,9 +344,6 @@ class _HFGeneration:
         self.generator = profiler.generator
         self.context_length = profiler.context_length
         self.revision = getattr(profiler.model.config, "_commit_hash", None)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.profiler.tokenize(text)
 
     def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
         return self.profiler.tokenize_many(texts)

@@ -233,7 +233,7 @@ class EntropyProfiler:
         sampling = SamplingSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
         for index, prompt in enumerate(prompts):  # fail before any work on a bad prompt
             self._check_text(index, prompt)
-        ids = [self.tokenize(p) for p in prompts]
+        ids = self.tokenize_many(prompts)
         for index, prompt_ids in enumerate(ids):
             self.check_length(index, len(prompt_ids), sampling.max_new_tokens,
                               sampling.generating)
