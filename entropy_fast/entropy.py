@@ -25,10 +25,27 @@ at the common maximum M: with shift s = m - M <= 0 per part,
 
     S = sum_parts e^s S,   U = sum_parts e^s (U + s S),
     D_a = sum_parts e^(a s) D_a + (e^(a s) - e^s) S.
+
+KL to the final layer. Rows may come as G layer groups of the same n tokens, the last
+group the final layer L (the model's own distribution). With x_L and x the logits of the
+token at L and at the row's layer, each relative to its own maximum, and S_L, S their
+partition functions,
+
+    T  = sum exp(x_L) (x_L - x)            KL(p_L || p) = T / S_L - log S_L + log S,
+
+and parts merge with s_L = m_L - M_L and s = m - M as U does: T = sum_parts
+e^(s_L) (T + (s_L - s) S_L). The final layer's own rows get T = 0 and S_L = S exactly:
+their KL is 0, not a rounding residue. T needs the final layer's logits of each
+vocabulary chunk once per token block, shared by every layer of those tokens.
+
+Top-k. Each part keeps its k largest logits and their token ids; merging keeps the k
+largest of all parts. Ties rank the lower token id first, within a part and across parts
+alike, so both backends give the same ids whatever their part boundaries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -95,18 +112,25 @@ class LensStatistics:
         (nan where a target is outside [0, V)).
     target_rank: (n_rows,) int64 number of other tokens with a larger logit, when targets
         are given (-1 where a target is outside [0, V)).
+    top_tokens: (n_rows x k) int64, the k most probable tokens, most probable first (ties:
+        lower token id first), when asked for.
+    top_probs: (n_rows x k) float32, their probabilities.
+    kl_to_final: (n_rows,) float32 KL(p_L || p) in nats to the final layer's distribution
+        of the same token, when asked for (0 at the final layer itself).
     """
 
     entropy: torch.Tensor
     top_token: torch.Tensor | None = None
     target_surprisal: torch.Tensor | None = None
     target_rank: torch.Tensor | None = None
+    top_tokens: torch.Tensor | None = None
+    top_probs: torch.Tensor | None = None
+    kl_to_final: torch.Tensor | None = None
 
-    def rows(self, rows: slice) -> LensStatistics:
+    def rows(self, rows: slice | torch.Tensor) -> LensStatistics:
         """The statistics of some rows."""
-        return LensStatistics(*(None if v is None else v[rows] for v in
-                                (self.entropy, self.top_token, self.target_surprisal,
-                                 self.target_rank)))
+        return LensStatistics(**{f.name: None if (v := getattr(self, f.name)) is None
+                                 else v[rows] for f in dataclasses.fields(self)})
 
 
 @dataclass
@@ -120,6 +144,10 @@ class Partials:
     estimate of the target's logit made before the sweep. target_logit: (n,) the target's
     logit in nats (in a Partials of one chunk: its logit there if the chunk holds the
     target, else 0, so that `cat` adds them up). The last three are None unless asked for.
+    top_values, top_ids: (k x n x K) each part's K largest logits (nats) and their tokens,
+    most probable first, padded with -inf and `NO_TOKEN` where a part has fewer tokens.
+    final_m, final_s, kl_t: (k x n) m and S of the same token's final-layer row in each
+    part, and T (module docstring). These five are None unless asked for.
     """
 
     m: torch.Tensor
@@ -131,6 +159,11 @@ class Partials:
     top: torch.Tensor | None = None
     above: torch.Tensor | None = None
     target_logit: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    final_m: torch.Tensor | None = None
+    final_s: torch.Tensor | None = None
+    kl_t: torch.Tensor | None = None
 
     @classmethod
     def cat(cls, parts: Sequence[Partials]) -> Partials:
@@ -147,7 +180,8 @@ class Partials:
         return cls(m=joined("m"), s=joined("s"), u=joined("u"),
                    d=tuple(torch.cat(ds) for ds in zip(*(p.d for p in parts), strict=True)),
                    orders=first.orders, vocab=sum(p.vocab for p in parts), top=joined("top"),
-                   above=joined("above"), target_logit=target_logit)
+                   above=joined("above"), target_logit=target_logit,
+                   **{name: joined(name) for name in _EXTRA_PARTS})
 
     def merge(self) -> Partials:
         """One part (1 x n) holding the sums of all k, at the common maximum."""
@@ -161,7 +195,66 @@ class Partials:
             d=d, orders=self.orders, vocab=self.vocab,
             top=None if self.top is None else self.top.gather(0, where),
             above=None if self.above is None else self.above.sum(0, True),
-            target_logit=self.target_logit)
+            target_logit=self.target_logit, **self._merged_top(), **self._merged_kl(shift))
+
+    def _merged_top(self) -> dict[str, torch.Tensor | None]:
+        """The K largest of every part's K largest (ties: lower token id first)."""
+        if self.top_values is None:
+            return {"top_values": None, "top_ids": None}
+        k = self.top_values.shape[2]
+        values = self.top_values.permute(1, 0, 2).reshape(self.top_values.shape[1], -1)
+        ids = self.top_ids.permute(1, 0, 2).reshape(values.shape)
+        values, ids = ranked(values, ids)
+        return {"top_values": values[None, :, :k], "top_ids": ids[None, :, :k]}
+
+    def _merged_kl(self, shift: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """T and the final layer's m and S at their common maximum (module docstring)."""
+        if self.kl_t is None:
+            return {"final_m": None, "final_s": None, "kl_t": None}
+        final_m = self.final_m.max(dim=0, keepdim=True).values
+        final_shift = self.final_m - final_m
+        r = torch.exp(final_shift)
+        return {"final_m": final_m, "final_s": (r * self.final_s).sum(0, True),
+                "kl_t": (r * (self.kl_t + (final_shift - shift) * self.final_s)).sum(0, True)}
+
+
+_EXTRA_PARTS = ("top_values", "top_ids", "final_m", "final_s", "kl_t")
+NO_TOKEN = torch.iinfo(torch.int64).max
+"""The token id of a top-k slot that no token fills (a part with fewer than K tokens)."""
+
+
+def ranked(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n x c) candidates sorted by value, largest first, ties by token id, lowest first."""
+    by_id = ids.argsort(dim=1)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    order = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, order), ids.gather(1, order)
+
+
+def top_k_of_chunk(logits: torch.Tensor, k: int, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row of an (n x chunk) block and their token ids
+    (offset + column), ties by lower id; (n x k), padded with -inf and NO_TOKEN.
+
+    torch.topk picks among equal values at the boundary as it likes: rows where the k-th
+    value occurs more often in the row than among the chosen are redone by a stable sort.
+    """
+    width = logits.shape[1]
+    values, columns = torch.topk(logits, min(k, width), dim=1)
+    if width > k:
+        kth = values[:, -1:]
+        short = (logits == kth).sum(dim=1) > (values == kth).sum(dim=1)
+        if short.any():
+            redo = logits[short].argsort(dim=1, descending=True, stable=True)[:, :k]
+            columns[short] = redo
+            values[short] = logits[short].gather(1, redo)
+        values, columns = ranked(values, columns)
+    ids = columns + offset
+    if width < k:
+        pad = (logits.shape[0], k - width)
+        values = torch.cat([values, values.new_full(pad, -math.inf)], dim=1)
+        ids = torch.cat([ids, ids.new_full(pad, NO_TOKEN)], dim=1)
+    return values, ids
 
 
 def finalize(partials: Partials, alphas: Sequence[float],
@@ -193,15 +286,28 @@ def finalize(partials: Partials, alphas: Sequence[float],
         surprisal = log_s - (p.target_logit.to(log_s.dtype) - m)  # exact where z_t ~ m
         stats.target_surprisal = torch.where(valid, surprisal, math.nan).float()
         stats.target_rank = torch.where(valid, p.above[0].long(), -1)
+    if p.top_values is not None:
+        stats.top_tokens = p.top_ids[0]
+        log_z = (m + log_s).to(p.top_values.dtype)[:, None]
+        stats.top_probs = torch.exp(p.top_values[0] - log_z).float()
+    if p.kl_t is not None:
+        final_s, t = p.final_s[0].double(), p.kl_t[0].double()
+        kl = t / final_s - torch.log(final_s) + torch.log(s.double())
+        stats.kl_to_final = kl.clamp(min=0.0).float()  # >= 0; rounding can dip below
     return stats
 
 
-def _eager_chunk_moments(logits: torch.Tensor, orders: tuple[float, ...]):
+def _eager_chunk_moments(logits: torch.Tensor, orders: tuple[float, ...], kl_groups: int = 0):
     m = logits.amax(dim=1, keepdim=True)
     x = logits - m
     e = torch.exp(x)
-    return m[:, 0], e.sum(dim=1), (e * x).sum(dim=1), tuple(
-        tilted_gap(x, a, e).sum(dim=1) for a in orders)
+    moments = (m[:, 0], e.sum(dim=1), (e * x).sum(dim=1),
+               tuple(tilted_gap(x, a, e).sum(dim=1) for a in orders))
+    if not kl_groups:
+        return moments
+    x = x.view(kl_groups, -1, x.shape[1])  # (groups x tokens x chunk), the final layer last
+    t = (e.view(x.shape)[-1] * (x[-1] - x)).sum(dim=2)
+    return (*moments, t.reshape(-1))
 
 
 def compile_errors() -> tuple[type[Exception], ...]:
@@ -245,20 +351,23 @@ class ChunkMoments:
         return (self.compile and logits.device.type == "cpu"
                 and logits.numel() >= self.min_elements)
 
-    def __call__(self, logits: torch.Tensor, orders: tuple[float, ...] = ()):
-        """(m, S, U, (D_a per order)) of one (n x chunk) block, each (n,), relative to m."""
+    def __call__(self, logits: torch.Tensor, orders: tuple[float, ...] = (),
+                 kl_groups: int = 0):
+        """(m, S, U, (D_a per order)) of one (n x chunk) block, each (n,), relative to m;
+        with kl_groups = G (rows: G layer groups of the same tokens, the final layer
+        last) also T of every row (module docstring)."""
         if not self.uses_compiled(logits):
-            return _eager_chunk_moments(logits, orders)
+            return _eager_chunk_moments(logits, orders, kl_groups)
         try:
             if self._compiled is None:
                 self._compiled = self._compiler(_eager_chunk_moments, dynamic=True)
-            return self._compiled(logits, orders)
+            return self._compiled(logits, orders, kl_groups)
         except compile_errors() as error:
             self.compile, self.failure = False, f"{error!r:.300}"
             warnings.warn(f"torch.compile of the lens statistics failed ({self.failure}); "
                           "using eager torch from now on (ENTROPY_FAST_COMPILE=0 skips it)",
                           stacklevel=2)
-            return _eager_chunk_moments(logits, orders)
+            return _eager_chunk_moments(logits, orders, kl_groups)
 
 
 @functools.cache
@@ -271,17 +380,29 @@ def default_chunk_moments() -> ChunkMoments:
 def chunk_partials(logits: torch.Tensor, orders: tuple[float, ...], *, offset: int = 0,
                    targets: torch.Tensor | None = None,
                    target_estimate: torch.Tensor | None = None, with_argmax: bool = False,
+                   top_k: int = 0, kl_groups: int = 0,
                    moments: ChunkMoments | None = None) -> Partials:
     """Partials (one part) of an (n x chunk) float32 block of logits: tokens offset.. of V.
 
     targets, target_estimate: (n,) token ids and their logits (nats) computed before the
     sweep, for the rank count; the part's target_logit is the chunk's own logit of the
     target (exact against m), 0 where the chunk does not hold it.
+    top_k: keep each row's top_k largest logits. kl_groups = G: the rows are G layer
+    groups of the same n / G tokens, layer-major, the final layer last; keep what the KL to
+    it needs (module docstring).
     moments: the chunk statistics' implementation (default_chunk_moments()).
     """
     moments = default_chunk_moments() if moments is None else moments
-    m, s, u, d = moments(logits, orders)
+    m, s, u, d, *kl_t = moments(logits, orders, kl_groups)
     width = logits.shape[1]
+    extra: dict[str, torch.Tensor] = {}
+    if top_k:
+        values, ids = top_k_of_chunk(logits, top_k, offset)
+        extra.update(top_values=values[None], top_ids=ids[None])
+    if kl_groups:
+        final = slice(len(m) - len(m) // kl_groups, None)
+        extra.update(final_m=m[final].repeat(kl_groups)[None],
+                     final_s=s[final].repeat(kl_groups)[None], kl_t=kl_t[0][None])
     top = above = target_logit = None
     if with_argmax:
         top = (logits.argmax(dim=1) + offset)[None]
@@ -294,4 +415,4 @@ def chunk_partials(logits: torch.Tensor, orders: tuple[float, ...], *, offset: i
         target_logit = torch.where(inside, own, 0.0)
     return Partials(m=m[None], s=s[None], u=u[None], d=tuple(x[None] for x in d),
                     orders=orders, vocab=width, top=top, above=above,
-                    target_logit=target_logit)
+                    target_logit=target_logit, **extra)

@@ -18,6 +18,7 @@ checking it once per lens against the torch backend on a sample of the first bat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -257,16 +258,26 @@ class Lens:
     def statistics(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
                    backend: str = "auto", normed: bool = False,
                    targets: torch.Tensor | None = None,
-                   with_top_token: bool = False) -> LensStatistics:
-        """Entropies plus, on request, the argmax token and the targets' surprisal and rank.
+                   with_top_token: bool = False, top_k: int = 0,
+                   kl_groups: int = 0) -> LensStatistics:
+        """Entropies plus, on request, the argmax token, the targets' surprisal and rank,
+        the top_k most probable tokens and the KL divergence to the final layer.
 
         hidden: (n_rows x d); targets: (n_rows,) token ids (e.g. the actual next tokens).
+        kl_groups = G > 0: hidden holds G layer groups of the same n_rows / G tokens,
+        layer-major, the final layer's group last; each row gets KL(p_final || p_row) to
+        its token's row in the last group.
         """
         alphas = validate_alphas(alphas)
         if hidden.ndim != 2:
             raise ValueError(f"hidden must be (n_rows x d_model), got {tuple(hidden.shape)}")
+        _check_extras(len(hidden), self.vocab_size, top_k, kl_groups)
         if targets is not None:
             targets = targets.to(hidden.device, torch.int64)
+        extras = {"top_k": top_k, "kl_groups": kl_groups}
+        if top_k or kl_groups:  # not in the kernel yet: the torch backend on every device
+            return self._statistics_torch(hidden, alphas, normed, targets, with_top_token,
+                                          **extras)
         choice = _pick_backend(backend, hidden.device)
         if choice == "triton" and backend == "auto":
             return self._checked_kernel_statistics(hidden, alphas, normed, targets,
@@ -386,18 +397,30 @@ class Lens:
             targets=targets, with_argmax=with_top_token, config=config)
         return finalize(partials, alphas, targets)
 
-    def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token):
-        parts, orders, step = [], tilted_orders(alphas), self.row_block
-        for start in range(0, max(len(hidden), 1), step):  # one empty block for no rows
-            rows = hidden[start:start + step]
+    def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,
+                          top_k: int = 0, kl_groups: int = 0) -> LensStatistics:
+        """Token blocks of about row_block rows (every layer group's rows of the same
+        tokens together, so the final layer's logits serve all groups), one vocabulary
+        chunk at a time."""
+        groups = max(kl_groups, 1)
+        n_tokens = len(hidden) // groups
+        by_group = hidden.view(groups, n_tokens, -1)
+        grouped_targets = None if targets is None else targets.view(groups, n_tokens)
+        parts, orders = [], tilted_orders(alphas)
+        step = max(self.row_block // groups, 1)
+        for start in range(0, max(n_tokens, 1), step):  # one empty block for no rows
+            rows = by_group[:, start:start + step].reshape(-1, hidden.shape[-1])
             rows = rows if normed else self.normalize(rows)
-            row_targets = None if targets is None else targets[start:start + step]
-            partials = self._stream_partials(rows, orders, row_targets, with_top_token)
+            row_targets = (None if targets is None
+                           else grouped_targets[:, start:start + step].reshape(-1))
+            partials = self._stream_partials(rows, orders, row_targets, with_top_token,
+                                             top_k, kl_groups)
             parts.append(finalize(partials, alphas, row_targets))
-        return _concat(parts)
+        return _concat(parts, groups)
 
     def _stream_partials(self, normed_rows: torch.Tensor, orders: tuple[float, ...],
-                         targets: torch.Tensor | None, with_top_token: bool) -> Partials:
+                         targets: torch.Tensor | None, with_top_token: bool,
+                         top_k: int = 0, kl_groups: int = 0) -> Partials:
         """One part per vocabulary chunk of normed rows (n x d); logits (n x chunk) float32."""
         weight = self._matmul_weight(normed_rows.device)
         bias = getattr(self.head, "bias", None)
@@ -415,7 +438,8 @@ class Lens:
                 chunk = chunk + bias[start:start + step]
             parts.append(chunk_partials(self._transform(chunk), orders, offset=start,
                                         targets=targets, target_estimate=estimate,
-                                        with_argmax=with_top_token))
+                                        with_argmax=with_top_token, top_k=top_k,
+                                        kl_groups=kl_groups))
         return Partials.cat(parts)
 
     @torch.no_grad()
@@ -493,11 +517,28 @@ def _triton_available() -> bool:
     return True
 
 
-def _concat(parts: list[LensStatistics]) -> LensStatistics:
+MAX_TOP_TOKENS = 32
+
+
+def _check_extras(n_rows: int, vocab: int, top_k: int, kl_groups: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= min(
+            MAX_TOP_TOKENS, vocab):
+        raise ValueError(f"top_k must be an integer in 0..{min(MAX_TOP_TOKENS, vocab)}, "
+                         f"got {top_k!r}")
+    if kl_groups < 0 or (kl_groups and n_rows % kl_groups):
+        raise ValueError(f"kl_groups={kl_groups} does not divide the {n_rows} rows into "
+                         "layer groups of the same tokens")
+
+
+def _concat(parts: list[LensStatistics], groups: int = 1) -> LensStatistics:
+    """The statistics of consecutive token blocks as one, layer-major: each block holds
+    `groups` layer groups of its tokens."""
     def cat(name):
         values = [getattr(p, name) for p in parts]
-        return None if values[0] is None else torch.cat(values)
+        if values[0] is None:
+            return None
+        by_group = [v.view(groups, -1, *v.shape[1:]) for v in values]
+        return torch.cat(by_group, dim=1).reshape(-1, *values[0].shape[1:])
 
-    return LensStatistics(entropy=cat("entropy"), top_token=cat("top_token"),
-                          target_surprisal=cat("target_surprisal"), target_rank=cat("target_rank"))
+    return LensStatistics(**{f.name: cat(f.name) for f in dataclasses.fields(LensStatistics)})
 
