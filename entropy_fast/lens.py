@@ -44,6 +44,7 @@ from entropy_fast.kernel_check import (
     token_disagreement,
     value_disagreement,
 )
+from entropy_fast.settings import MAX_TOP_TOKENS
 
 if TYPE_CHECKING:  # the kernels import triton: only where the kernel runs
     from entropy_fast.kernels.lens_entropy import KernelConfig
@@ -515,9 +516,6 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-MAX_TOP_TOKENS = 32
 
 
 def _check_extras(n_rows: int, vocab: int, top_k: int, kl_groups: int) -> None:

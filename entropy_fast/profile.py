@@ -68,6 +68,11 @@ class EntropyProfile:
         top_token_ids: optional (n_tokens x n_layers) int64, the lens argmax token.
         target_surprisal: optional (n_tokens x n_layers) float32, -log p(token_ids[i]).
         target_rank: optional (n_tokens x n_layers) int64, rank of token_ids[i] (0 = top).
+        top_tokens: optional (n_tokens x n_layers x k) int64, the lens's k most probable
+            tokens, most probable first (ties: lower token id first).
+        top_probs: optional (n_tokens x n_layers x k) float32, their probabilities.
+        kl_to_final: optional (n_tokens x n_layers) float32, KL(p_final || p_layer) in the
+            profile's unit (nats, or bits with base=2): 0 at the last layer.
         numbering: "hidden_state" (0 = embeddings, i = block i's output, 1-based) or "block"
             (0-based block index, entropy-profiler 0.2.1's); see the module docstring.
     """
@@ -82,6 +87,9 @@ class EntropyProfile:
     top_token_ids: torch.Tensor | None = None
     target_surprisal: torch.Tensor | None = None
     target_rank: torch.Tensor | None = None
+    top_tokens: torch.Tensor | None = None
+    top_probs: torch.Tensor | None = None
+    kl_to_final: torch.Tensor | None = None
     numbering: str = HIDDEN_STATE
 
     def __post_init__(self) -> None:
@@ -175,7 +183,8 @@ class EntropyProfile:
             entropies={a: take(e) for a, e in self.entropies.items()},
             top_token_ids=take(self.top_token_ids),
             target_surprisal=take(self.target_surprisal), target_rank=take(self.target_rank),
-            numbering=numbering)
+            top_tokens=take(self.top_tokens), top_probs=take(self.top_probs),
+            kl_to_final=take(self.kl_to_final), numbering=numbering)
 
     def blocks(self) -> EntropyProfile:
         """entropy-profiler 0.2.1's view: columns are block outputs, 0-based, no embeddings."""

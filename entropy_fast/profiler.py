@@ -60,6 +60,13 @@ from entropy_fast.settings import (
     split_options,
 )
 
+STATISTICS = ("entropy", "top_token", "target_surprisal", "target_rank", "top_tokens",
+              "top_probs", "kl_to_final")
+"""The columns of a ProfiledBatch (entropy.LensStatistics' fields)."""
+IN_RUN_UNIT = ("entropy", "target_surprisal", "kl_to_final")
+"""The columns given in the run's unit (nats, or log base `base`); the others are token ids,
+ranks and probabilities."""
+
 Progress = Callable[[int, int], None]
 """Called with (prompts, tokens) as each batch of profiles is done."""
 
@@ -126,6 +133,9 @@ class EntropyProfiler:
         self.layer_indices = select_layers(len(self.layers), self.lens_settings.layer_stride,
                                            layers)
         self.lens = Lens.from_model(self.model)
+        # KL to the final layer needs the last state even where it is not profiled
+        last = [len(self.layers)] if self.lens_settings.kl_to_final else []
+        self._tapped = sorted(set(self.layer_indices) | set(last))
         self._generator_options = dict(generator_options or {})
         self._generator: Generator | None = custom
         self._source = model
@@ -398,7 +408,7 @@ class EntropyProfiler:
         Row t of a sequence is the newest position of decoding step t (left padding puts
         every row's newest token last): the state that produced continuation token t.
         """
-        captured: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_indices}
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in self._tapped}
         finished: list[ProfiledBatch] = []
 
         def keep_newest(index: int, hidden: torch.Tensor) -> None:
@@ -409,7 +419,7 @@ class EntropyProfiler:
             started = time.perf_counter()
             batch = [TeacherForced(indices[b], [*ids[b], *c], len(ids[b]), True)
                      for b, c in zip(bucket, continuations, strict=True)]
-            steps = [torch.stack(captured[i], dim=1) for i in self.layer_indices]
+            steps = [torch.stack(captured[i], dim=1) for i in self._tapped]
             for states in captured.values():
                 states.clear()
             rows = torch.cat([torch.cat([s[row, :seq.n_rows] for row, seq in enumerate(batch)])
@@ -419,7 +429,7 @@ class EntropyProfiler:
             _report(on_progress, finished[-1])
 
         generator = self.generator
-        with torch.no_grad(), StateTap(self.layers, self.layer_indices, keep_newest):
+        with torch.no_grad(), StateTap(self.layers, self._tapped, keep_newest):
             generate_continuations(self.model, ids, sampling, generator.pad_token_id,
                                    generator.batch_tokens, on_batch=reduce_batch)
         return finished
@@ -472,23 +482,41 @@ class EntropyProfiler:
 
     def _forward(self, batch: list[TeacherForced], keep_states: bool) -> ProfiledBatch:
         """The device stage of a batch: one teacher-forced forward whose taps reduce each
-        layer's rows to statistics; the states (layers x rows x d) when asked for."""
+        layer's rows to statistics; the states (layers x rows x d) when asked for.
+
+        With kl_to_final every tapped layer's rows wait in one (layers x rows x d) buffer
+        for the last state, then go through the lens in one call (`_reduce`)."""
         targets = self._targets(batch)
         columns: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
+        grouped: torch.Tensor | None = None
 
         def reduce_layer(index: int, rows: torch.Tensor) -> None:
-            columns[index] = self.lens.statistics(
-                rows, self.alphas, backend=self.model_settings.backend, targets=targets,
-                with_top_token=self.lens_settings.top_token)
-            if keep_states:
-                kept[index] = rows.float().cpu()
+            nonlocal grouped
+            if not self.lens_settings.kl_to_final:
+                columns[index] = self._statistics(rows, targets)
+                if keep_states:
+                    kept[index] = rows.float().cpu()
+                return
+            if grouped is None:
+                grouped = rows.new_empty((len(self._tapped), *rows.shape))
+            grouped[self._tapped.index(index)] = rows
 
-        forward_rows(self.model, self.layers, batch, self.layer_indices, self._pad_id(),
+        forward_rows(self.model, self.layers, batch, self._tapped, self._pad_id(),
                      reduce_layer)
+        if grouped is not None:
+            return self._reduce(grouped.view(-1, grouped.shape[-1]), batch, keep_states)
         stats = [columns[i] for i in self.layer_indices]
         states = torch.stack([kept[i] for i in self.layer_indices]) if keep_states else None
         return self._on_host(batch, stats, states)
+
+    def _statistics(self, rows: torch.Tensor, targets: torch.Tensor | None,
+                    kl_groups: int = 0):
+        """The lens statistics the settings ask for, of rows (n x d)."""
+        return self.lens.statistics(
+            rows, self.alphas, backend=self.model_settings.backend, targets=targets,
+            with_top_token=self.lens_settings.top_token,
+            top_k=self.lens_settings.top_tokens, kl_groups=kl_groups)
 
     def _targets(self, batch: list[TeacherForced]) -> torch.Tensor | None:
         """The tokens the batch's rows predict, when target statistics are asked for."""
@@ -498,17 +526,18 @@ class EntropyProfiler:
                          self.device)
 
     def _reduce(self, rows: torch.Tensor, batch: list[TeacherForced], keep_states: bool):
-        """`_forward`'s result for states given as (layers * rows) x d, layer-major: every
-        layer goes through the lens in one call."""
-        n_layers = len(self.layer_indices)
+        """`_forward`'s result for states given as (tapped layers * rows) x d,
+        layer-major: every layer goes through the lens in one call."""
+        n_groups = len(self._tapped)
         targets = self._targets(batch)
-        stats = self.lens.statistics(
-            rows, self.alphas, backend=self.model_settings.backend,
-            targets=None if targets is None else targets.repeat(n_layers),
-            with_top_token=self.lens_settings.top_token)
-        n_rows = len(rows) // n_layers
-        per_layer = [stats.rows(slice(k * n_rows, (k + 1) * n_rows)) for k in range(n_layers)]
-        states = rows.float().cpu().view(n_layers, -1, rows.shape[-1]) if keep_states else None
+        stats = self._statistics(rows, None if targets is None else targets.repeat(n_groups),
+                                 kl_groups=n_groups if self.lens_settings.kl_to_final else 0)
+        n_rows = len(rows) // n_groups
+        profiled = [self._tapped.index(i) for i in self.layer_indices]
+        per_layer = [stats.rows(slice(k * n_rows, (k + 1) * n_rows)) for k in profiled]
+        states = None
+        if keep_states:
+            states = rows.float().cpu().view(n_groups, -1, rows.shape[-1])[profiled]
         return self._on_host(batch, per_layer, states)
 
     def _on_host(self, batch: list[TeacherForced], stats: list[Any],
@@ -518,10 +547,10 @@ class EntropyProfiler:
         memory without waiting on CUDA (`ProfiledBatch.host_columns` waits)."""
         scale = 1.0 if self.base is None else 1.0 / math.log(self.base)
         columns: dict[str, torch.Tensor | None] = {}
-        for name in ("entropy", "top_token", "target_surprisal", "target_rank"):
+        for name in STATISTICS:
             values = [getattr(s, name) for s in stats]
             stacked = None if values[0] is None else torch.stack(values, dim=1)
-            if stacked is not None and scale != 1.0 and stacked.is_floating_point():
+            if stacked is not None and scale != 1.0 and name in IN_RUN_UNIT:
                 stacked = stacked * scale
             columns[name] = None if stacked is None else _start_copy_to_host(stacked)
         ready = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -548,6 +577,9 @@ class EntropyProfiler:
             top_token_ids=_rows(columns["top_token"], rows),
             target_surprisal=None if surprisal is None else surprisal[rows],
             target_rank=_rows(columns["target_rank"], rows),
+            top_tokens=_rows(columns["top_tokens"], rows),
+            top_probs=_rows(columns["top_probs"], rows),
+            kl_to_final=_rows(columns["kl_to_final"], rows),
         )
 
 
@@ -582,7 +614,7 @@ class ProfiledBatch:
     """
 
     sequences: list[TeacherForced]
-    columns: dict[str, torch.Tensor | None]
+    columns: dict[str, torch.Tensor | None]  # STATISTICS
     states: torch.Tensor | None = None
     seconds: float = 0.0
     ready: Any = None  # a torch.cuda.Event recorded after the copies to the host

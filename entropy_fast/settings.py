@@ -27,6 +27,7 @@ DEFAULT_MODEL = "smollm2-135m"
 BACKENDS = ("auto", "torch", "triton")
 GENERATORS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_TOP_TOKENS = 32
 
 
 def option(default: Any, help: str, *, identity: bool = True, flag: str | None = None,
@@ -102,11 +103,20 @@ class LensSettings(_Settings):
     top_token: bool = option(False, "also record the lens's argmax token at every layer")
     target_stats: bool = option(
         False, "also record the surprisal and rank of the actual next token at every layer")
+    top_tokens: int = option(
+        0, f"also record the K most probable tokens and their probabilities at every layer "
+        f"(K <= {MAX_TOP_TOKENS}; ties: lower token id first)", metavar="K")
+    kl_to_final: bool = option(
+        False, "also record KL(p_final || p_layer) at every layer: the divergence of each "
+        "layer's lens distribution from the model's own output (0 at the last layer)")
 
     def __post_init__(self) -> None:
         alphas = (self.alphas,) if isinstance(self.alphas, (int, float)) else self.alphas
         object.__setattr__(self, "alphas", validate_alphas(alphas))
         _check_int("layer_stride", self.layer_stride, 1)
+        _check_int("top_tokens", self.top_tokens, 0)
+        if self.top_tokens > MAX_TOP_TOKENS:
+            _fail("top_tokens", f"must be at most {MAX_TOP_TOKENS}, got {self.top_tokens}")
         if self.base is not None and not (self.base > 0 and self.base != 1
                                           and math.isfinite(self.base)):
             _fail("base", f"must be > 0 and != 1 (2 for bits), got {self.base!r}")

@@ -228,3 +228,43 @@ def test_an_unknown_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypa
             EntropyProfiler("no-such-org/no-such-model")
         else:
             models.load_tokenizer_and_config("no-such-org/no-such-model")
+
+
+def _lens_reference(model, hidden_states, rows: slice, layers):
+    """float64 (top-10 ids, probs, KL to the last state) per profiled layer: the lens
+    written out (HF's normed last state gives the model's own logits)."""
+    lens = Lens.from_model(model)
+    logp = [torch.log_softmax(lens_logits_float64(lens, hidden_states[i][0, rows],
+                                                  normed=i == len(hidden_states) - 1), -1)
+            for i in layers]
+    final = torch.log_softmax(lens_logits_float64(lens, hidden_states[-1][0, rows],
+                                                  normed=True), -1)
+    ids = torch.stack([torch.sort(lp, dim=-1, descending=True, stable=True).indices[:, :10]
+                       for lp in logp], 1)
+    probs = torch.stack([lp.exp().gather(1, i) for lp, i in zip(logp, ids.unbind(1),
+                                                                 strict=True)], 1)
+    kl = torch.stack([(final.exp() * (final - lp)).sum(-1) for lp in logp], 1)
+    return ids, probs, kl
+
+
+@pytest.mark.parametrize("new_tokens", [0, 5])
+def test_top_tokens_and_kl_to_final_against_float64(llama, tokenizer, new_tokens):
+    """Layers without the last state (KL still refers to it), text and generation mode;
+    bits scale the KL but never the probabilities."""
+    layers = [0, 1, 3]
+    profiler = EntropyProfiler(llama, tokenizer=tokenizer, top_tokens=10, kl_to_final=True,
+                               layers=layers, base=2)
+    profile = profiler.profile_text(PROMPTS[3], max_new_tokens=new_tokens)
+    ids = tokenizer(PROMPTS[3])["input_ids"]
+    full = ids if not new_tokens else ids + profile.token_ids.tolist()
+    out = llama(input_ids=torch.tensor([full]), output_hidden_states=True)
+    rows = slice(0, len(full) - 1) if not new_tokens else slice(len(ids) - 1, len(full) - 1)
+    want_ids, want_probs, want_kl = _lens_reference(llama, out.hidden_states, rows, layers)
+    assert profile.top_tokens.shape == (profile.n_tokens, len(layers), 10)
+    assert (profile.top_tokens == want_ids).float().mean() > 0.99  # near-ties may swap
+    torch.testing.assert_close(profile.top_probs.double(), want_probs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(profile.kl_to_final.double(), want_kl / math.log(2), rtol=0,
+                               atol=1e-4)
+    with_last = EntropyProfiler(llama, tokenizer=tokenizer, kl_to_final=True)
+    last = with_last.profile_text(PROMPTS[3], max_new_tokens=new_tokens)
+    assert (last.kl_to_final[:, -1] == 0).all() and last.top_tokens is None
