@@ -224,10 +224,11 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
     if not pending:
         return result
     source = model_label(model)  # local paths made absolute: workers have their own cwd
-    layers, revision, tokens = _model_files(source, info, corpus, pending, generation,
-                                            long_prompts)
+    layers, revision, tokens, vocab = _model_files(source, info, corpus, pending, generation,
+                                                   long_prompts)
     with store.writer(info, rows_per_part=part_rows, shared=True) as writer:
         writer.register_layers(layers, revision)
+        writer.store_vocabulary(vocab)
         pending = resume(writer, result)
         prompts = _pending_prompts(store, corpus, pending, tokens, generation)
         result.skipped = tuple(sorted(set(pending) - {p["prompt_id"] for p in prompts}))
@@ -250,13 +251,14 @@ def _profile_run(placement: _Placement, store: Store, corpus: Corpus, info: RunI
 
 def _model_files(source: str, info: RunInfo, corpus: Corpus, pending: list[int],
                  generation: GenerationInfo | None, long_prompts: str
-                 ) -> tuple[list[int], str | None, dict[int, list[int]] | None]:
-    """(layers, revision, tokens) from the model's tokenizer and config, weights unread.
+                 ) -> tuple[list[int], str | None, dict[int, list[int]] | None, list[str]]:
+    """(layers, revision, tokens, vocabulary) from the model's tokenizer and config,
+    weights unread.
 
     tokens: prompt_id -> token ids of the pending prompts after the long-prompt policy (as
     the local engine tokenizes them); None when a stored generation gives the ids.
     """
-    from entropy_fast.models import TokenizerOnly
+    from entropy_fast.models import TokenizerOnly, vocabulary
     from entropy_fast.profiler import select_layers
     from entropy_fast.runs import tokenize_pending  # the local engine's tokens and policy
 
@@ -265,7 +267,9 @@ def _model_files(source: str, info: RunInfo, corpus: Corpus, pending: list[int],
         layers = select_layers(n_blocks, info.lens.layer_stride)
         tokens = None if generation else tokenize_pending(files, corpus, pending, info.sampling,
                                                     long_prompts)
-        return layers, files.revision, tokens
+        text_config = files.config.get_text_config()
+        return (layers, files.revision, tokens,
+                vocabulary(files.tokenizer, text_config.vocab_size))
 
 
 def _pending_prompts(store: Store, corpus: Corpus, pending: list[int],

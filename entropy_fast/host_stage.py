@@ -20,20 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from entropy_fast.store.rows import long_rows, token_positions
+from entropy_fast.store.rows import long_rows, token_positions, top_token_rows
 
 QUEUED_BATCHES = 4
 """Device batches waiting for the host stage at most (each holds one batch's statistics)."""
 
 _OPTIONAL = {"top_token_id": "top_token", "target_surprisal": "target_surprisal",
-             "target_rank": "target_rank"}
+             "target_rank": "target_rank", "kl_to_final": "kl_to_final"}
 """Store column -> the batch's statistic."""
 
 
 def batch_rows(batch: Any, prompt_ids: Sequence[int], layers: Sequence[int],
-               alphas: Sequence[float]) -> Any:
-    """The ENTROPY_SCHEMA rows of a ProfiledBatch whose sequence k is prompt prompt_ids[k]
-    (an Arrow RecordBatch ordered by alpha, prompt, pos, layer)."""
+               alphas: Sequence[float]) -> tuple[Any, Any]:
+    """The rows of a ProfiledBatch whose sequence k is prompt prompt_ids[k]: its
+    ENTROPY_SCHEMA rows (an Arrow RecordBatch ordered by alpha, prompt, pos, layer) and
+    its TOP_TOKENS_SCHEMA rows (None unless the batch has top tokens)."""
     columns = batch.host_columns()
     counts = [s.n_rows for s in batch.sequences]
     n_rows = sum(counts)
@@ -41,9 +42,15 @@ def batch_rows(batch: Any, prompt_ids: Sequence[int], layers: Sequence[int],
                           dtype=np.int64, count=n_rows)
     optional = {column: None if (values := columns[name]) is None else values.numpy()
                 for column, name in _OPTIONAL.items()}
-    return long_rows(np.repeat(np.asarray(prompt_ids, dtype=np.int32), counts),
-                     token_positions(counts), targets, layers, alphas,
-                     columns["entropy"].numpy(), optional)
+    prompts, pos = np.repeat(np.asarray(prompt_ids, dtype=np.int32), counts), \
+        token_positions(counts)
+    rows = long_rows(prompts, pos, targets, layers, alphas, columns["entropy"].numpy(),
+                     optional)
+    top = None
+    if columns.get("top_tokens") is not None:
+        top = top_token_rows(prompts, pos, layers, columns["top_tokens"].numpy(),
+                             columns["top_probs"].numpy())
+    return rows, top
 
 
 def prompt_token_ids(sequence: Any) -> list[int]:
@@ -151,7 +158,7 @@ class WriterStage:
         batch, prompt_ids = item
         sequences = batch.sequences
         self._writes.put(([self.prompt(i) for i in prompt_ids],
-                          batch_rows(batch, prompt_ids, self.layers, self.alphas),
+                          *batch_rows(batch, prompt_ids, self.layers, self.alphas),
                           [s.n_rows for s in sequences],
                           [prompt_token_ids(s) for s in sequences]))
 
@@ -159,5 +166,5 @@ class WriterStage:
         if item is _COMMIT:
             self.writer.commit()
             return
-        prompts, rows, n_tokens, token_ids = item
-        self.writer.add_batch(prompts, rows, n_tokens, self.layers, token_ids)
+        prompts, rows, top_rows, n_tokens, token_ids = item
+        self.writer.add_batch(prompts, rows, n_tokens, self.layers, token_ids, top_rows)

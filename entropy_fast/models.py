@@ -473,6 +473,12 @@ def tokenize_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
 
 
+def vocabulary(tokenizer: Any, size: int) -> list[str]:
+    """The text of each token id 0..size-1 as the tokenizer decodes that token alone (ids
+    past the tokenizer's own vocabulary, e.g. a padded head's, decode to '')."""
+    return [tokenizer.decode([i]) for i in range(size)]
+
+
 class TokenizerOnly:
     """A model's tokenizer and config, without its weights: enough to tokenize a corpus
     and check it against the context window before anything heavy loads."""

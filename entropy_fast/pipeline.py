@@ -170,6 +170,9 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
                 WriterStage(writer, corpus.prompts.__getitem__, profiler.layer_indices,
                             info.lens.alphas) as stage:
             writer.info.revision = getattr(profiler.model.config, "_commit_hash", None)
+            from entropy_fast.models import vocabulary
+
+            writer.store_vocabulary(vocabulary(profiler.tokenizer, profiler.lens.vocab_size))
             tick = _ticker(result, on_progress)
             if work is not None:
                 result.skipped = tuple(i for i in pending if i not in work)

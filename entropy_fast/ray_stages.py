@@ -34,7 +34,7 @@ from ray.data.block import BlockAccessor
 from entropy_fast.corpus import Prompt
 from entropy_fast.settings import ModelSettings, SamplingSettings
 from entropy_fast.store import PROFILE, RunInfo, Store, StoreError
-from entropy_fast.store.schema import ENTROPY_SCHEMA
+from entropy_fast.store.schema import ENTROPY_SCHEMA, TOP_TOKENS_SCHEMA
 from entropy_fast.store.writer import WorkerWriter
 
 PROFILED_SCHEMA = pa.schema([
@@ -45,6 +45,7 @@ PROFILED_SCHEMA = pa.schema([
     ("n_tokens", pa.list_(pa.int32())),
     ("layers", pa.list_(pa.int16())),
     ("rows", pa.binary()),  # the batch's ENTROPY_SCHEMA rows, an Arrow IPC record batch
+    ("top_rows", pa.binary()),  # its TOP_TOKENS_SCHEMA rows, the same way (or null)
 ])
 """What a LensWorker returns: one row per device batch, its prompts' fields as lists, its
 rows as `host_stage.batch_rows` makes them (the local engine's host stage)."""
@@ -162,12 +163,13 @@ class LensWorker:
         at = [s.index for s in batch.sequences]
         prompt_ids = [unit["prompt_ids"][k] for k in at]
         layers = self.profiler.layer_indices
-        rows = batch_rows(batch, prompt_ids, layers, self.profiler.alphas)
+        rows, top_rows = batch_rows(batch, prompt_ids, layers, self.profiler.alphas)
         return {"prompt_ids": prompt_ids, "texts": [unit["texts"][k] for k in at],
                 "source_lines": [unit["source_lines"][k] for k in at],
                 "prompt_token_ids": [prompt_token_ids(s) for s in batch.sequences],
                 "n_tokens": [s.n_rows for s in batch.sequences], "layers": layers,
-                "rows": rows.serialize().to_pybytes()}
+                "rows": rows.serialize().to_pybytes(),
+                "top_rows": None if top_rows is None else top_rows.serialize().to_pybytes()}
 
 
 def _unit(batch: pa.Table, stop_ids: set[int] | None) -> dict[str, Any]:
@@ -228,10 +230,12 @@ class StoreSink(Datasink):
             writer.step_hook = faults.commit_step
             for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
                 rows = pa.ipc.read_record_batch(pa.py_buffer(row["rows"]), ENTROPY_SCHEMA)
+                top_rows = None if row["top_rows"] is None else pa.ipc.read_record_batch(
+                    pa.py_buffer(row["top_rows"]), TOP_TOKENS_SCHEMA)
                 of_rows = [Prompt(*fields) for fields in zip(
                     row["prompt_ids"], row["texts"], row["source_lines"], strict=True)]
                 writer.add_batch(of_rows, rows, row["n_tokens"], row["layers"],
-                                 row["prompt_token_ids"])
+                                 row["prompt_token_ids"], top_rows)
             writer.commit()
             prompts += sum(e.n_prompts for e in writer.entries)
             tokens += sum(e.n_tokens for e in writer.entries)

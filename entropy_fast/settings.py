@@ -31,11 +31,14 @@ MAX_TOP_TOKENS = 32
 
 
 def option(default: Any, help: str, *, identity: bool = True, flag: str | None = None,
-           choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+           choices: tuple[str, ...] | None = None, metavar: str | None = None,
+           added: bool = False) -> Any:
     """A settings field: its default, its help text (shown by --help), whether it is part
-    of a run's identity, and, when it differs from --field-name, its CLI flag."""
+    of a run's identity, and, when it differs from --field-name, its CLI flag. `added`:
+    a field newer than stored runs, left out of the identity at its default, so that the
+    runs of existing stores keep their ids (and resume)."""
     metadata = {"help": help, "identity": identity, "flag": flag, "choices": choices,
-                "metavar": metavar}
+                "metavar": metavar, "added": added}
     if isinstance(default, (list, dict, set)):
         raise TypeError("settings are frozen: use a tuple default")
     return field(default=default, metadata=metadata)
@@ -57,7 +60,8 @@ class _Settings:
     def identity(self) -> dict[str, Any]:
         """The fields that change what a run computes (inf-safe: floats by repr)."""
         return {f.name: _canonical(getattr(self, f.name)) for f in fields(self)
-                if f.metadata.get("identity", True)}
+                if f.metadata.get("identity", True)
+                and not (f.metadata.get("added") and getattr(self, f.name) == f.default)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Any:
@@ -105,10 +109,11 @@ class LensSettings(_Settings):
         False, "also record the surprisal and rank of the actual next token at every layer")
     top_tokens: int = option(
         0, f"also record the K most probable tokens and their probabilities at every layer "
-        f"(K <= {MAX_TOP_TOKENS}; ties: lower token id first)", metavar="K")
+        f"(K <= {MAX_TOP_TOKENS}; ties: lower token id first)", metavar="K", added=True)
     kl_to_final: bool = option(
         False, "also record KL(p_final || p_layer) at every layer: the divergence of each "
-        "layer's lens distribution from the model's own output (0 at the last layer)")
+        "layer's lens distribution from the model's own output (0 at the last layer)",
+        added=True)
 
     def __post_init__(self) -> None:
         alphas = (self.alphas,) if isinstance(self.alphas, (int, float)) else self.alphas

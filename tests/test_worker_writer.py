@@ -56,8 +56,9 @@ def commit(store, info, corpus, profiles, ids, hook=None) -> WorkerWriter:
     writer.step_hook = hook
     for i in ids:
         profile = profiles[i]
-        writer.add_rows(corpus.prompts[i], profile_rows(i, profile, ALPHAS), profile.n_tokens,
-                        profile.layer_indices, profile.metadata["prompt_token_ids"])
+        rows, _ = profile_rows(i, profile, ALPHAS)
+        writer.add_batch([corpus.prompts[i]], rows, [profile.n_tokens], profile.layer_indices,
+                         [profile.metadata["prompt_token_ids"]])
     writer.commit()
     return writer
 

@@ -1,8 +1,9 @@
 """Profiles to rows and back: the only part of the store that knows torch and profiles.
 
-`profile_rows` turns one `EntropyProfile` into long-format rows (ENTROPY_SCHEMA);
-`read_profiles` rebuilds profiles from committed parts, verifying each file's checksum
-as it is read (a damaged part raises instead of returning wrong numbers).
+`profile_rows` turns one `EntropyProfile` into long-format rows (ENTROPY_SCHEMA, and
+TOP_TOKENS_SCHEMA for its top tokens); `read_profiles` rebuilds profiles from committed
+parts, verifying each file's checksum as it is read (a damaged part raises instead of
+returning wrong numbers).
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ from entropy_fast.settings import describe
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import Store
 from entropy_fast.store.records import ManifestEntry, RunInfo
-from entropy_fast.store.rows import long_rows
+from entropy_fast.store.rows import long_rows, top_token_rows
 
 _OPTIONAL = {
     "top_token_id": ("top_token_ids", torch.int64),
     "target_surprisal": ("target_surprisal", torch.float32),
     "target_rank": ("target_rank", torch.int64),
+    "kl_to_final": ("kl_to_final", torch.float32),
 }
 """Nullable column -> (EntropyProfile attribute, dtype read back)."""
 
 
-def profile_rows(prompt_id: int, profile: EntropyProfile,
-                 alphas: Sequence[float]) -> pa.RecordBatch:
+def profile_rows(prompt_id: int, profile: EntropyProfile, alphas: Sequence[float]
+                 ) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
     """The long-format rows of one profile (`rows.long_rows`), ordered by (alpha, pos,
-    layer): (n_alphas * n_tokens * n_layers) rows in ENTROPY_SCHEMA."""
+    layer): (n_alphas * n_tokens * n_layers) rows in ENTROPY_SCHEMA; and its top tokens'
+    rows (`rows.top_token_rows`), None for a profile without them."""
     missing = [a for a in alphas if a not in profile.entropies]
     if missing:
         raise StoreError(f"profile of prompt {prompt_id} lacks alphas {missing}")
@@ -43,9 +46,14 @@ def profile_rows(prompt_id: int, profile: EntropyProfile,
     optional = {column: None if (value := getattr(profile, attr)) is None
                 else value.detach().cpu().numpy()
                 for column, (attr, _) in _OPTIONAL.items()}
-    return long_rows(np.full(n_tokens, prompt_id), np.arange(n_tokens),
-                     profile.token_ids.cpu().numpy(), profile.layer_indices, alphas, entropy,
-                     optional)
+    prompt_ids, pos = np.full(n_tokens, prompt_id), np.arange(n_tokens)
+    rows = long_rows(prompt_ids, pos, profile.token_ids.cpu().numpy(), profile.layer_indices,
+                     alphas, entropy, optional)
+    top = None
+    if profile.top_tokens is not None:
+        top = top_token_rows(prompt_ids, pos, profile.layer_indices,
+                             profile.top_tokens.cpu().numpy(), profile.top_probs.cpu().numpy())
+    return rows, top
 
 
 def read_profiles(store: Store, model: str | None = None, run_id: str | None = None, *,
@@ -100,12 +108,30 @@ def _part_profiles(store: Store, entry: ManifestEntry, info: RunInfo,
     rows = read_part_file(store, entry, entry.entropy_file).sort_by(
         [(c, "ascending") for c in ("prompt_id", "alpha", "pos", "layer")])
     prompts = read_part_file(store, entry, entry.prompts_file).to_pylist()
+    order = [p["prompt_id"] for p in prompts]
+    blocks = _by_prompt(rows, order)
+    top = [None] * len(prompts)
+    if entry.top_tokens_file is not None:
+        top_rows = read_part_file(store, entry, entry.top_tokens_file).sort_by(
+            [(c, "ascending") for c in ("prompt_id", "pos", "layer", "rank")])
+        top = _by_prompt(top_rows, order)
+    for prompt, block, top_block in zip(prompts, blocks, top, strict=True):
+        profile = _block_profile(block, prompt, info, alpha)
+        if top_block is not None:
+            shape = (profile.n_tokens, profile.n_layers, info.lens.top_tokens)
+            profile.top_tokens = torch.from_numpy(
+                top_block.column("token_id").to_numpy().reshape(shape).astype(np.int64))
+            profile.top_probs = torch.from_numpy(
+                top_block.column("prob").to_numpy().reshape(shape).copy())
+        yield prompt["prompt_id"], profile
+
+
+def _by_prompt(rows: pa.Table, prompt_ids: Sequence[int]) -> list[pa.Table]:
+    """The rows of each prompt of `prompt_ids`, from rows sorted by prompt_id first."""
     ids = rows.column("prompt_id").to_numpy()
-    starts = np.searchsorted(ids, [p["prompt_id"] for p in prompts], side="left")
-    stops = np.searchsorted(ids, [p["prompt_id"] for p in prompts], side="right")
-    for prompt, start, stop in zip(prompts, starts, stops, strict=True):
-        block = rows.slice(start, stop - start)
-        yield prompt["prompt_id"], _block_profile(block, prompt, info, alpha)
+    starts = np.searchsorted(ids, prompt_ids, side="left")
+    stops = np.searchsorted(ids, prompt_ids, side="right")
+    return [rows.slice(a, b - a) for a, b in zip(starts, stops, strict=True)]
 
 
 def _block_profile(block: pa.Table, prompt: dict[str, Any], info: RunInfo,
@@ -134,7 +160,10 @@ def _block_profile(block: pa.Table, prompt: dict[str, Any], info: RunInfo,
 
 def _optional(block: pa.Table, column: str, shape: tuple[int, int, int],
               dtype: torch.dtype) -> torch.Tensor | None:
-    """The (n_tokens x n_layers) values of a nullable column, or None when all null."""
+    """The (n_tokens x n_layers) values of a nullable column, or None when all null (or
+    absent: a file older than the column)."""
+    if column not in block.column_names:
+        return None
     col = block.column(column)
     if len(col) == 0 or col.null_count == len(col):
         return None

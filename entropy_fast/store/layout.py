@@ -60,7 +60,7 @@ class Stage:
     entry_type: type[Any]
 
 
-PROFILE = Stage("profile", ("entropy", "prompts"), "manifest", "runs", "", RunInfo,
+PROFILE = Stage("profile", ("entropy", "prompts", "top_tokens"), "manifest", "runs", "", RunInfo,
                 ManifestEntry)
 GENERATION = Stage("generation", ("continuations",), "generation-manifest", "generations",
                    "gen-", GenerationInfo, GenerationEntry)
@@ -184,6 +184,10 @@ class Store:
         """The manifest file of a committed part: named like its files, without `part-`."""
         name = Path(next(iter(entry.files))).stem.removeprefix("part-")
         return self.manifest_dir(stage, entry.run_id) / f"{name}.json"
+
+    def vocab_path(self, info: Any) -> Path:
+        """The vocabulary file of a profile run (one per run, whatever its shards)."""
+        return self.root / "vocab" / self.model_folder(info.model) / f"run={info.run_id}.parquet"
 
     def record_path(self, stage: Stage, run_id: str, shard_key: str) -> Path:
         """The record file of one run shard of `stage`."""

@@ -24,9 +24,10 @@ from typing import Any, ClassVar
 from entropy_fast.settings import LensSettings, SamplingSettings
 from entropy_fast.store.errors import StoreError
 
-SCHEMA_VERSION = 2
-"""Version 2: settings nested per settings class, weights fingerprint, checksums."""
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+"""Version 2: settings nested per settings class, weights fingerprint, checksums.
+Version 3: kl_to_final, top-token files, a vocabulary per run (store.schema)."""
+READABLE_VERSIONS = (1, 2, 3)
 MARKER = "entropy-fast-store.json"
 FORMAT = "entropy-fast profile store"
 
@@ -179,6 +180,9 @@ class RunInfo(_Record):
     lens: LensSettings
     layer_indices: list[int] | None = None
     layer_numbering: str = "hidden_state"
+    vocab_file: str | None = None
+    """The run's vocabulary (VOCAB_SCHEMA), relative to the store; None before schema 3."""
+    vocab_sha256: str | None = None
 
     def generation_identity(self) -> GenerationInfo:
         """The generation stage whose continuations this run would profile (shard 0/1)."""
@@ -252,10 +256,16 @@ class ManifestEntry(_Entry):
     n_rows: int
     n_nan: int = 0
     n_inf: int = 0
+    top_tokens_file: str | None = None
+    """The part's top tokens (runs with top_tokens > 0 only)."""
+    n_top_rows: int = 0
 
     @property
     def files(self) -> dict[str, int]:
-        return {self.entropy_file: self.n_rows, self.prompts_file: self.n_prompts}
+        files = {self.entropy_file: self.n_rows, self.prompts_file: self.n_prompts}
+        if self.top_tokens_file is not None:
+            files[self.top_tokens_file] = self.n_top_rows
+        return files
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,8 @@ prompts (a run's host stage) and for one profile alike (`codec.profile_rows`). T
 callers hand over numpy arrays.
 
 A batch's rows are ordered by (alpha, prompt, pos, layer): for one alpha that is each
-prompt's tokens in order, layer by layer; readers sort as they need.
+prompt's tokens in order, layer by layer; readers sort as they need. `top_token_rows`
+makes the TOP_TOKENS_SCHEMA rows of the same tokens, ordered by (prompt, pos, layer, rank).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from entropy_fast.store.schema import ENTROPY_SCHEMA
+from entropy_fast.store.schema import ENTROPY_SCHEMA, TOP_TOKENS_SCHEMA
 
 OPTIONAL_COLUMNS = {"top_token_id": np.int32, "target_surprisal": np.float32,
-                    "target_rank": np.int32}
+                    "target_rank": np.int32, "kl_to_final": np.float32}
 """The nullable statistics and their stored dtype; they do not depend on alpha (they repeat
 for each alpha)."""
 
@@ -58,6 +59,24 @@ def long_rows(prompt_ids: np.ndarray, pos: np.ndarray, token_ids: np.ndarray,
     arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c)
               for f in ENTROPY_SCHEMA]
     return pa.RecordBatch.from_arrays(arrays, schema=ENTROPY_SCHEMA)
+
+
+def top_token_rows(prompt_ids: np.ndarray, pos: np.ndarray, layers: Sequence[int],
+                   top_tokens: np.ndarray, top_probs: np.ndarray) -> pa.RecordBatch:
+    """The TOP_TOKENS_SCHEMA rows of `n` profile rows: top_tokens and top_probs are
+    (n x n_layers x k); returns n * n_layers * k rows."""
+    n, n_layers, k = top_tokens.shape
+    per_token = n_layers * k
+    columns = {
+        "prompt_id": np.repeat(prompt_ids.astype(np.int32, copy=False), per_token),
+        "pos": np.repeat(pos.astype(np.int32, copy=False), per_token),
+        "layer": np.tile(np.repeat(np.asarray(layers, dtype=np.int16), k), n),
+        "rank": np.tile(np.arange(k, dtype=np.int16), n * n_layers),
+        "token_id": top_tokens.reshape(-1).astype(np.int32),
+        "prob": top_probs.reshape(-1).astype(np.float32, copy=False),
+    }
+    return pa.RecordBatch.from_arrays([pa.array(columns[f.name]) for f in TOP_TOKENS_SCHEMA],
+                                      schema=TOP_TOKENS_SCHEMA)
 
 
 def token_positions(counts: Sequence[int]) -> np.ndarray:

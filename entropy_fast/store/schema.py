@@ -2,9 +2,11 @@
 
 Data files hold no model or run column: those come from the manifest entry that commits
 the file (see `sql`), so a store reads the same wherever it is and whatever its path.
-Schema version 2 (this one) differs from 1 in its JSON records only (settings nested per
-settings class, a weights fingerprint, checksums in manifest entries); version-1 stores
-stay readable.
+Schema version 2 differs from 1 in its JSON records only (settings nested per settings
+class, a weights fingerprint, checksums in manifest entries). Version 3 (this one) adds the
+nullable `kl_to_final` column to the entropy rows, a top-tokens file per part (runs with
+top_tokens > 0) and a vocabulary file per run. Version-1 and -2 stores stay readable:
+their entropy files lack `kl_to_final`, which reads as null.
 """
 
 from __future__ import annotations
@@ -31,11 +33,30 @@ ENTROPY_SCHEMA = pa.schema(
         ("top_token_id", pa.int32()),
         ("target_surprisal", pa.float32()),
         ("target_rank", pa.int32()),
+        ("kl_to_final", pa.float32()),
     ],
     metadata=_VERSION,
 )
 """One row per (prompt, pos, layer, alpha). `layer` is the hidden-state index (0 = the
-embedding output, L = the last block); the last three columns are nullable."""
+embedding output, L = the last block); the last four columns are nullable."""
+
+TOP_TOKENS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("pos", pa.int32()),
+        ("layer", pa.int16()),
+        ("rank", pa.int16()),
+        ("token_id", pa.int32()),
+        ("prob", pa.float32()),
+    ],
+    metadata=_VERSION,
+)
+"""One row per (prompt, pos, layer, rank) of a run with top_tokens = K > 0: the lens's K
+most probable tokens (rank 0 = the most probable; ties: lower token id first)."""
+
+VOCAB_SCHEMA = pa.schema([("token_id", pa.int32()), ("text", pa.string())],
+                         metadata=_VERSION)
+"""One row per token id of a run's model: the text the tokenizer decodes it to, alone."""
 
 KEY_COLUMNS = ("prompt_id", "pos", "token_id", "layer", "alpha")
 

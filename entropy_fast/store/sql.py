@@ -1,7 +1,9 @@
 """DuckDB over a profile store: `ProfileStore`, a connection whose views see the committed
 files of a store only, and runs its SQL and named queries.
 
-Views: `entropy` (one row per token, layer, alpha), `prompts`, `runs` (one row per run
+Views: `entropy` (one row per token, layer, alpha), `prompts`, `top_tokens` (one row per
+token, layer and rank, for runs with top tokens), `vocab` (token id -> text, per run),
+`runs` (one row per run
 shard, its settings flattened into columns), `manifest` (committed parts),
 `continuations` (stored generation stages, one row per prompt), `generations` (one row per
 generation shard), `prompt_profile` (per-prompt mean profile), `model_layers` and
@@ -18,6 +20,7 @@ take their columns from the record classes, so a new record field is a new colum
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -26,6 +29,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from entropy_fast.errors import MissingDependencyError
 from entropy_fast.store.errors import StoreError
@@ -36,9 +40,13 @@ from entropy_fast.store.schema import (
     CONTINUATIONS_SCHEMA,
     ENTROPY_SCHEMA,
     PROMPTS_SCHEMA,
+    TOP_TOKENS_SCHEMA,
+    VOCAB_SCHEMA,
     record_schema,
 )
-from entropy_fast.store.verify import report_damage
+from entropy_fast.store.verify import report_damage, sha256_file
+
+log = logging.getLogger("entropy_fast")
 
 _DUCK_TYPES = {pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
                pa.float64(): "DOUBLE", pa.string(): "VARCHAR",
@@ -105,6 +113,9 @@ class ProfileStore:
         generated = [e for e in generated if e.run_id not in self.damaged]
         self._file_view("entropy", ENTROPY_SCHEMA, root, entries, "entropy_file")
         self._file_view("prompts", PROMPTS_SCHEMA, root, entries, "prompts_file")
+        self._file_view("top_tokens", TOP_TOKENS_SCHEMA, root,
+                        [e for e in entries if e.top_tokens_file is not None], "top_tokens_file")
+        self._vocab_view(root)
         self._file_view("continuations", CONTINUATIONS_SCHEMA, root, generated,
                         "continuations_file")
         self.con.register("runs", _records_table(self.store.runs(), RunInfo))
@@ -117,14 +128,36 @@ class ProfileStore:
     def _file_view(self, name: str, schema: pa.Schema, root: Path, entries: Sequence[Any],
                    attr: str) -> None:
         """A view over the files `attr` of `entries`: one scan per run, with the run's
-        model and id as constants (DuckDB drops the scans a filter on them excludes)."""
-        columns = ", ".join(f.name for f in schema)
-        by_run: dict[tuple[str, str], list[str]] = defaultdict(list)
+        model and id as constants (DuckDB drops the scans a filter on them excludes).
+        Columns newer than a run's files (schema.py) read as nulls."""
+        by_run: dict[tuple[str, str], list[Path]] = defaultdict(list)
         for e in entries:
-            by_run[e.model, e.run_id].append(glob_literal(root / getattr(e, attr)))
+            by_run[e.model, e.run_id].append(root / getattr(e, attr))
         scans = [f"SELECT {sql_literal(model)} AS model, {sql_literal(run)} AS run_id, "
-                 f"{columns} FROM read_parquet([{', '.join(paths)}])"
+                 f"{_columns(schema, paths[0])} FROM "
+                 f"read_parquet([{', '.join(glob_literal(p) for p in paths)}])"
                  for (model, run), paths in sorted(by_run.items())]
+        self._create_view(name, schema, scans)
+
+    def _vocab_view(self, root: Path) -> None:
+        """`vocab`: (model, run_id, token_id, text) of every run whose vocabulary file is
+        intact (checked against its sha256; a damaged one is left out with a warning)."""
+        files = {}
+        for info in self.store.runs():
+            if info.vocab_file is not None and info.run_id not in files:
+                files[info.run_id] = info
+        scans = []
+        for run, info in sorted(files.items()):
+            path = root / info.vocab_file
+            if not path.exists() or sha256_file(path) != info.vocab_sha256:
+                log.warning("%s: the vocabulary of run %s is missing or damaged; the vocab "
+                            "view leaves it out (rerun the run to rewrite it)", root, run)
+                continue
+            scans.append(f"SELECT {sql_literal(info.model)} AS model, {sql_literal(run)} AS "
+                         f"run_id, token_id, text FROM read_parquet({glob_literal(path)})")
+        self._create_view("vocab", VOCAB_SCHEMA, scans)
+
+    def _create_view(self, name: str, schema: pa.Schema, scans: list[str]) -> None:
         if not scans:
             typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
             scans = [f"SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_id, {typed} "
@@ -195,6 +228,14 @@ class ProfileStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _columns(schema: pa.Schema, first_file: Path) -> str:
+    """The select list of `schema` for a run's files: NULLs for columns its files (one
+    schema per run: the first file's) lack."""
+    present = set(pq.read_schema(first_file).names)
+    return ", ".join(f.name if f.name in present else f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}"
+                     for f in schema)
 
 
 def _listing(items: Sequence[str], limit: int = 20) -> str:

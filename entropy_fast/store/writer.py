@@ -65,6 +65,8 @@ from entropy_fast.store.schema import (
     ENTROPY_SCHEMA,
     KEY_COLUMNS,
     PROMPTS_SCHEMA,
+    TOP_TOKENS_SCHEMA,
+    VOCAB_SCHEMA,
 )
 from entropy_fast.store.verify import sha256_file
 
@@ -272,8 +274,9 @@ class PartWriter:
         """What readers need in the run record before the first part (hook)."""
         return (self.info.revision,)
 
-    def _tables(self) -> list[pa.Table]:
-        """The buffered rows as one table per file of a part, as `stage.data` (hook)."""
+    def _tables(self) -> list[pa.Table | None]:
+        """The buffered rows as one table per file of a part, as `stage.data`; None for a
+        file this run's parts do not have (hook)."""
         raise NotImplementedError
 
     def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
@@ -304,7 +307,10 @@ class PartWriter:
         """Steps 1 and 2 of the protocol for part `name`; returns its manifest entry."""
         paths = self.store.part_paths(self.stage, self.info, name)
         sums: dict[str, tuple[str, int]] = {}
-        for path, table, options in zip(paths, tables, self.part_options, strict=True):
+        written = [(folder, path, table, options) for folder, path, table, options in
+                   zip(self.stage.data, paths, tables, self.part_options, strict=True)
+                   if table is not None]  # a file a run does not have (top tokens)
+        for _, path, table, options in written:
             path.parent.mkdir(parents=True, exist_ok=True)
             relative = str(path.relative_to(self.store.root))
 
@@ -317,8 +323,8 @@ class PartWriter:
             fsync_dir(path.parent)
         self._step("files")
         ids = sorted(p["prompt_id"] for p in prompts)
-        files = {folder: str(p.relative_to(self.store.root))
-                 for folder, p in zip(self.stage.data, paths, strict=True)}
+        files = {folder: str(path.relative_to(self.store.root))
+                 for folder, path, _, _ in written}
         entry = self._entry(files, sums, tables, prompts)
         folder = self.store.manifest_dir(self.stage, self.info.run_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -379,15 +385,18 @@ class RunWriter(PartWriter):
     """Streams the profiles of one profile run shard into a store (see `PartWriter`)."""
 
     stage = PROFILE
-    part_options = (_ENTROPY_OPTIONS, _PLAIN_OPTIONS)
+    part_options = (_ENTROPY_OPTIONS, _PLAIN_OPTIONS, _PLAIN_OPTIONS)
     info: RunInfo
 
     def _merge(self, old: RunInfo) -> None:
         self.info.layer_indices = self.info.layer_indices or old.layer_indices
+        self.info.vocab_file = self.info.vocab_file or old.vocab_file
+        self.info.vocab_sha256 = self.info.vocab_sha256 or old.vocab_sha256
 
     def _reset(self) -> None:
         super()._reset()
         self._batches: list[pa.RecordBatch] = []
+        self._top_batches: list[pa.RecordBatch] = []
 
     def _record_state(self) -> tuple[Any, ...]:
         return (self.info.layer_indices, self.info.revision)
@@ -396,21 +405,23 @@ class RunWriter(PartWriter):
         """Buffer one prompt's EntropyProfile; commits a part when a threshold is reached."""
         from entropy_fast.store.codec import profile_rows
 
-        self.add_rows(prompt, profile_rows(prompt.prompt_id, profile, self.info.lens.alphas),
-                      profile.n_tokens, list(profile.layer_indices),
-                      profile.metadata.get("prompt_token_ids") or [])
-
-    def add_rows(self, prompt: Any, rows: pa.RecordBatch, n_tokens: int,
-                 layers: Sequence[int], prompt_token_ids: Sequence[int]) -> None:
-        """Buffer one prompt's rows (ENTROPY_SCHEMA, as `codec.profile_rows` makes them)."""
-        self.add_batch([prompt], rows, [n_tokens], layers, [prompt_token_ids])
+        rows, top_rows = profile_rows(prompt.prompt_id, profile, self.info.lens.alphas)
+        self.add_batch([prompt], rows, [profile.n_tokens], list(profile.layer_indices),
+                       [profile.metadata.get("prompt_token_ids") or []], top_rows)
 
     def add_batch(self, prompts: Sequence[Any], rows: pa.RecordBatch,
                   n_tokens: Sequence[int], layers: Sequence[int],
-                  prompt_token_ids: Sequence[Sequence[int]]) -> None:
+                  prompt_token_ids: Sequence[Sequence[int]],
+                  top_rows: pa.RecordBatch | None = None) -> None:
         """Buffer the rows of several prompts at once (ENTROPY_SCHEMA, as `rows.long_rows`
-        makes them): their n_tokens and prompt token ids in the order of `prompts`.
-        Commits a part when a threshold is reached."""
+        makes them; TOP_TOKENS_SCHEMA rows as `rows.top_token_rows` makes them, for a run
+        with top_tokens > 0): their n_tokens and prompt token ids in the order of
+        `prompts`. Commits a part when a threshold is reached."""
+        if (top_rows is not None) != (self.info.lens.top_tokens > 0):
+            raise StoreError(f"run {self.info.run_id} has top_tokens="
+                             f"{self.info.lens.top_tokens}; rows "
+                             f"{'with' if top_rows is not None else 'without'} top tokens "
+                             "do not belong to it")
         self._check_new([p.prompt_id for p in prompts])
         layers = [int(i) for i in layers]
         if self.info.layer_indices is None:
@@ -419,11 +430,34 @@ class RunWriter(PartWriter):
             raise StoreError(f"profile of prompt {prompts[0].prompt_id} has layers {layers}, "
                              f"the run has {self.info.layer_indices}")
         self._batches.append(rows)
+        if top_rows is not None:
+            self._top_batches.append(top_rows)
         source = self.info.corpus
         self._append([{"prompt_id": p.prompt_id, "text": p.text, "prompt_token_ids": ids,
                        "n_tokens": n, "source": source, "source_line": p.source_line}
                       for p, n, ids in zip(prompts, n_tokens, prompt_token_ids, strict=True)],
                      rows.num_rows)
+
+    def store_vocabulary(self, texts: Sequence[str]) -> None:
+        """Write the model's vocabulary (token id i -> texts[i], as the tokenizer decodes
+        that token alone) once per run, checksummed in the run record. A run that has one
+        keeps it (a resumed run, another shard)."""
+        info = self.info
+        if info.vocab_file is not None and (self.store.root / info.vocab_file).exists():
+            return
+        path = self.store.vocab_path(info)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"token_id": pa.array(range(len(texts)), pa.int32()),
+                          "text": pa.array(list(texts), pa.string())}, schema=VOCAB_SCHEMA)
+
+        def write(tmp: Path) -> None:
+            pq.write_table(table, tmp, **_PLAIN_OPTIONS)
+
+        write_atomic(path, write)
+        fsync_dir(path.parent)
+        info.vocab_file = str(path.relative_to(self.store.root))
+        info.vocab_sha256 = sha256_file(path)
+        self._write_record()
 
     def register_layers(self, layer_indices: Sequence[int], revision: str | None) -> None:
         """Record the run's layers and the model's revision now, before other processes
@@ -437,9 +471,12 @@ class RunWriter(PartWriter):
         self.info.revision = revision or self.info.revision
         self._write_record()
 
-    def _tables(self) -> list[pa.Table]:
+    def _tables(self) -> list[pa.Table | None]:
+        top = None
+        if self.info.lens.top_tokens:
+            top = pa.Table.from_batches(self._top_batches, schema=TOP_TOKENS_SCHEMA)
         return [pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA),
-                pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA)]
+                pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA), top]
 
     def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
                tables: list[pa.Table], prompts: list[dict[str, Any]]) -> ManifestEntry:
@@ -448,7 +485,9 @@ class RunWriter(PartWriter):
         return ManifestEntry(
             run_id=info.run_id, model=info.model, shard=info.shard, n_shards=info.n_shards,
             seq=self._seq, entropy_file=files["entropy"], prompts_file=files["prompts"],
-            n_rows=rows.num_rows, n_prompts=len(prompts),
+            top_tokens_file=files.get("top_tokens"),
+            n_top_rows=0 if tables[2] is None else tables[2].num_rows, n_rows=rows.num_rows,
+            n_prompts=len(prompts),
             n_tokens=sum(p["n_tokens"] for p in prompts), n_nan=int(np.isnan(values).sum()),
             n_inf=int(np.isinf(values).sum()),
             prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
