@@ -40,7 +40,7 @@ def batch_rows(batch: Any, prompt_ids: Sequence[int], layers: Sequence[int],
     n_rows = sum(counts)
     targets = np.fromiter(chain.from_iterable(s.ids[s.first_target:] for s in batch.sequences),
                           dtype=np.int64, count=n_rows)
-    optional = {column: None if (values := columns[name]) is None else values.numpy()
+    optional = {column: None if (values := columns.get(name)) is None else values.numpy()
                 for column, name in _OPTIONAL.items()}
     prompts, pos = np.repeat(np.asarray(prompt_ids, dtype=np.int32), counts), \
         token_positions(counts)

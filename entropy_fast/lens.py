@@ -405,7 +405,7 @@ class Lens:
         chunk at a time."""
         groups = max(kl_groups, 1)
         n_tokens = len(hidden) // groups
-        by_group = hidden.view(groups, n_tokens, -1)
+        by_group = hidden.view(groups, n_tokens, hidden.shape[-1])
         grouped_targets = None if targets is None else targets.view(groups, n_tokens)
         parts, orders = [], tilted_orders(alphas)
         step = max(self.row_block // groups, 1)
@@ -535,7 +535,7 @@ def _concat(parts: list[LensStatistics], groups: int = 1) -> LensStatistics:
         values = [getattr(p, name) for p in parts]
         if values[0] is None:
             return None
-        by_group = [v.view(groups, -1, *v.shape[1:]) for v in values]
+        by_group = [v.view(groups, len(v) // groups, *v.shape[1:]) for v in values]
         return torch.cat(by_group, dim=1).reshape(-1, *values[0].shape[1:])
 
     return LensStatistics(**{f.name: cat(f.name) for f in dataclasses.fields(LensStatistics)})

@@ -34,7 +34,13 @@ def random_batch(rng: np.random.Generator, extras: bool) -> ProfiledBatch:
                "top_token": torch.from_numpy(rng.integers(0, 99, shape)) if extras else None,
                "target_surprisal": (torch.from_numpy(rng.random(shape, dtype=np.float32))
                                     if extras else None),
-               "target_rank": torch.from_numpy(rng.integers(0, 9, shape)) if extras else None}
+               "target_rank": torch.from_numpy(rng.integers(0, 9, shape)) if extras else None,
+               "kl_to_final": (torch.from_numpy(rng.random(shape, dtype=np.float32))
+                               if extras else None),
+               "top_tokens": (torch.from_numpy(rng.integers(0, 99, (*shape, 2))) if extras
+                              else None),
+               "top_probs": (torch.from_numpy(rng.random((*shape, 2), dtype=np.float32))
+                             if extras else None)}
     return ProfiledBatch(sequences, columns)
 
 
@@ -42,9 +48,9 @@ def random_batch(rng: np.random.Generator, extras: bool) -> ProfiledBatch:
 def test_batch_rows_are_the_rows_written_one_by_one(extras):
     batch = random_batch(np.random.default_rng(0), extras)
     prompt_ids = [70, 30, 110]
-    table = pa.Table.from_batches([batch_rows(batch, prompt_ids, LAYERS, ALPHAS)])
-    got = sorted(tuple(r.values()) for r in table.to_pylist())
-    expected, offset = [], 0
+    rows, top_rows = batch_rows(batch, prompt_ids, LAYERS, ALPHAS)
+    got = sorted(tuple(r.values()) for r in pa.Table.from_batches([rows]).to_pylist())
+    expected, expected_top, offset = [], [], 0
     cols = batch.columns
     for prompt_id, seq in zip(prompt_ids, batch.sequences, strict=True):
         for pos, token in enumerate(seq.ids[seq.first_target:]):
@@ -53,11 +59,21 @@ def test_batch_rows_are_the_rows_written_one_by_one(extras):
                 for a, alpha in enumerate(ALPHAS):
                     extra = ((int(cols["top_token"][row, k]),
                               float(cols["target_surprisal"][row, k]),
-                              int(cols["target_rank"][row, k])) if extras else (None,) * 3)
+                              int(cols["target_rank"][row, k]),
+                              float(cols["kl_to_final"][row, k])) if extras else (None,) * 4)
                     expected.append((prompt_id, pos, token, layer, alpha,
                                      float(cols["entropy"][row, k, a]), *extra))
+                if extras:
+                    expected_top += [(prompt_id, pos, layer, rank,
+                                      int(cols["top_tokens"][row, k, rank]),
+                                      float(cols["top_probs"][row, k, rank])) for rank in (0, 1)]
         offset += seq.n_rows
     assert got == sorted(expected)
+    if not extras:
+        assert top_rows is None
+        return
+    got_top = [tuple(r.values()) for r in pa.Table.from_batches([top_rows]).to_pylist()]
+    assert sorted(got_top) == sorted(expected_top)
 
 
 class SlowWriter:
@@ -66,7 +82,7 @@ class SlowWriter:
     def __init__(self, seconds: float) -> None:
         self.seconds, self.written, self.commits = seconds, [], 0
 
-    def add_batch(self, prompts, rows, n_tokens, layers, prompt_token_ids):
+    def add_batch(self, prompts, rows, n_tokens, layers, prompt_token_ids, top_rows=None):
         time.sleep(self.seconds)
         self.written.append([p.prompt_id for p in prompts])
 

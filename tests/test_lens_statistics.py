@@ -73,9 +73,10 @@ def test_top_tokens_and_kl_of_each_case(name, backend):
     assert ((kl - want).abs() <= allowed).all()
     n = len(hidden) // groups
     assert (stats.kl_to_final[-n:] == 0).all(), "the final layer's own KL is not exactly 0"
-    # the extra statistics leave the others as they were
+    # the extra statistics leave the others as they were (up to fp32 rounding of the logits)
     plain = lens.statistics(hidden, (1.0, 2.0), backend=backend, with_top_token=True)
-    torch.testing.assert_close(stats.entropy, plain.entropy, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.entropy, plain.entropy, rtol=0,
+                               atol=fp32_tol(z.abs().max().item()))
     assert (stats.top_token == stats.top_tokens[:, 0]).all()
 
 

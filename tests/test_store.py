@@ -137,7 +137,7 @@ def test_resume_skips_committed_and_removes_uncommitted(tmp_path, corpus, profil
         writer.add(corpus.prompts[prompt_id], profiles[prompt_id])
     writer._lock.release()  # what the kernel does when the process dies
     # a part renamed into place but not recorded, and a temp file: a kill between steps
-    entropy, _ = store.part_paths(PROFILE, info, 2)
+    entropy, *_ = store.part_paths(PROFILE, info, 2)
     orphan = entropy.parent / entropy.name
     orphan.write_bytes(b"junk")
     temp = entropy.parent / f".{entropy.name}.123.tmp"

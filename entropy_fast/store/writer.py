@@ -530,7 +530,8 @@ class WorkerWriter(RunWriter):
             held = self._committed_among({p["prompt_id"] for p in prompts})
             if held:
                 drop = pa.array(sorted(held), pa.int32())
-                tables = [t.filter(pc.invert(pc.is_in(t["prompt_id"], value_set=drop)))
+                tables = [None if t is None else
+                          t.filter(pc.invert(pc.is_in(t["prompt_id"], value_set=drop)))
                           for t in tables]
                 prompts = [p for p in prompts if p["prompt_id"] not in held]
             if prompts:
