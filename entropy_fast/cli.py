@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from entropy_fast.errors import EntropyFastError
+from entropy_fast.store.errors import StoreError
 from entropy_fast.settings import (
     DEFAULT_MODEL,
     LensSettings,
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, adder in (("profile", _add_profile), ("generate", _add_generate),
-                        ("query", _add_query), ("compare", _add_compare), ("info", _add_info),
+                        ("query", _add_query), ("compare", _add_compare), ("show", _add_show),
+                        ("info", _add_info),
                         ("check", _add_check), ("queries", _add_queries)):
         doc = inspect.cleandoc(COMMANDS[name].__doc__ or "")
         sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc,
@@ -433,8 +435,15 @@ def _print_summary(db: Any, result: Any) -> None:
           f"(hidden states: 0 = embeddings, {max((r['layer'] for r in rows), default=0)} = "
           f"last block) | {result.seconds:.1f} s{rate}")
     columns = ("layer", "mean", "std", "min", "q25", "median", "q75", "max")
+    table = [{c: row[c] for c in columns} for row in rows]
+    if info.lens.kl_to_final:  # KL(p_final || p_layer), mean over the same tokens
+        kl = {r["layer"]: r["mean_kl"] for r in db.query("kl_to_final", run_id=info.run_id)
+              .to_pylist()}
+        columns = (*columns, "kl_to_final")
+        for row in table:
+            row["kl_to_final"] = kl.get(row["layer"])
     print("per layer, over all tokens (each token weighs the same):")
-    print(_format_table([{c: row[c] for c in columns} for row in rows], columns))
+    print(_format_table(table, columns))
 
 
 def _fmt_alpha(alpha: float) -> str:
@@ -638,6 +647,84 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- show ---------------------------------------------------------------------------------
+
+
+def _add_show(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--prompt", type=int, required=True, metavar="N",
+                   help="the prompt id (its 0-based line in the corpus)")
+    p.add_argument("--run", metavar="RUN_ID",
+                   help="the run (id or unique prefix; needed when several runs have top "
+                        "tokens)")
+    p.add_argument("--rank", type=int, default=1, metavar="K",
+                   help="show the K most probable tokens of each cell (default: 1)")
+    p.add_argument("--plot", metavar="PNG", help="also save the logit-lens grid as PNG")
+    p.add_argument("--max-rows", type=int, default=200, metavar="N",
+                   help="rows printed at most (0 = all)")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Show what the logit lens sees on one prompt: the top tokens at every layer.
+
+    Prints one row per position and layer with the most probable tokens, their text and
+    probabilities (runs profiled with --top-tokens K), and with --plot saves the classic
+    grid (layers x positions, each cell the top token, coloured by its probability).
+    """
+    from entropy_fast.store.sql import ProfileStore
+
+    with ProfileStore(args.store) as db:
+        info = _run_with_top_tokens(db, args.run)
+        table = db.query("top_tokens", run_id=info.run_id, prompt_id=args.prompt,
+                         max_rank=args.rank)
+        if table.num_rows == 0:
+            raise StoreError(f"run {info.run_id} has no prompt {args.prompt}",
+                             f"its prompts: 0..{info.n_prompts - 1}, those committed so far")
+        print(f"{info.model} | run {info.run_id} | prompt {args.prompt} | top {args.rank} of "
+              f"{info.lens.top_tokens} tokens per layer (rank 0 = most probable)")
+        rows = [{"pos": r["pos"], "predicts": r["next_token"], "layer": r["layer"],
+                 "rank": r["rank"], "token": r["text"], "prob": r["prob"]}
+                for r in table.to_pylist()]
+        _write_result_rows(rows, args.max_rows)
+        if args.plot:
+            _plot_logit_lens(db, info, args.prompt, Path(args.plot))
+    return 0
+
+
+def _run_with_top_tokens(db: Any, run: str | None) -> Any:
+    """The run `show` reads: the one given (by id prefix), else the only one with top
+    tokens."""
+    runs = [r for r in db.store.runs() if r.lens.top_tokens]
+    if run is not None:
+        runs = [r for r in runs if r.run_id.startswith(run)]
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise StoreError(f"{db.store.root} has no run{f' {run}' if run else ''} with top "
+                         "tokens", "profile with --top-tokens K (e.g. 5) to record them")
+    listed = ", ".join(f"{r.run_id} ({r.model})" for r in runs)
+    raise StoreError(f"several runs have top tokens: {listed}", "choose one with --run ID")
+
+
+def _write_result_rows(rows: list[dict[str, Any]], max_rows: int) -> None:
+    shown = rows if max_rows == 0 else rows[:max_rows]
+    print(_format_table(shown, list(rows[0])))
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} more rows (--max-rows 0 shows all)")
+
+
+def _plot_logit_lens(db: Any, info: Any, prompt_id: int, path: Path) -> None:
+    from entropy_fast.store.codec import read_profiles
+    from entropy_fast.viz import plot_logit_lens, save_figure
+
+    ((_, profile),) = read_profiles(db.store, run_id=info.run_id, prompt_ids=[prompt_id])
+    texts = db.sql("SELECT token_id, text FROM vocab WHERE run_id = $run", {"run": info.run_id},
+                   output="numpy")
+    vocab = dict(zip(texts["token_id"].tolist(), texts["text"].tolist(), strict=True)) or None
+    save_figure(plot_logit_lens(profile, vocab).figure, path)
+    print(f"plot: {path}")
+
+
 # -- info, check, queries -----------------------------------------------------------------
 
 
@@ -747,7 +834,8 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"profile": cmd_profile, "generate": cmd_generate, "query": cmd_query,
-            "compare": cmd_compare, "info": cmd_info, "check": cmd_check, "queries": cmd_queries}
+            "compare": cmd_compare, "show": cmd_show, "info": cmd_info, "check": cmd_check,
+            "queries": cmd_queries}
 
 
 if __name__ == "__main__":

@@ -387,3 +387,71 @@ def _wrap_titles(figure: Any) -> None:
         while chars > 1 and ax.title.get_window_extent().width > room:
             chars -= max(1, chars // 20)
             ax.title.set_text(textwrap.fill(text, chars))
+
+
+def token_texts(vocab: Any, ids: Iterable[int]) -> list[str]:
+    """Short readable text of token ids for plot cells: `vocab` is a tokenizer (anything
+    with .decode), a sequence or mapping id -> text, or None (the ids themselves).
+    Whitespace shows as visible marks (space ␣, newline ⏎, tab ⇥)."""
+    texts = []
+    for i in ids:
+        i = int(i)
+        if vocab is None:
+            text = str(i)
+        elif hasattr(vocab, "decode"):
+            text = vocab.decode([i])
+        else:
+            text = vocab[i] if (isinstance(vocab, Mapping) or 0 <= i < len(vocab)) else ""
+        text = text.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
+        texts.append(text if len(text) <= 7 else text[:6] + "…")
+    return texts
+
+
+def plot_logit_lens(profile: EntropyProfile, vocab: Any = None, *, color: str = "prob",
+                    positions: slice | None = None, ax: Axes | None = None) -> Axes:
+    """The classic logit-lens grid: layers (rows, the last on top) x positions (columns),
+    each cell the lens's most probable token at that layer, coloured by its probability
+    (color="prob", needs a profile with top_tokens) or by the entropy (color="entropy").
+
+    vocab: a tokenizer, or token id -> text (a store's `vocab` view), to show text; None
+    shows ids. positions: the columns to show (default: the first 40 rows); each column is
+    labelled with the token its row predicts. Readable at 30 layers x 40 positions.
+    """
+    if profile.top_tokens is None and profile.top_token_ids is None:
+        raise ValueError("the profile has no top tokens: profile with top_tokens=K "
+                         "(--top-tokens K) or top_token=True")
+    if color not in ("prob", "entropy"):
+        raise ValueError(f"color must be 'prob' or 'entropy', got {color!r}")
+    if color == "prob" and profile.top_probs is None:
+        raise ValueError("color='prob' needs top_probs: profile with top_tokens=K, or use "
+                         "color='entropy'")
+    rows = positions or slice(0, min(profile.n_tokens, 40))
+    top = (profile.top_tokens[..., 0] if profile.top_tokens is not None
+           else profile.top_token_ids)[rows].T.numpy()              # (layers x positions)
+    values = (profile.top_probs[..., 0] if color == "prob" else profile.entropy)[rows].T.numpy()
+    n_layers, n_pos = top.shape
+    if n_pos == 0:
+        raise ValueError("no positions to plot: the profile is empty or `positions` is")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_pos + 2), max(3.0, 0.3 * n_layers + 1.8)))
+    cmap = "Blues" if color == "prob" else "viridis_r"
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest",
+                      vmin=0.0, vmax=1.0 if color == "prob" else None)
+    size = 7 if n_pos <= 25 else 6
+    threshold = 0.5 * (values.max() + values.min())
+    for (layer, pos), text in zip(np.ndindex(n_layers, n_pos),
+                                  token_texts(vocab, top.reshape(-1)), strict=True):
+        dark = (values[layer, pos] > threshold) == (color == "prob")
+        ax.text(pos, layer, text, ha="center", va="center", fontsize=size,
+                color="white" if dark else "black")
+    start = rows.start or 0
+    predicted = token_texts(vocab, profile.token_ids[rows].tolist())
+    ax.set_xticks(range(n_pos), [f"{start + p}→{t}" for p, t in enumerate(predicted)],
+                  rotation=90, fontsize=size)
+    ax.set_yticks(range(n_layers), [str(i) for i in profile.layer_indices], fontsize=size)
+    ax.set_xlabel("position → the token its row predicts")
+    ax.set_ylabel(layer_axis_label(profile.numbering))
+    ax.set_title(f"Logit lens: the most probable token at each layer ({profile.model_name})")
+    label = "probability of the top token" if color == "prob" else _entropy_label(profile)
+    ax.figure.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.01)
+    return ax
