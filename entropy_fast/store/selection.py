@@ -6,8 +6,8 @@ are filed under, or by what was loaded), run ids by prefix, mode, a Rényi order
 filters on the run's settings (the columns of the `runs` view). By default one run is
 chosen per model and settings: the latest complete one. Every chosen run stays one entry
 (`SelectedRun`), never pooled with another; two runs of one model are labelled by what
-differs between them ("smollm2 (mode=text)" vs "smollm2 (mode=generation,
-max_new_tokens=32)"). Imports nothing heavy (no torch, no DuckDB).
+differs between them ("smollm2 (mode=text)" vs "smollm2 (mode=generation)", "smollm2
+(alphas=1,2)" vs "smollm2 (alphas=1)"). Imports nothing heavy (no torch, no DuckDB).
 """
 
 from __future__ import annotations
@@ -275,8 +275,8 @@ def describe(info: RunInfo) -> dict[str, str]:
 
 def run_labels(infos: Sequence[RunInfo]) -> dict[str, str]:
     """{run id: label}: the model's name when it is the model's only run here, else the
-    model and what differs between its runs, e.g. "smollm2 (alpha=2)"; the run id's first
-    8 digits where nothing else tells two runs apart."""
+    model and what differs between its runs, e.g. "smollm2 (dtype=bfloat16)"; the run
+    id's first 8 digits where nothing else tells two runs apart."""
     by_model: dict[str, list[RunInfo]] = {}
     for info in infos:
         by_model.setdefault(info.model, []).append(info)
@@ -286,7 +286,7 @@ def run_labels(infos: Sequence[RunInfo]) -> dict[str, str]:
             labels[runs[0].run_id] = model
             continue
         described = {r.run_id: describe(r) for r in runs}
-        keys = [k for k in _DESCRIBED if len({d.get(k) for d in described.values()}) > 1]
+        keys = _differing(list(described.values()), _DESCRIBED)
         texts = {r: ", ".join(f"{k}={d[k]}" for k in keys if k in d)
                  for r, d in described.items()}
         if len(set(texts.values())) < len(texts) or not all(texts.values()):
@@ -298,9 +298,13 @@ def run_labels(infos: Sequence[RunInfo]) -> dict[str, str]:
 def differences(runs: Sequence[SelectedRun]) -> list[str]:
     """The measurement settings (mode, sampling, dtype, corpus, ...) in which the chosen
     runs differ: a distance between two of them may show those as well as the models."""
-    described = [describe(r.info) for r in runs]
-    # Among the runs that have a setting: generation settings do not restate the mode.
-    return [k for k in _MEASUREMENT if len({d[k] for d in described if k in d}) > 1]
+    return _differing([describe(r.info) for r in runs], _MEASUREMENT)
+
+
+def _differing(described: Sequence[dict[str, str]], keys: Sequence[str]) -> list[str]:
+    """The keys with more than one value among the descriptions that have them (so that
+    the settings of generation, which text runs lack, do not restate the mode)."""
+    return [k for k in keys if len({d[k] for d in described if k in d}) > 1]
 
 
 def _run_list(runs: dict[str, tuple[RunInfo, bool]], ids: Sequence[str]) -> str:
