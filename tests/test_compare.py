@@ -135,6 +135,13 @@ def test_cli_python_and_sql_give_the_same_distances(store, metric, skip, capsys)
     assert len(by_sql) == (len(labels) ** 2 if metric in SQL_METRICS else 0)
 
 
+def test_one_metric_family():
+    from entropy_fast import distances
+    from entropy_fast.store import compare
+
+    assert compare.METRICS == distances.METRICS
+
+
 def test_model_distances_never_pools_modes(store):
     with ProfileStore(store) as db:
         every = db.query("model_distances").to_pylist()
