@@ -13,7 +13,7 @@ differs between them ("smollm2 (mode=text)" vs "smollm2 (mode=generation)", "smo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,31 +102,10 @@ class RunSelection:
         if not runs:
             raise StoreError("no runs to choose from: the store has no profile run",
                              "profile into it first (entropy-fast profile ... --out STORE)")
+        self._check_names(runs)
         chosen = self._resolve_runs(runs) if self.runs else list(runs.values())
-        known_models = sorted({info.model for info, _ in runs.values()})
-        if self.models:
-            unknown = [m for m in self.models
-                       if not any(m in (i.model, i.source) for i, _ in runs.values())]
-            if unknown:
-                raise StoreError(f"no run of model {', '.join(map(repr, unknown))} in the "
-                                 "store", f"models in the store: {', '.join(known_models)}")
-        steps = [("models", lambda i: self.models is None or bool(
-                      {i.model, i.source} & set(self.models))),
-                 ("mode", lambda i: self.mode is None or run_mode(i) == self.mode),
-                 ("alpha", lambda i: self.alpha is None or float(self.alpha) in i.lens.alphas),
-                 ("where", lambda i: all(_matches(settings_of(i).get(k), v, k)
-                                         for k, v in self.where.items()))]
-        self._check_where_keys(runs)
-        for name, keep in steps:
-            left = [(info, done) for info, done in chosen if keep(info)]
-            if self.runs and len(left) < len(chosen):
-                dropped = [info.run_id for info, _ in chosen if not keep(info)]
-                raise StoreError(f"runs {', '.join(dropped)} do not match {name}="
-                                 f"{self._criterion(name)}")
-            if not left:
-                raise StoreError(f"no run in the store matches {self._asked()}",
-                                 "`entropy-fast info STORE` lists the runs and settings")
-            chosen = left
+        for name, keep in self._criteria():
+            chosen = self._keep(chosen, name, keep)
         if not self.runs:
             chosen = [(info, done) for info, done in chosen if done]
             if not chosen:
@@ -138,6 +117,44 @@ class RunSelection:
         labels = run_labels([info for info, _ in chosen])
         picked = [SelectedRun(info, labels[info.run_id], done) for info, done in chosen]
         return sorted(picked, key=lambda r: (r.model, r.label))
+
+    def _criteria(self) -> list[tuple[str, Callable[[RunInfo], bool]]]:
+        """(name, test) of each criterion, in the order they are applied."""
+        wanted = set(self.models or ())
+        return [("models", lambda i: not wanted or bool({i.model, i.source} & wanted)),
+                ("mode", lambda i: self.mode is None or run_mode(i) == self.mode),
+                ("alpha", lambda i: self.alpha is None or float(self.alpha) in i.lens.alphas),
+                ("where", lambda i: all(_matches(settings_of(i).get(k), v, k)
+                                        for k, v in self.where.items()))]
+
+    def _keep(self, chosen: list[tuple[RunInfo, bool]], name: str,
+              keep: Callable[[RunInfo], bool]) -> list[tuple[RunInfo, bool]]:
+        """The runs that pass one criterion; a run named in `runs` that fails it, or no
+        run left, is an error."""
+        left = [(info, done) for info, done in chosen if keep(info)]
+        if self.runs and len(left) < len(chosen):
+            dropped = [info.run_id for info, _ in chosen if not keep(info)]
+            raise StoreError(f"runs {', '.join(dropped)} do not match {name}="
+                             f"{self._criterion(name)}")
+        if not left:
+            raise StoreError(f"no run in the store matches {self._asked()}",
+                             "`entropy-fast info STORE` lists the runs and settings")
+        return left
+
+    def _check_names(self, runs: dict[str, tuple[RunInfo, bool]]) -> None:
+        """Refuse a model or a setting no run has: a typo, not an empty selection."""
+        infos = [info for info, _ in runs.values()]
+        unknown = [m for m in self.models or () if not any(m in (i.model, i.source)
+                                                            for i in infos)]
+        if unknown:
+            raise StoreError(f"no run of model {', '.join(map(repr, unknown))} in the store",
+                             f"models in the store: "
+                             f"{', '.join(sorted({i.model for i in infos}))}")
+        known = sorted({k for i in infos for k in settings_of(i)})
+        unknown = [k for k in self.where if k not in known]
+        if unknown:
+            raise StoreError(f"no run setting {', '.join(map(repr, unknown))} to filter on",
+                             f"settings: {', '.join(known)}")
 
     def _resolve_runs(self, runs: dict[str, tuple[RunInfo, bool]],
                       ) -> list[tuple[RunInfo, bool]]:
@@ -155,13 +172,6 @@ class RunSelection:
             if matches[0] not in ids:
                 ids.append(matches[0])
         return [runs[r] for r in ids]
-
-    def _check_where_keys(self, runs: dict[str, tuple[RunInfo, bool]]) -> None:
-        known = sorted({k for info, _ in runs.values() for k in settings_of(info)})
-        unknown = [k for k in self.where if k not in known]
-        if unknown:
-            raise StoreError(f"no run setting {', '.join(map(repr, unknown))} to filter on",
-                             f"settings: {', '.join(known)}")
 
     def _criterion(self, name: str) -> str:
         value = {"models": self.models, "mode": self.mode, "alpha": self.alpha,
