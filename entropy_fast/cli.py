@@ -638,7 +638,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     labelled by what differs between them (mode, alphas, dtype, ...). By default the
     latest complete run of each model and settings is chosen; --models, --runs, --mode,
     --alpha and --where narrow the choice. Every entry's tokens are pooled and each pair
-    is compared at relative depth (layers paired by nearest layer / last layer): histogram
+    is compared at relative depth (layers paired at the nearest layer / last layer): histogram
     JSD (nats) or Wasserstein-1 per layer, averaged over layers, or Fisher-Rao (radians)
     or elastic SRVF between the mean profiles (docs/distances.md). The model_distances
     query gives the same numbers in SQL (jsd, wasserstein, fisher_rao).

@@ -16,7 +16,7 @@ from entropy_fast.corpus import Corpus
 from entropy_fast.store import Store, StoreError
 from entropy_fast.store.compare import compare_runs
 from entropy_fast.store.selection import RunSelection
-from entropy_fast.store.sql import ProfileStore
+from entropy_fast.store.sql import ProfileStore, QueryError
 from tests.cli_runner import run_cli
 from tests.test_store import fill, random_profile, run_info
 
@@ -148,6 +148,9 @@ def test_model_distances_never_pools_modes(store):
         text = db.query("model_distances", mode="text").to_pylist()
         runs = {r.run_id for r in db.select(mode="text")}
     assert len(every) == 9 and {r["run_a"] for r in text} == runs and len(text) == 4
+    with ProfileStore(store) as db, pytest.raises(QueryError, match="srvf: entropy-fast "
+                                                                    "compare --metric srvf"):
+        db.query("model_distances", metric="srvf")
 
 
 def test_profiles_and_aggregated_skip_positions_and_select_prompts(store):
