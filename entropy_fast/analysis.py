@@ -10,7 +10,8 @@ The seed library's plotting helpers are importable from here as well (from viz).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -18,19 +19,19 @@ import torch
 
 from entropy_fast.distances import (
     DEFAULT_BIN_WIDTH,
+    METRICS,
     _check_bin_width,
     _check_profiles,
     _jsd_columns,
     _jsd_fitted_bins,
-    _pairwise_fisher_rao,
-    _pairwise_srvf,
     _w1_columns,
+    profile_distance,
 )
 from entropy_fast.estimators import MatrixRenyiMI, linear_cka
-from entropy_fast.profile import AggregatedProfile, EntropyProfile
+from entropy_fast.profile import HIDDEN_STATE, AggregatedProfile, EntropyProfile
 
 MI_METHODS = ("renyi", "cka")
-CURVE_METRICS = ("srvf", "fisher_rao")
+CURVE_METRICS = ("srvf", "fisher_rao")  # the metrics of distances.METRICS between mean curves
 _VIZ_NAMES = ("plot_layer_importance", "plot_information_plane", "plot_velocity_entropy")
 # Rows x vocabulary float64 elements per lens chunk in distance_to_output.
 _LENS_CHUNK_ELEMENTS = 1 << 22
@@ -169,9 +170,11 @@ class ModelComparison:
     Attributes:
         names: the models, in input order.
         depth: (n_points,) relative depth in [0, 1] (0 = embeddings, 1 = last layer).
-        curves: (n_models x n_points) mean entropy resampled at `depth`.
-        distances: (n_models x n_models) curve distances between the resampled curves.
-        metric: "srvf" or "fisher_rao".
+        curves: (n_models x n_points) mean entropy (each prompt weighs the same) resampled
+            at `depth`, to draw the models on one axis.
+        distances: (n_models x n_models) distances between the models' pooled profiles at
+            relative depth (see compare_models); symmetric, zero diagonal.
+        metric: one of distances.METRICS.
     """
 
     names: list[str]
@@ -180,51 +183,76 @@ class ModelComparison:
     distances: np.ndarray
     metric: str
 
+    def select(self, names: Sequence[str]) -> ModelComparison:
+        """The same comparison restricted to `names`, in that order."""
+        index = [self.names.index(n) for n in names]
+        return replace(self, names=list(names), curves=self.curves[index],
+                       distances=self.distances[np.ix_(index, index)])
 
-def _mean_curve(name: str, item: EntropyProfile | AggregatedProfile | Sequence[EntropyProfile],
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(relative depth, mean profile) of one model; every prompt weighs the same."""
+
+def _model_profiles(name: str, item: EntropyProfile | AggregatedProfile
+                    | Sequence[EntropyProfile]) -> list[EntropyProfile]:
+    """One model's profiles, checked, in HF's numbering, all of the same layers."""
     if isinstance(item, EntropyProfile):
         item = [item]
     profiles = item.profiles if isinstance(item, AggregatedProfile) else list(item)
     profiles = _check_profiles(profiles, [f"{name}[{k}]" for k in range(len(profiles))])
-    layers = np.asarray(profiles[0].hidden_state_indices, dtype=np.float64)
-    if len({tuple(p.hidden_state_indices) for p in profiles}) > 1:
+    profiles = [p.to_numbering(HIDDEN_STATE) for p in profiles]
+    if len({tuple(p.layer_indices) for p in profiles}) > 1:
         raise ValueError(f"the profiles of {name} have different layer_indices: give each "
                          "model profiles from one profiler setting")
-    if layers[-1] <= 0:
-        raise ValueError(f"{name} has no depth to compare (layer_indices {layers.tolist()})")
+    if profiles[0].layer_indices[-1] <= 0:
+        raise ValueError(f"{name} has no depth to compare (layer_indices "
+                         f"{profiles[0].layer_indices})")
+    return profiles
+
+
+def _mean_curve(profiles: list[EntropyProfile]) -> tuple[np.ndarray, np.ndarray]:
+    """(relative depth, mean profile) of one model; every prompt weighs the same."""
+    layers = np.asarray(profiles[0].layer_indices, dtype=np.float64)
     curve = torch.stack([p.entropy.double().mean(dim=0) for p in profiles]).mean(dim=0)
     return layers / layers[-1], curve.numpy()
 
 
 def compare_models(profiles: Mapping[str, EntropyProfile | AggregatedProfile
                                      | Sequence[EntropyProfile]],
-                   metric: str = "srvf", n_points: int | None = None) -> ModelComparison:
-    """Compare models of any depth by their mean profiles over relative depth.
+                   metric: str = "srvf", n_points: int | None = None,
+                   bin_width: float = DEFAULT_BIN_WIDTH) -> ModelComparison:
+    """Compare models of any depth: distances between their pooled profiles at relative
+    depth, and their mean profiles on one relative-depth grid.
 
-    Each model's mean profile (mean over prompts of the per-prompt mean over tokens) is
-    placed at relative depth h / last h, with h the hidden-state index of each column
-    (profiles of either numbering give the same depths), and linearly interpolated at
-    n_points equally spaced depths (default: the largest layer count). Distances are the
-    curve metrics of distances.py on those curves: "srvf" (elastic, sqrt(nats)) or
-    "fisher_rao" (shape over depth, radians).
+    Distances: each model's profiles are pooled into one (every token weighs the same,
+    `AggregatedProfile.pooled`) and each pair is compared with
+    `distances.profile_distance(a, b, metric, aggregation="mean", bin_width)` at the layers
+    `distances.match_layers` pairs by relative depth (ties of equal layer counts: the
+    model given first is the short one). metric: any of distances.METRICS: "jsd",
+    "wasserstein" (per layer, mean over paired layers), "fisher_rao", "srvf" (between the
+    mean profiles at the paired layers). These are the numbers of `entropy-fast compare`
+    and of the `model_distances` query (docs/distances.md).
+
+    Curves (for plots): each model's mean profile (mean over prompts of the per-prompt
+    mean over tokens) placed at relative depth h / last h, h the hidden-state index of
+    each column (either numbering gives the same depths), and linearly interpolated at
+    n_points equally spaced depths (default: the largest layer count).
     """
-    if metric not in CURVE_METRICS:
-        raise ValueError(f"unknown metric {metric!r}: compare_models uses the curve "
-                         f"metrics {CURVE_METRICS}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: use one of {METRICS}")
     if len(profiles) == 0:
         raise ValueError("no models given: pass {model name: profiles}")
-    curves_in = {name: _mean_curve(name, item) for name, item in profiles.items()}
+    models = {name: _model_profiles(name, item) for name, item in profiles.items()}
+    curves_in = {name: _mean_curve(ps) for name, ps in models.items()}
     if n_points is None:
         n_points = max(len(depth) for depth, _ in curves_in.values())
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}")
     depth = np.linspace(0.0, 1.0, n_points)
     curves = np.stack([np.interp(depth, d, c) for d, c in curves_in.values()])
-    tensor = torch.from_numpy(curves)
-    distances = (_pairwise_srvf(tensor) if metric == "srvf" else _pairwise_fisher_rao(tensor))
-    return ModelComparison(list(curves_in), depth, curves, distances, metric)
+    pooled = [AggregatedProfile(ps).pooled() for ps in models.values()]
+    distances = np.zeros((len(pooled), len(pooled)))
+    for i, j in combinations(range(len(pooled)), 2):
+        distances[i, j] = distances[j, i] = profile_distance(
+            pooled[i], pooled[j], metric, aggregation="mean", bin_width=bin_width).aggregate
+    return ModelComparison(list(models), depth, curves, distances, metric)
 
 
 def __getattr__(name: str):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from entropy_fast.errors import EntropyFastError
-from entropy_fast.store.errors import StoreError
 from entropy_fast.settings import (
     DEFAULT_MODEL,
     LensSettings,
@@ -35,6 +34,7 @@ from entropy_fast.settings import (
     SamplingSettings,
     flag_of,
 )
+from entropy_fast.store.errors import StoreError
 
 DEFAULT_PLOT = "entropy_profile.png"
 log = logging.getLogger("entropy_fast")
@@ -605,46 +605,96 @@ def _cell(value: Any) -> str:
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
+    from entropy_fast.store.compare import METRICS
+
     p.add_argument("store", metavar="STORE")
-    p.add_argument("--models", nargs="+", metavar="MODEL", help="only these models")
-    p.add_argument("--runs", nargs="+", metavar="RUN", help="these runs (default: the latest "
-                   "complete run of each model)")
-    p.add_argument("--alpha", type=float, default=1.0, help="Rényi order to compare")
-    p.add_argument("--metric", choices=("jsd", "wasserstein"), default="jsd",
-                   help="per-layer distance, averaged over matched layers")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="only runs of these models: the names runs are filed under (a "
+                   "model's name or path, or its --name label) or what was loaded")
+    p.add_argument("--runs", nargs="+", metavar="RUN",
+                   help="exactly these runs, by id or a unique prefix of one (complete or "
+                   "not); default: the latest complete run of each model and settings")
+    p.add_argument("--mode", choices=("text", "generation"),
+                   help="only runs that profiled the text itself, or generated continuations")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="Rényi order to compare (runs without it are left out)")
+    p.add_argument("--where", action="append", default=[], metavar="SETTING=VALUE",
+                   help="only runs with this setting, repeatable: a column of the runs "
+                   "view, e.g. dtype=bfloat16, max_new_tokens=32, layer_stride=2, "
+                   "do_sample=true, generator=vllm (`entropy-fast query STORE 'SELECT * "
+                   "FROM runs'` shows them)")
+    p.add_argument("--all-runs", dest="all_runs", action="store_true",
+                   help="every complete run that matches, not only the latest of each "
+                   "model and settings")
+    p.add_argument("--metric", choices=METRICS, default="jsd",
+                   help="jsd, wasserstein (per layer, averaged over layers paired at "
+                   "relative depth), fisher_rao or srvf (between mean profiles); see "
+                   "docs/distances.md")
     p.add_argument("--bin-width", dest="bin_width", type=float, default=0.25,
                    help="histogram bin width in nats (jsd; bins anchored at 0)")
+    p.add_argument("--skip-positions", dest="skip_positions", type=int, default=0,
+                   metavar="N", help="leave the first N rows of each prompt out (text mode: "
+                   "1 drops the row predicted from the first token alone)")
     p.add_argument("--plot", metavar="PATH", default="compare.png",
-                   help="PNG of the models' mean profiles")
+                   help="PNG of the entries' mean profiles")
     p.add_argument("--no-plot", action="store_true", help="draw no plot")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Compare many models profiled over one corpus: a distance matrix and a plot.
+    """Compare many models, or runs of one model: a distance matrix and a plot.
 
-    Distances are between the models' pooled per-token entropy distributions at matched
-    layers (nearest relative depth), averaged over layers: histogram JSD (nats) or exact
-    Wasserstein-1 (see docs/store.md). Only complete runs with the same mode, sampling
-    and dtype are compared.
+    Each chosen run is one entry, never pooled with another; two runs of one model are
+    labelled by what differs between them (mode, alphas, dtype, ...). By default the
+    latest complete run of each model and settings is chosen; --models, --runs, --mode,
+    --alpha and --where narrow the choice. Every entry's tokens are pooled and each pair
+    is compared at relative depth (layers paired at the nearest layer / last layer): histogram
+    JSD (nats) or Wasserstein-1 per layer, averaged over layers, or Fisher-Rao (radians)
+    or elastic SRVF between the mean profiles (docs/distances.md). The model_distances
+    query gives the same numbers in SQL (jsd, wasserstein, fisher_rao).
     """
     from entropy_fast.store.compare import compare_runs
+    from entropy_fast.store.selection import RunSelection
     from entropy_fast.store.sql import ProfileStore
 
+    selection = RunSelection(models=args.models, runs=args.runs, mode=args.mode,
+                             alpha=args.alpha, where=args.where, latest=not args.all_runs)
     with ProfileStore(args.store) as db:
-        result = compare_runs(db, models=args.models, run_ids=args.runs, alpha=args.alpha,
-                              metric=args.metric, bin_width=args.bin_width)
-        if result.note:
-            print(f"note: {result.note}", file=sys.stderr)
-        print(f"{args.metric} distance, alpha={_fmt_alpha(args.alpha)}, mean over matched "
-              f"layers; runs: {', '.join(f'{r.model}={r.run_id}' for r in result.runs)}")
-        table = [{"model": a, **{b: result.distance(a, b) for b in result.models}}
-                 for a in result.models]
-        print(_format_table(table, ["model", *result.models]))
-        if not args.no_plot:
-            path = _png_path(args.plot)
-            _plot_runs(db, result.runs, path)
-            print(f"plot: {path}")
+        result = compare_runs(db, selection, metric=args.metric, bin_width=args.bin_width,
+                              skip_positions=args.skip_positions)
+        store_models = [r.model for r in db.store.runs()]
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+    skipped = f", first {args.skip_positions} positions left out" if args.skip_positions else ""
+    print(f"{args.metric} distance, alpha={_fmt_alpha(args.alpha)}{skipped}; runs: "
+          f"{', '.join(f'{r.label}={r.run_id}' for r in result.runs)}")
+    table = [{"entry": a, **{b: result.distance(a, b) for b in result.labels}}
+             for a in result.labels]
+    print(_format_table(table, ["entry", *result.labels]))
+    if not args.no_plot:
+        path = _png_path(args.plot)
+        _plot_comparison(result, store_models, path)
+        print(f"plot: {path}")
     return 0
+
+
+def _plot_comparison(result: Any, store_models: Sequence[str], path: Path) -> None:
+    """PNG of the compared entries' mean profiles across prompts (± 1 std), positions
+    skipped as compared; the first entry of a model in the model's colour among the
+    store's models (`viz.model_colors`)."""
+    from entropy_fast.viz import model_colors, plot_mean_curves, save_figure
+
+    palette = model_colors(store_models)
+    curves, colors = {}, {}
+    for run in result.runs:
+        agg = result.profiles[run.label]
+        curves[run.label] = (agg.profiles[0].hidden_state_indices,
+                             agg.mean_profile().tolist(), agg.std_profile().tolist())
+        colors.setdefault(run.model, run.label)
+    unit = result.runs[0].info.lens.unit
+    figure = plot_mean_curves(curves, title="mean entropy across prompts (each prompt weighs "
+                              "the same; band: ± 1 std across prompts)", unit=unit,
+                              colors={label: palette[model] for model, label in colors.items()})
+    save_figure(figure, path)
 
 
 # -- show ---------------------------------------------------------------------------------

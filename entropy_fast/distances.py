@@ -15,8 +15,11 @@ arithmetic is float64. `pairwise_distances` evaluates the same formulas for ever
 once (histograms, sorted samples and warp matrices are built once per profile), so its
 entries equal `profile_distance` on the same pair up to float64 rounding.
 
-Profiles of either layer numbering (profile.numbering) may be compared as long as they
-hold the same layers: columns are matched by hidden-state index, never by position alone.
+Profiles of different depths are compared at relative depth (`match_layers`): each layer
+of the profile with fewer layers is paired with the other's layer at the nearest relative
+depth h / last h, h the hidden-state index (0 = embeddings), so profiles of either layer
+numbering (profile.numbering) and of any two models compare; equal layer lists pair
+layer by layer. The SQL `layer_map` and `run_layer_map` views pair layers by the same rule.
 These are entropy_fast's definitions; entropy_profiler.distances keeps 0.2.1's (bits,
 pair-fitted bins, arccos, unwarped SRVF): docs/migrating-from-0.2.1.md.
 """
@@ -85,18 +88,6 @@ def _check_profiles(profiles: Iterable[EntropyProfile], names: Sequence[str] | N
                              "drop it, or profile a prompt that yields at least one token")
         if not bool(torch.isfinite(p.entropy).all()):
             raise ValueError(f"{name} contains NaN or inf entropies: recompute it or drop it")
-    layer_counts = sorted({p.n_layers for p in profiles})
-    if len(layer_counts) > 1:
-        raise ValueError(
-            f"profiles have different layer counts {layer_counts}: compare profiles of the "
-            "same model and layer_stride (p.blocks() drops a native profile's embedding "
-            "column, to meet a 0.2.1-numbered one), or use analysis.compare_models, which "
-            "resamples mean profiles by relative depth")
-    layer_sets = sorted({tuple(p.hidden_state_indices) for p in profiles})
-    if len(layer_sets) > 1:  # equal counts, other layers: never compare layer i with layer j
-        raise ValueError(
-            f"profiles hold different layers (as hidden-state indices, 0 = embeddings: "
-            f"{[list(s) for s in layer_sets[:2]]}): compare profiles of the same layers")
     alphas = sorted({p.alpha for p in profiles})
     if len(alphas) > 1:
         raise ValueError(f"profiles have different primary Rényi orders {alphas}: call "
@@ -124,6 +115,37 @@ def _check_bin_width(bin_width: float) -> float:
 def _values(p: EntropyProfile) -> torch.Tensor:
     """(n_tokens x n_layers) float64 entropies."""
     return p.entropy.detach().to("cpu", torch.float64)
+
+
+# -- relative depth ---------------------------------------------------------------------
+
+
+def match_layers(a: Sequence[int], b: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Columns of two layer lists paired at relative depth: (columns of a, columns of b).
+
+    a, b: hidden-state indices (0 = embeddings), ascending. The list with fewer layers is
+    the short one (ties: a); each of its layers s is paired with the layer l of the other
+    list at the nearest relative depth s / S = l / L (S, L the last index of each list),
+    compared exactly in integers as |s L - l S| (ties: the shallower l). Equal lists pair
+    layer by layer. The result has one pair per layer of the short list, in its order.
+    This is the rule of the SQL views `layer_map` and `run_layer_map`.
+    """
+    a, b = [int(i) for i in a], [int(i) for i in b]
+    swap = len(b) < len(a)
+    short, long = (b, a) if swap else (a, b)
+    s_max, l_max = short[-1], long[-1]
+    paired = [min(range(len(long)), key=lambda k, s=s: (abs(s * l_max - long[k] * s_max),
+                                                         long[k]))
+              for s in short]
+    own = list(range(len(short)))
+    return (paired, own) if swap else (own, paired)
+
+
+def _matched_values(p1: EntropyProfile, p2: EntropyProfile,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 entropies of both profiles at their layers paired by `match_layers`."""
+    cols_1, cols_2 = match_layers(p1.hidden_state_indices, p2.hidden_state_indices)
+    return _values(p1)[:, cols_1], _values(p2)[:, cols_2]
 
 
 def _aggregate(per_layer: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -243,6 +265,9 @@ def jsd_layer(p1: EntropyProfile, p2: EntropyProfile, n_bins: int | None = None,
               bin_width: float = DEFAULT_BIN_WIDTH) -> np.ndarray:
     """(n_layers,) histogram Jensen-Shannon divergence of the per-token entropies, in nats.
 
+    One value per pair of layers `match_layers` pairs (every layer when both profiles hold
+    the same layers; the shorter profile's layers otherwise), as every function here.
+
     `n_bins` (the seed library's signature) instead fits n_bins equal-width bins to the
     pair's joint range [min(x, y), max(x, y)] at each layer; those histograms depend on
     the partner, so pairwise_distances and the SQL queries use the fixed bins below.
@@ -260,9 +285,10 @@ def jsd_layer(p1: EntropyProfile, p2: EntropyProfile, n_bins: int | None = None,
     does not depend on what it is compared with.
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
+    x, y = _matched_values(p1, p2)
     if n_bins is not None:
-        return _jsd_fitted_bins(_values(p1), _values(p2), n_bins)
-    return _jsd_columns(_values(p1), _values(p2), _check_bin_width(bin_width)).numpy()
+        return _jsd_fitted_bins(x, y, n_bins)
+    return _jsd_columns(x, y, _check_bin_width(bin_width)).numpy()
 
 
 def _jsd_fitted_bins(x: torch.Tensor, y: torch.Tensor, n_bins: int) -> np.ndarray:
@@ -364,7 +390,7 @@ def wasserstein_layer(p1: EntropyProfile, p2: EntropyProfile) -> np.ndarray:
     it is mean_i |sort(x)_i - sort(y)_i|. A metric (triangle inequality holds).
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
-    return _w1_columns(_values(p1), _values(p2)).numpy()
+    return _w1_columns(*_matched_values(p1, p2)).numpy()
 
 
 def _pairwise_wasserstein(values: list[torch.Tensor], aggregation: str) -> np.ndarray:
@@ -419,7 +445,7 @@ def fisher_rao_distance(p1: EntropyProfile, p2: EntropyProfile) -> float:
     produce, count as 0.
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
-    roots = _sqrt_simplex(_mean_profiles([_values(p1), _values(p2)]))
+    roots = _sqrt_simplex(_mean_profiles(_matched_values(p1, p2)))
     return float(_fisher_rao_from_chord(torch.linalg.vector_norm(roots[0] - roots[1])))
 
 
@@ -515,7 +541,7 @@ def srvf_distance(p1: EntropyProfile, p2: EntropyProfile) -> float:
     family costs seconds; the triangle inequality is not guaranteed.
     """
     p1, p2 = _check_profiles([p1, p2], ["p1", "p2"])
-    roots = _srvf_roots(_mean_profiles([_values(p1), _values(p2)]))
+    roots = _srvf_roots(_mean_profiles(_matched_values(p1, p2)))
     return float(_srvf_block(roots[:1], roots[1:])[0, 0])
 
 
@@ -543,7 +569,8 @@ def profile_distance(p1: EntropyProfile, p2: EntropyProfile, metric: str = "jsd"
     Layer-wise metrics ("jsd", "wasserstein") give per-layer values (see jsd_layer,
     wasserstein_layer) reduced by `aggregation`: "mean" (1/L sum_l), "max" or "sum".
     Curve metrics ("fisher_rao", "srvf") give one number; `aggregation` is not used.
-    `bin_width` (nats) applies to "jsd" only.
+    `bin_width` (nats) applies to "jsd" only. Profiles of different layers are compared at
+    the layers `match_layers` pairs (relative depth; ties of equal counts: p1 is short).
     """
     _check_metric(metric)
     _check_aggregation(aggregation)
@@ -563,7 +590,11 @@ def pairwise_distances(profiles: Profiles, metric: str = "jsd", aggregation: str
 
     profiles: a sequence of N EntropyProfile or an AggregatedProfile. Vectorized: each
     profile's histograms / sorted samples / SRVF are built once and all pairs are computed
-    in blocks (GEMM for the SRVF warps, cdist for W1); the diagonal is 0.
+    in blocks (GEMM for the SRVF warps, cdist for W1); the diagonal is 0. Profiles of
+    different layers (models of different depths) are compared at relative depth, as
+    profile_distance: the profiles are grouped by layer list and each pair of groups is
+    computed on its columns paired by `match_layers` (ties of equal layer counts: the
+    list met first in `profiles` is the short one).
     """
     _check_metric(metric)
     _check_aggregation(aggregation)
@@ -572,7 +603,29 @@ def pairwise_distances(profiles: Profiles, metric: str = "jsd", aggregation: str
                          "profiles use profile_distance(p1, p2)")
     if isinstance(profiles, AggregatedProfile):
         profiles = profiles.profiles
-    values = [_values(p) for p in _check_profiles(profiles)]
+    profiles = _check_profiles(profiles)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, p in enumerate(profiles):
+        groups.setdefault(tuple(p.hidden_state_indices), []).append(k)
+    values = [_values(p) for p in profiles]
+    if len(groups) == 1:
+        return _pairwise(values, metric, aggregation, bin_width)
+    out = np.zeros((len(values), len(values)))
+    layer_sets = list(groups)
+    for i, layers_i in enumerate(layer_sets):
+        for layers_j in layer_sets[i:]:
+            rows, cols = groups[layers_i], groups[layers_j]
+            cols_i, cols_j = match_layers(layers_i, layers_j)
+            both = [values[k][:, cols_i] for k in rows] + [values[k][:, cols_j] for k in cols]
+            block = _pairwise(both, metric, aggregation, bin_width)[:len(rows), len(rows):]
+            out[np.ix_(rows, cols)] = block
+            out[np.ix_(cols, rows)] = block.T
+    return out
+
+
+def _pairwise(values: list[torch.Tensor], metric: str, aggregation: str,
+              bin_width: float) -> np.ndarray:
+    """The pairwise matrix of value matrices (n_tokens_i x L) that share their L columns."""
     if metric == "jsd":
         return _pairwise_jsd(values, _check_bin_width(bin_width), aggregation)
     if metric == "wasserstein":

@@ -190,6 +190,27 @@ class EntropyProfile:
         """entropy-profiler 0.2.1's view: columns are block outputs, 0-based, no embeddings."""
         return self.to_numbering(BLOCK)
 
+    def drop_positions(self, n: int) -> EntropyProfile:
+        """The profile without its first n rows (n >= 0; all rows gone when n >= n_tokens).
+
+        In text mode row 0 predicts the text's second token from its first one alone (often
+        BOS), which dominates the middle layers of some models; n = 1 leaves it out.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"the number of positions to drop must be an integer >= 0, "
+                             f"got {n!r}")
+        if n == 0:
+            return self
+
+        def rows(matrix: torch.Tensor | None) -> torch.Tensor | None:
+            return None if matrix is None else matrix[n:]
+
+        return replace(self, entropy=self.entropy[n:], token_ids=self.token_ids[n:],
+                       entropies={a: e[n:] for a, e in self.entropies.items()},
+                       top_token_ids=rows(self.top_token_ids),
+                       target_surprisal=rows(self.target_surprisal),
+                       target_rank=rows(self.target_rank))
+
 
 @dataclass
 class AggregatedProfile:
@@ -244,6 +265,28 @@ class AggregatedProfile:
     def n_layers(self) -> int:
         """Number of profiled layers."""
         return len(self.layer_indices)
+
+    def pooled(self) -> EntropyProfile:
+        """One profile holding every profile's rows, in order (each token weighs the same).
+
+        The orders every profile carries travel along; the optional per-token statistics
+        only where every profile has them. Metadata: the first profile's.
+        """
+        if not self.profiles:
+            raise ValueError("AggregatedProfile is empty: profile at least one prompt first")
+        first = self.profiles[0]
+        alphas = [a for a in first.alphas if all(a in p.entropies for p in self.profiles)]
+
+        def rows(attr: str) -> torch.Tensor | None:
+            parts = [getattr(p, attr) for p in self.profiles]
+            return None if any(part is None for part in parts) else torch.cat(parts)
+
+        return replace(first, entropy=rows("entropy"), token_ids=rows("token_ids"),
+                       entropies={a: torch.cat([p.entropies[a] for p in self.profiles])
+                                  for a in alphas},
+                       top_token_ids=rows("top_token_ids"),
+                       target_surprisal=rows("target_surprisal"),
+                       target_rank=rows("target_rank"), metadata=dict(first.metadata))
 
     def to_matrix(self) -> torch.Tensor:
         """(n_profiles x n_layers) matrix of per-prompt mean profiles."""

@@ -10,5 +10,5 @@
 SELECT layer_a, layer_b, n_a, n_b, jsd, sqrt(greatest(jsd, 0)) AS js_distance
 FROM jsd_layers(false, $model_a::VARCHAR, $run_a::VARCHAR, $prompts_a::INTEGER[],
                 coalesce($model_b::VARCHAR, $model_a::VARCHAR), $run_b::VARCHAR,
-                $prompts_b::INTEGER[], $alpha::DOUBLE, NULL::VARCHAR[], $bin_width::DOUBLE)
+                $prompts_b::INTEGER[], $alpha::DOUBLE, NULL::VARCHAR[], 0, $bin_width::DOUBLE)
 ORDER BY layer_a;

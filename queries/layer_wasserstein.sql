@@ -9,5 +9,5 @@
 SELECT layer_a, layer_b, n_a, n_b, wasserstein
 FROM w1_layers(false, $model_a::VARCHAR, $run_a::VARCHAR, $prompts_a::INTEGER[],
                coalesce($model_b::VARCHAR, $model_a::VARCHAR), $run_b::VARCHAR,
-               $prompts_b::INTEGER[], $alpha::DOUBLE, NULL::VARCHAR[])
+               $prompts_b::INTEGER[], $alpha::DOUBLE, NULL::VARCHAR[], 0)
 ORDER BY layer_a;

@@ -132,9 +132,23 @@ def test_compare_models_resamples_by_relative_depth():
     assert fisher.metric == "fisher_rao" and fisher.distances[0, 1] > 0
 
 
+def test_compare_models_pools_each_model_and_compares_at_relative_depth():
+    deep = [make_profile(4, n_layers=9, seed=k) for k in range(3)]
+    shallow = [make_profile(5, n_layers=5, seed=10 + k, shift=0.5) for k in range(2)]
+    result = compare_models({"deep": deep, "shallow": shallow}, metric="wasserstein")
+    x = np.concatenate([p.to_numpy() for p in deep]).astype(np.float64)
+    y = np.concatenate([p.to_numpy() for p in shallow]).astype(np.float64)
+    expected = np.mean([wasserstein_distance(x[:, 2 * k], y[:, k]) for k in range(5)])
+    assert result.distances[0, 1] == pytest.approx(expected, rel=1e-12)
+    reordered = result.select(["shallow", "deep"])
+    assert reordered.names == ["shallow", "deep"]
+    assert reordered.distances[1, 0] == result.distances[0, 1]
+    np.testing.assert_array_equal(reordered.curves[0], result.curves[1])
+
+
 def test_compare_models_bad_input():
-    with pytest.raises(ValueError, match=r"unknown metric 'jsd'.*curve metrics"):
-        compare_models({"a": make_profile(3)}, metric="jsd")
+    with pytest.raises(ValueError, match=r"unknown metric 'cosine'"):
+        compare_models({"a": make_profile(3)}, metric="cosine")
     with pytest.raises(ValueError, match="no models given"):
         compare_models({})
     with pytest.raises(ValueError, match="no depth"):

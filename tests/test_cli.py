@@ -136,7 +136,7 @@ def user_errors(models, tmp_path) -> list[tuple[list[str], str]]:
          "needs --output"),
         (["info", str(tmp_path / "nothing")], "does not exist"),
         (["check", str(tmp_path / "plain")], "not an entropy-fast store"),
-        (["compare", str(tmp_path / "store")], "no runs to compare"),
+        (["compare", str(tmp_path / "store")], "the store has no profile run"),
     ]
 
 

@@ -4,6 +4,7 @@ their metric properties, pairwise = profile_distance, and bad input."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from itertools import combinations, pairwise
 
 import numpy as np
@@ -205,11 +206,46 @@ def test_pairwise_accepts_aggregated_profile_and_large_counts():
 # -- bad input ---------------------------------------------------------------------------
 
 
-def test_different_layer_counts_raise():
-    with pytest.raises(ValueError, match=r"different layer counts \[5, 6\].*compare_models"):
-        D.profile_distance(make_profile(4, n_layers=6), make_profile(4, n_layers=5))
-    with pytest.raises(ValueError, match="different layer counts"):
-        D.pairwise_distances([make_profile(4, n_layers=6), make_profile(4, n_layers=5)])
+def nearest_depth(short: list[int], long: list[int]) -> dict[int, int]:
+    """Each layer of `short` -> the layer of `long` at the nearest relative depth (exact
+    fractions; ties: the shallower)."""
+    return {s: min(long, key=lambda x: (abs(Fraction(s, short[-1]) - Fraction(x, long[-1])), x))
+            for s in short}
+
+
+@pytest.mark.parametrize(("a", "b"), [([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4]),
+                                      ([0, 2, 4, 6], list(range(9))),
+                                      ([0, 3, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+                                      ([1, 2, 3], [1, 2, 3])])
+def test_match_layers_pairs_the_nearest_relative_depth(a, b):
+    cols_a, cols_b = D.match_layers(a, b)
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    expected = nearest_depth(short, long)
+    pairs = dict(zip([a[k] for k in cols_a], [b[k] for k in cols_b], strict=True))
+    if short is b:
+        pairs = {v: k for k, v in pairs.items()}
+    assert pairs == expected and len(cols_a) == len(short)
+
+
+def test_profiles_of_different_depths_compare_at_relative_depth():
+    deep, shallow = make_profile(7, n_layers=9, seed=1), make_profile(5, n_layers=4, seed=2)
+    shallow.layer_indices = [0, 3, 6, 8]  # hidden states 0..8 profiled with a stride
+    paired = nearest_depth(shallow.layer_indices, deep.layer_indices)
+    expected = [wasserstein_distance(column(shallow, k), column(deep, paired[layer]))
+                for k, layer in enumerate(shallow.layer_indices)]
+    np.testing.assert_allclose(D.wasserstein_layer(deep, shallow), expected, rtol=1e-12)
+    m_deep = deep.to_numpy().astype(np.float64).mean(axis=0)[list(paired.values())]
+    m_shallow = shallow.to_numpy().astype(np.float64).mean(axis=0)
+    bc = np.sum(np.sqrt(m_deep / m_deep.sum() * m_shallow / m_shallow.sum()))
+    assert D.fisher_rao_distance(deep, shallow) == pytest.approx(2 * np.arccos(min(bc, 1.0)),
+                                                                 rel=1e-9)
+    mixed = [deep, shallow, make_profile(6, n_layers=9, seed=3), make_profile(3, n_layers=5)]
+    for metric in D.METRICS:
+        matrix = D.pairwise_distances(mixed, metric)
+        np.testing.assert_array_equal(matrix, matrix.T)
+        for i, j in combinations(range(len(mixed)), 2):
+            single = D.profile_distance(mixed[i], mixed[j], metric).aggregate
+            assert matrix[i, j] == pytest.approx(single, rel=1e-9, abs=1e-12), (metric, i, j)
 
 
 def test_empty_profiles_raise():

@@ -7,7 +7,9 @@ Parts of the package, in data-flow order (none imports torch except `codec`):
 - `layout`: the folder (marker, where each file lives) and reading records back;
 - `writer`: streaming rows into committed parts, exactly once, resumable;
 - `codec`: EntropyProfile <-> rows (torch);
-- `sql`: DuckDB views and the named queries of queries/*.sql;
+- `sql`: DuckDB views and the named queries of queries/*.sql, and profiles back;
+- `selection`: choosing runs by what they are, and labelling them;
+- `compare`: the distance matrix of the chosen runs (imports torch when it computes);
 - `check`: verifying a store, and repairing what can be repaired.
 """
 

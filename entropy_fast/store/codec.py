@@ -9,7 +9,7 @@ returning wrong numbers).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,19 +57,24 @@ def profile_rows(prompt_id: int, profile: EntropyProfile, alphas: Sequence[float
 
 
 def read_profiles(store: Store, model: str | None = None, run_id: str | None = None, *,
-                  alpha: float | None = None) -> Iterator[tuple[int, EntropyProfile]]:
+                  alpha: float | None = None, prompt_ids: Collection[int] | None = None,
+                  ) -> Iterator[tuple[int, EntropyProfile]]:
     """Yield (prompt_id, profile) for the committed prompts of the matching runs.
 
     Profiles carry every alpha of their run in `entropies`; the primary order is `alpha`
-    (default: the run's first). Memory holds one part (~1M rows) at a time.
+    (default: the run's first). `prompt_ids`: only these prompts (parts holding none of
+    them are not read). Memory holds one part (~1M rows) at a time.
     """
     runs = {r.run_id: r for r in store.runs()
             if (model is None or r.model == model) and (run_id is None or r.run_id == run_id)}
     if not runs:
         raise StoreError(f"no run in {store.root} matches model={model!r} run_id={run_id!r}")
+    wanted = None if prompt_ids is None else set(prompt_ids)
     for entry in store.manifest():
-        if entry.run_id in runs:
-            yield from _part_profiles(store, entry, runs[entry.run_id], alpha)
+        if entry.run_id in runs and (wanted is None or wanted.intersection(entry.prompt_ids)):
+            for prompt_id, profile in _part_profiles(store, entry, runs[entry.run_id], alpha):
+                if wanted is None or prompt_id in wanted:
+                    yield prompt_id, profile
 
 
 def aggregated(store: Store, model: str, run_id: str | None = None, *,

@@ -1,85 +1,97 @@
-"""Choosing and comparing the runs of a store: which runs `compare` may put side by side,
-and the model-by-model distance matrix of the `model_distances` query over them."""
+"""Comparing the chosen runs of a store: the run-by-run distance matrix `entropy-fast
+compare` prints, as one Python call.
+
+Each run chosen by a `RunSelection` (store.selection) is one entry, labelled, and the
+entries are compared with `analysis.compare_models`, the one Python comparison: profiles
+pooled per entry (every token weighs the same), each pair compared with
+`distances.profile_distance` at relative depth (the layers `distances.match_layers`
+pairs; aggregation "mean" for the layer-wise metrics).
+The `model_distances` named query computes the same numbers in SQL for jsd, wasserstein
+and fisher_rao (tests/test_compare.py holds them equal). Torch is imported only when
+distances are computed.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from entropy_fast.store.errors import StoreError
-from entropy_fast.store.records import RunInfo
+from entropy_fast.store.selection import RunSelection, SelectedRun, differences
+
+METRICS = ("jsd", "wasserstein", "fisher_rao", "srvf")
+"""distances.METRICS, restated so that the CLI lists them without importing torch (a test
+holds the two equal)."""
 
 
 @dataclass(frozen=True)
 class RunComparison:
-    """Distances between the models of the chosen runs (mean over matched layers).
+    """Distances between the chosen runs, one entry per run.
 
-    runs: the chosen run records, by model; models: their labels, sorted; note: a remark
-    for the reader (runs over different corpora), or None.
+    runs: the chosen runs, by model and label; comparison: the `analysis.ModelComparison`
+    of their profiles (names = the runs' labels, in that order: distances, mean curves at
+    relative depth); alpha, skip_positions: how they were compared; profiles: {label:
+    AggregatedProfile} compared (positions already skipped); note: a remark for the reader
+    (the entries differ in mode, sampling, dtype or corpus), or None.
     """
 
-    runs: list[RunInfo]
-    models: list[str]
-    distances: dict[tuple[str, str], float]
+    runs: list[SelectedRun]
+    comparison: Any
+    alpha: float
+    skip_positions: int
+    profiles: dict[str, Any]
     note: str | None
 
-    def distance(self, a: str, b: str) -> float | None:
-        """The distance between models a and b (None where the query gave none)."""
-        return self.distances.get((a, b))
+    @property
+    def labels(self) -> list[str]:
+        """The entries' labels, in the order of `runs`."""
+        return list(self.comparison.names)
+
+    @property
+    def distances(self) -> np.ndarray:
+        """(n x n) float64 distances, symmetric, zero diagonal, in the order of `runs`."""
+        return self.comparison.distances
+
+    @property
+    def metric(self) -> str:
+        return self.comparison.metric
+
+    def distance(self, a: str, b: str) -> float:
+        """The distance between the entries labelled a and b."""
+        return float(self.distances[self.labels.index(a), self.labels.index(b)])
 
 
-def compare_runs(db: Any, *, models: list[str] | None = None,
-                 run_ids: list[str] | None = None, alpha: float = 1.0, metric: str = "jsd",
-                 bin_width: float = 0.25) -> RunComparison:
-    """Compare the chosen runs of the store behind `db` (a ProfileStore): given run ids,
-    else each model's latest complete run; they must have `alpha` and have been made the
-    same way (mode, sampling, dtype)."""
-    runs = choose_runs(db.store.runs(), models, run_ids)
-    lacking = [r.run_id for r in runs if alpha not in r.lens.alphas]
-    if lacking:
-        raise StoreError(f"runs {', '.join(lacking)} have no alpha={alpha}")
-    note = check_comparable(runs)
-    rows = db.query("model_distances", alpha=alpha, metric=metric, bin_width=bin_width,
-                    runs=[r.run_id for r in runs]).to_pylist()
-    return RunComparison(runs, sorted({r.model for r in runs}),
-                         {(r["model_a"], r["model_b"]): r["distance"] for r in rows}, note)
+def compare_runs(db: Any, selection: RunSelection | None = None, *, metric: str = "jsd",
+                 bin_width: float = 0.25, skip_positions: int = 0, **criteria: Any,
+                 ) -> RunComparison:
+    """Compare the runs of the store behind `db` (a ProfileStore) that `selection` (or its
+    fields as keywords) chooses, at the selection's alpha (default 1.0; runs without it
+    are left out), with `analysis.compare_models`. metric: one of METRICS; bin_width:
+    jsd's histogram bin width in nats; skip_positions: leave the first N rows of every
+    prompt out."""
+    from entropy_fast.analysis import compare_models
 
-
-def choose_runs(records: list[RunInfo], models: list[str] | None,
-                run_ids: list[str] | None) -> list[RunInfo]:
-    """One record per chosen run: given ids, else each model's latest complete run."""
-    by_run = {r.run_id: r for r in records}
-    if run_ids:
-        unknown = [r for r in run_ids if r not in by_run]
-        if unknown:
-            raise StoreError(f"no run {', '.join(unknown)} in the store")
-        chosen = [by_run[r] for r in run_ids]
-    else:
-        complete = {r.run_id: r for r in records if r.status == "complete"}
-        latest: dict[str, RunInfo] = {}
-        for r in sorted(complete.values(), key=lambda r: r.updated_at):
-            latest[r.model] = r
-        chosen = list(latest.values())
-    chosen = [r for r in chosen if models is None or r.model in models]
-    if not chosen:
-        raise StoreError("no runs to compare" + (f" for models {models}" if models else "")
-                         + (" (only complete runs are compared)" if not run_ids else ""),
-                         "finish a run, or name runs with --runs")
-    return sorted(chosen, key=lambda r: r.model)
-
-
-def check_comparable(runs: list[RunInfo]) -> str | None:
-    """Refuse runs that differ in what they measured (mode, sampling, dtype); a note when
-    they profiled different corpora."""
-    kinds = {(json.dumps(r.sampling.identity(), sort_keys=True), r.dtype) for r in runs}
-    if len(kinds) > 1:
-        described = "; ".join(f"{r.model}={r.run_id}: "
-                              f"{'text mode' if not r.sampling.generating else r.sampling}"
-                              f", dtype {r.dtype}" for r in runs)
-        raise StoreError(f"these runs were made differently ({described}), so their "
-                         "distances would mix two effects",
-                         "pick runs with the same mode, sampling and dtype with --runs")
-    if len({r.corpus_sha256 for r in runs}) > 1:
-        return "these runs profiled different corpora"
-    return None
+    if metric not in METRICS:
+        raise StoreError(f"unknown metric {metric!r}", f"metrics: {', '.join(METRICS)}")
+    selection = RunSelection.of(selection, criteria)
+    if selection.alpha is None:
+        selection = replace(selection, alpha=1.0)
+    runs = db.select(selection)
+    found = db.read(runs, alpha=selection.alpha, skip_positions=skip_positions)
+    empty = [label for label, agg in found.items() if len(agg) == 0]
+    if empty:
+        raise StoreError(f"{', '.join(empty)}: no token left to compare"
+                         + (f" after skipping {skip_positions} positions" if skip_positions
+                            else ""), "lower --skip-positions, or finish the run")
+    # In run-id order: where two runs have as many layers, the one with the smaller id is
+    # the "short" side of the layer pairing, as in SQL's run_layer_map.
+    by_id = sorted(runs, key=lambda r: r.run_id)
+    comparison = compare_models({r.label: found[r.label] for r in by_id}, metric,
+                                bin_width=bin_width).select([r.label for r in runs])
+    differ = differences(runs)
+    note = (f"these entries differ in {', '.join(differ)}: a distance may show that as well "
+            "as the models (narrow with --mode / --where)" if differ else None)
+    return RunComparison(runs, comparison, float(selection.alpha), skip_positions, found,
+                         note)

@@ -7,7 +7,9 @@ token, layer and rank, for runs with top tokens), `vocab` (token id -> text, per
 shard, its settings flattened into columns), `manifest` (committed parts),
 `continuations` (stored generation stages, one row per prompt), `generations` (one row per
 generation shard), `prompt_profile` (per-prompt mean profile), `model_layers` and
-`layer_map` (layer matching between models). Macros: `hist_bin`, `jsd_term`, `jsd_layers`,
+`layer_map` (layer matching between models), `run_layers` and `run_layer_map` (the same
+between runs). Profiles come back as objects through `profiles` and `aggregated`, for the
+runs a `RunSelection` (store.selection) chooses. Macros: `hist_bin`, `jsd_term`, `jsd_layers`,
 `w1_layers` and the sample selectors (queries/_macros.sql). The named queries themselves
 are parsed in `store.queries`.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from entropy_fast.store.schema import (
     VOCAB_SCHEMA,
     record_schema,
 )
+from entropy_fast.store.selection import RunSelection, SelectedRun
 from entropy_fast.store.verify import report_damage, sha256_file
 
 log = logging.getLogger("entropy_fast")
@@ -219,6 +222,59 @@ class ProfileStore:
                     f"(parameter {param.name}) is not in the store",
                     f"{param.names}s in the store: {_listing(listed)}")
 
+    # -- profiles back from the store ---------------------------------------------------
+
+    def select(self, selection: RunSelection | None = None, **criteria: Any,
+               ) -> list[SelectedRun]:
+        """The runs a `RunSelection` (or its fields as keywords: models, runs, mode, alpha,
+        where, latest) chooses among the readable runs, labelled; by default the latest
+        complete run of each model and settings."""
+        selection = RunSelection.of(selection, criteria)
+        return selection.select(r for r in self.store.runs() if r.run_id not in self.damaged)
+
+    def profiles(self, selection: RunSelection | None = None, *,
+                 prompt_ids: Collection[int] | None = None, skip_positions: int = 0,
+                 **criteria: Any) -> dict[str, list[Any]]:
+        """{run label: [EntropyProfile, ...] by prompt id} of the runs `select` chooses.
+
+        Each profile carries every alpha of its run; the primary one is the selection's
+        `alpha` (default: the run's first). `prompt_ids`: only these prompts;
+        `skip_positions=N` leaves the first N rows of each prompt out
+        (`EntropyProfile.drop_positions`); a prompt with no row left is left out.
+        """
+        found = self.aggregated(selection, prompt_ids=prompt_ids,
+                                skip_positions=skip_positions, **criteria)
+        return {label: agg.profiles for label, agg in found.items()}
+
+    def aggregated(self, selection: RunSelection | None = None, *,
+                   prompt_ids: Collection[int] | None = None, skip_positions: int = 0,
+                   **criteria: Any) -> dict[str, Any]:
+        """{run label: AggregatedProfile} of the runs `select` chooses, arguments as
+        `profiles` (its mean_profile weighs each prompt the same; `.pooled()` each token)."""
+        selection = RunSelection.of(selection, criteria)
+        return self.read(self.select(selection), alpha=selection.alpha,
+                         prompt_ids=prompt_ids, skip_positions=skip_positions)
+
+    def read(self, runs: Sequence[SelectedRun], *, alpha: float | None = None,
+             prompt_ids: Collection[int] | None = None, skip_positions: int = 0,
+             ) -> dict[str, Any]:
+        """{run label: AggregatedProfile} of runs that `select` returned (by prompt id);
+        arguments as `profiles`."""
+        from entropy_fast.profile import AggregatedProfile
+        from entropy_fast.store.codec import read_profiles
+
+        if isinstance(skip_positions, bool) or not isinstance(skip_positions, int) \
+                or skip_positions < 0:
+            raise QueryError(f"skip_positions must be an integer >= 0, got {skip_positions!r}")
+        result = {}
+        for run in runs:
+            pairs = sorted(read_profiles(self.store, run_id=run.run_id, alpha=alpha,
+                                         prompt_ids=prompt_ids), key=lambda p: p[0])
+            kept = [p.drop_positions(skip_positions) for _, p in pairs]
+            result[run.label] = AggregatedProfile([p for p in kept if p.n_tokens > 0],
+                                                  model_name=run.label)
+        return result
+
     def close(self) -> None:
         """Close the DuckDB connection."""
         self.con.close()
@@ -268,4 +324,4 @@ def _entries_table(entries: Sequence[Any], kind: type) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-__all__ = ["OUTPUTS", "ProfileStore", "QueryError", "named_queries"]
+__all__ = ["OUTPUTS", "ProfileStore", "QueryError", "RunSelection", "named_queries"]
