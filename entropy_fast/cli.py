@@ -704,7 +704,7 @@ def _add_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--prompt", type=int, required=True, metavar="N",
                    help="the prompt id (its 0-based line in the corpus)")
-    p.add_argument("--run", metavar="RUN_ID",
+    p.add_argument("--run", dest="run_id", metavar="RUN_ID",
                    help="the run (id or unique prefix; needed when several runs have top "
                         "tokens)")
     p.add_argument("--rank", type=int, default=1, metavar="K",
@@ -724,7 +724,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from entropy_fast.store.sql import ProfileStore
 
     with ProfileStore(args.store) as db:
-        info = _run_with_top_tokens(db, args.run)
+        info = _run_with_top_tokens(db, args.run_id)
         table = db.query("top_tokens", run_id=info.run_id, prompt_id=args.prompt,
                          max_rank=args.rank)
         if table.num_rows == 0:

@@ -120,3 +120,31 @@ def test_runs_without_the_new_statistics_keep_their_ids():
     assert LensSettings().identity() == {"alphas": ["1.0"], "layer_stride": 1, "base": None,
                                          "top_token": False, "target_stats": False}
     assert LensSettings(top_tokens=5).identity()["top_tokens"] == 5
+
+
+def test_cli_profile_prints_kl_and_show_prints_and_plots_top_tokens(saved_models, tmp_path,
+                                                                    capsys):
+    from PIL import Image
+
+    from tests.cli_runner import run_cli
+
+    (tmp_path / "prompts.txt").write_text("\n".join(TEXTS) + "\n")
+    store = str(tmp_path / "store")
+    code, out, _ = run_cli(capsys, "profile", saved_models["llama"], "--prompts",
+                           str(tmp_path / "prompts.txt"), "--out", store, "--max-new-tokens",
+                           "0", "--top-tokens", "5", "--kl-to-final", "--no-plot",
+                           "--no-progress")
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("layer"))
+    assert header.split()[-1] == "kl_to_final"
+    code, out, _ = run_cli(capsys, "show", store, "--prompt", "1", "--rank", "2", "--plot",
+                           str(tmp_path / "lens.png"))
+    assert code == 0
+    with ProfileStore(store) as db:
+        want = db.query("top_tokens", prompt_id=1, max_rank=2).to_pylist()
+    lines = [line for line in out.splitlines()[1:] if line.strip() and "plot:" not in line]
+    assert len(lines) == len(want) + 1  # the column header, then one line per row
+    assert want[0]["text"].strip() in lines[1]
+    assert Image.open(tmp_path / "lens.png").size[0] > 500
+    code, _, err = run_cli(capsys, "show", store, "--prompt", "99")
+    assert code != 0 and "no prompt 99" in err
