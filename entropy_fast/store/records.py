@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 from entropy_fast.settings import LensSettings, SamplingSettings
 from entropy_fast.store.errors import StoreError
 
-SCHEMA_VERSION = 2
-"""Version 2: settings nested per settings class, weights fingerprint, checksums."""
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+"""Version 2: settings nested per settings class, weights fingerprint, checksums.
+Version 3: prompt metadata (a `metadata` column of prompts parts, `metadata_fields` in
+manifest entries)."""
+READABLE_VERSIONS = (1, 2, 3)
 MARKER = "entropy-fast-store.json"
 FORMAT = "entropy-fast profile store"
 
@@ -252,6 +254,9 @@ class ManifestEntry(_Entry):
     n_rows: int
     n_nan: int = 0
     n_inf: int = 0
+    metadata_fields: dict[str, str] | None = None
+    """{field: SQL type} of the prompt metadata the part holds (`store.metadata`; None in
+    entries before schema version 3)."""
 
     @property
     def files(self) -> dict[str, int]:

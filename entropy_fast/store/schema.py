@@ -2,9 +2,11 @@
 
 Data files hold no model or run column: those come from the manifest entry that commits
 the file (see `sql`), so a store reads the same wherever it is and whatever its path.
-Schema version 2 (this one) differs from 1 in its JSON records only (settings nested per
-settings class, a weights fingerprint, checksums in manifest entries); version-1 stores
-stay readable.
+Schema version 2 differs from 1 in its JSON records only (settings nested per settings
+class, a weights fingerprint, checksums in manifest entries). Version 3 (this one) adds
+prompt metadata: the nullable `metadata` column (JSON text) of prompts parts and the
+`metadata_fields` of manifest entries (see `store.metadata`). Version-1 and -2 stores stay
+readable (their prompts read with a NULL `metadata`).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ PROMPTS_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),
         ("source", pa.string()),
         ("source_line", pa.int32()),
+        ("metadata", pa.string()),
     ],
     metadata=_VERSION,
 )
-"""One row per profiled prompt; n_tokens is the number of profile rows (tokens)."""
+"""One row per profiled prompt; n_tokens is the number of profile rows (tokens); metadata
+is the JSON text of the corpus record's other fields (version 3; see `store.metadata`)."""
 
 CONTINUATIONS_SCHEMA = pa.schema(
     [

@@ -1,7 +1,8 @@
 """DuckDB over a profile store: `ProfileStore`, a connection whose views see the committed
 files of a store only, and runs its SQL and named queries.
 
-Views: `entropy` (one row per token, layer, alpha), `prompts`, `runs` (one row per run
+Views: `entropy` (one row per token, layer, alpha), `prompts` (with a column per prompt
+metadata field, see `store.metadata`), `runs` (one row per run
 shard, its settings flattened into columns), `manifest` (committed parts),
 `continuations` (stored generation stages, one row per prompt), `generations` (one row per
 generation shard), `prompt_profile` (per-prompt mean profile), `model_layers` and
@@ -30,6 +31,7 @@ import pyarrow as pa
 from entropy_fast.errors import MissingDependencyError
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import GENERATION, Store
+from entropy_fast.store.metadata import merge_types, view_columns
 from entropy_fast.store.queries import NamedQuery, QueryError, macros_sql, named_queries
 from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo
 from entropy_fast.store.schema import (
@@ -104,7 +106,10 @@ class ProfileStore:
         entries = [e for e in entries if e.run_id not in self.damaged]
         generated = [e for e in generated if e.run_id not in self.damaged]
         self._file_view("entropy", ENTROPY_SCHEMA, root, entries, "entropy_file")
-        self._file_view("prompts", PROMPTS_SCHEMA, root, entries, "prompts_file")
+        fields = merge_types(e.metadata_fields for e in entries)
+        self._file_view("prompts", PROMPTS_SCHEMA, root, entries, "prompts_file",
+                        lenient=True, derived=view_columns(
+                            fields, ["model", "run_id", *PROMPTS_SCHEMA.names]))
         self._file_view("continuations", CONTINUATIONS_SCHEMA, root, generated,
                         "continuations_file")
         self.con.register("runs", _records_table(self.store.runs(), RunInfo))
@@ -115,21 +120,32 @@ class ProfileStore:
         self.con.execute(macros_sql())
 
     def _file_view(self, name: str, schema: pa.Schema, root: Path, entries: Sequence[Any],
-                   attr: str) -> None:
+                   attr: str, *, lenient: bool = False, derived: Sequence[str] = ()) -> None:
         """A view over the files `attr` of `entries`: one scan per run, with the run's
-        model and id as constants (DuckDB drops the scans a filter on them excludes)."""
+        model and id as constants (DuckDB drops the scans a filter on them excludes).
+
+        lenient: columns of `schema` that files of older schema versions lack read as
+        NULL. derived: SELECT expressions over the columns, added after them."""
         columns = ", ".join(f.name for f in schema)
+        typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
         by_run: dict[tuple[str, str], list[str]] = defaultdict(list)
         for e in entries:
             by_run[e.model, e.run_id].append(glob_literal(root / getattr(e, attr)))
-        scans = [f"SELECT {sql_literal(model)} AS model, {sql_literal(run)} AS run_id, "
-                 f"{columns} FROM read_parquet([{', '.join(paths)}])"
-                 for (model, run), paths in sorted(by_run.items())]
+        scans = []
+        for (model, run), paths in sorted(by_run.items()):
+            source = f"read_parquet([{', '.join(paths)}])"
+            if lenient:  # by name, after an empty relation of every column: missing = NULL
+                source = (f"(SELECT {typed} WHERE false UNION ALL BY NAME SELECT * FROM "
+                          f"read_parquet([{', '.join(paths)}], union_by_name = true))")
+            scans.append(f"SELECT {sql_literal(model)} AS model, {sql_literal(run)} AS "
+                         f"run_id, {columns} FROM {source}")
         if not scans:
-            typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
             scans = [f"SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_id, {typed} "
                      "WHERE false"]
-        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {' UNION ALL '.join(scans)}")
+        body = " UNION ALL ".join(scans)
+        if derived:
+            body = f"SELECT *, {', '.join(derived)} FROM ({body})"
+        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
 
     def sql(self, query: str, params: dict[str, Any] | None = None, *,
             output: str = "arrow") -> Any:
