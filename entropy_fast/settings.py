@@ -27,12 +27,16 @@ DEFAULT_MODEL = "smollm2-135m"
 BACKENDS = ("auto", "torch", "triton")
 GENERATORS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
+WHEN_SET = "when set"
 
 
-def option(default: Any, help: str, *, identity: bool = True, flag: str | None = None,
+def option(default: Any, help: str, *, identity: bool | str = True, flag: str | None = None,
            choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
     """A settings field: its default, its help text (shown by --help), whether it is part
-    of a run's identity, and, when it differs from --field-name, its CLI flag."""
+    of a run's identity, and, when it differs from --field-name, its CLI flag.
+
+    identity=WHEN_SET: part of the identity only when it differs from the default, for a
+    field added after runs were stored (their run ids stay what they were)."""
     metadata = {"help": help, "identity": identity, "flag": flag, "choices": choices,
                 "metavar": metavar}
     if isinstance(default, (list, dict, set)):
@@ -56,7 +60,7 @@ class _Settings:
     def identity(self) -> dict[str, Any]:
         """The fields that change what a run computes (inf-safe: floats by repr)."""
         return {f.name: _canonical(getattr(self, f.name)) for f in fields(self)
-                if f.metadata.get("identity", True)}
+                if _in_identity(f, getattr(self, f.name))}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Any:
@@ -67,6 +71,11 @@ class _Settings:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _in_identity(f: Field, value: Any) -> bool:
+    identity = f.metadata.get("identity", True)
+    return value != f.default if identity == WHEN_SET else bool(identity)
 
 
 def _canonical(value: Any) -> Any:
@@ -126,7 +135,8 @@ class LensSettings(_Settings):
 
 @dataclass(frozen=True)
 class SamplingSettings(_Settings):
-    """How continuations are drawn; greedy unless do_sample. max_new_tokens=0: text mode.
+    """How prompts are presented and continuations drawn; greedy unless do_sample.
+    max_new_tokens=0: text mode.
 
     Sampled continuations depend on the seed and, with the HF generator, on batch
     composition (the random stream is shared by a batch); greedy ones do not.
@@ -142,6 +152,10 @@ class SamplingSettings(_Settings):
     top_k: int | None = option(None, "sample among the k most likely tokens only "
                                "(with --do-sample; default: all)", metavar="K")
     seed: int | None = option(None, "random seed of sampling", metavar="S")
+    chat_template: bool = option(
+        False, "wrap each prompt in the tokenizer's chat template (a user message, the "
+        "assistant's turn opened) before tokenizing: for instruct models",
+        identity=WHEN_SET)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 0)
