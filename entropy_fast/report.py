@@ -135,8 +135,9 @@ def _write(db: Any, path: Path, group_by: str | None, skip: int, alpha: float,
     infos = select_runs(db, runs)
     labels = run_labels(infos)
     data = [run_profiles(db, info, labels[info.run_id], skip) for info in infos]
-    notes = [f"{d.label}: {d.n_dropped} prompts have no rows at pos >= {skip} and are "
-             "left out" for d in data if d.n_dropped]
+    notes = [*_comparability(infos),
+             *[f"{d.label}: {d.n_dropped} prompts have no rows at pos >= {skip} and are "
+               "left out" for d in data if d.n_dropped]]
     shown = [d for d in data if alpha in d.alphas]
     notes += [f"{d.label} has no alpha={alpha:g}: left out of profiles and distances"
               for d in data if alpha not in d.alphas]
@@ -210,6 +211,19 @@ def _resolve(prefix: str, shards: dict[str, list[RunInfo]], complete: dict[str, 
     return matches[0]
 
 
+def _comparability(infos: Sequence[RunInfo]) -> list[str]:
+    """Notes for the reader where the runs were made differently (mode, sampling, dtype:
+    their distances then mix two effects) or profiled different corpora."""
+    from entropy_fast.store.compare import check_comparable
+    from entropy_fast.store.errors import StoreError
+
+    try:
+        note = check_comparable(list(infos))
+    except StoreError as err:
+        return [err.message]
+    return [note] if note else []
+
+
 def run_labels(infos: Sequence[RunInfo]) -> dict[str, str]:
     """The model's label, with the run id's first 8 digits where a model has several."""
     counts = Counter(r.model for r in infos)
@@ -236,8 +250,9 @@ def run_profiles(db: Any, info: RunInfo, label: str, skip: int) -> RunProfiles:
 
 def prompt_labels(db: Any, run_id: str, field: str) -> dict[int, str]:
     """prompt_id -> the field's value as text, for the run's prompts that have one."""
-    rows = db.sql(f'SELECT prompt_id, CAST("{field.replace(chr(34), chr(34) * 2)}" AS VARCHAR)'
-                  " AS label FROM prompts WHERE run_id = $run", {"run": run_id}).to_pylist()
+    column = '"' + field.replace('"', '""') + '"'
+    rows = db.sql(f"SELECT prompt_id, CAST({column} AS VARCHAR) AS label FROM prompts "
+                  "WHERE run_id = $run", {"run": run_id}).to_pylist()
     return {r["prompt_id"]: r["label"] for r in rows if r["label"] is not None}
 
 

@@ -158,3 +158,27 @@ def test_report_from_the_cli_after_profiling_a_labelled_corpus(saved_models, tmp
     assert "k-NN accuracy" in printed.out and "6 folds, not 10" in printed.err + \
         out.read_text()
     assert out.exists() and len(list(out.parent.glob("report-*.png"))) == 3
+
+
+def test_runs_made_differently_are_reported_with_a_note(tmp_path):
+    from dataclasses import replace
+
+    from entropy_fast.corpus import Corpus
+    from entropy_fast.settings import SamplingSettings
+
+    corpus = Corpus.from_texts([f"p{i}" for i in range(4)])
+    store = Store(tmp_path / "s", create=True)
+    rng = np.random.default_rng(1)
+    text = run_info("m", corpus)
+    generation = replace(text, run_id="", sampling=SamplingSettings(max_new_tokens=2))
+    for info in (text, generation):
+        with store.writer(info) as writer:
+            for p in corpus.prompts:
+                writer.add(p, random_profile(rng, 2, [0, 1, 2]))
+    report = write_report(store.root, tmp_path / "r.html")
+    assert sorted(d.label for d in report.runs) == sorted(
+        f"m [{info.run_id[:8]}]" for info in (text, generation))  # one model, two entries
+    assert any("made differently" in n for n in report.notes)
+    page = report.html.read_text()
+    assert "made differently" in page and "<td>text</td>" in page and \
+        "<td>generation</td>" in page
