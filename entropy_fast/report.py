@@ -116,10 +116,11 @@ def write_report(store: Any, path: str | Path, *, group_by: str | None = None,
     """
     from entropy_fast.store.sql import ProfileStore
 
-    if isinstance(skip_positions, bool) or not isinstance(skip_positions, int) \
-            or skip_positions < 0:
-        raise ConfigError(f"skip_positions must be an integer >= 0, got {skip_positions!r}",
-                          param="skip_positions")
+    for name, value, minimum in (("skip_positions", skip_positions, 0),
+                                 ("neighbors", neighbors, 1), ("folds", folds, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}",
+                              param=name)
     if isinstance(store, ProfileStore):
         return _write(store, Path(path), group_by, skip_positions, float(alpha), runs,
                       neighbors, folds)
