@@ -452,7 +452,8 @@ def _page(db: Any, data: Sequence[RunProfiles], shown: Sequence[RunProfiles],
              f"alpha={alpha:g}.</p>",
              *[f"<p class='note'>{e(n)}</p>" for n in notes],
              "<h2>Runs</h2>", _table(["label", "run", "model", "mode", "settings", "prompts",
-                                      "tokens"], [_run_row(d) for d in data]),
+                                      f"tokens (pos ≥ {skip})" if skip else "tokens"],
+                                     [_run_row(d) for d in data]),
              "<h2>Mean profiles at relative depth</h2>", _image(pngs["profiles"]),
              "<h2>Distances between runs</h2><p>Each run's rows of every prompt, at the "
              f"{min((len(d.info.layer_indices) for d in shown), default=0)} relative depths "
