@@ -10,9 +10,9 @@ models (loading by alias, path, .gguf or hub id), generation and vllm_generation
 (the model's own unembedding, verified), entropy (the online Shannon/Rényi math), profiler
 (prompts in, EntropyProfile out), profile (the result types), pipeline (resumable,
 sharded corpus runs into a store), distributed and ray_stages (the same runs on a Ray
-cluster), store/ (Parquet store, DuckDB views, checks),
-distances, analysis, estimators, viz, cli. kernels/ (Triton) and queries/ (named SQL)
-ship as entropy_fast.kernels and entropy_fast.queries.
+cluster), store/ (Parquet store, DuckDB views, checks), distances, analysis, estimators,
+viz, report (the HTML comparison of a store), cli. kernels/ (Triton) and queries/ (named
+SQL) ship as entropy_fast.kernels and entropy_fast.queries.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "entropy_fast.distances": ("DistanceResult", "fisher_rao_distance", "jsd_layer",
                                "match_layers", "pairwise_distances", "profile_distance",
                                "srvf_distance", "wasserstein_layer"),
+    "entropy_fast.report": ("write_report",),
     "entropy_fast.analysis": ("LayerAnalyzer", "ModelComparison", "compare_models"),
     "entropy_fast.estimators": ("MatrixRenyiMI", "linear_cka"),
     "entropy_fast.viz": ("model_colors", "plot_aggregated", "plot_cluster", "plot_heatmap",

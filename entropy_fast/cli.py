@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, adder in (("profile", _add_profile), ("generate", _add_generate),
                         ("query", _add_query), ("compare", _add_compare), ("show", _add_show),
-                        ("info", _add_info),
+                        ("report", _add_report), ("info", _add_info),
                         ("check", _add_check), ("queries", _add_queries)):
         doc = inspect.cleandoc(COMMANDS[name].__doc__ or "")
         sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc,
@@ -775,6 +775,49 @@ def _plot_logit_lens(db: Any, info: Any, prompt_id: int, path: Path) -> None:
     print(f"plot: {path}")
 
 
+# -- report -------------------------------------------------------------------------------
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("-o", "--out", dest="path", metavar="HTML", default="report.html",
+                   help="the report page; its PNGs are written beside it (HTML-profiles.png"
+                        ", ...)")
+    p.add_argument("--group-by", dest="group_by", metavar="FIELD",
+                   help="a prompt metadata field (a .jsonl field beside the text): profiles "
+                        "per group and how well profiles predict it (k-NN, CV)")
+    p.add_argument("--skip-positions", dest="skip_positions", type=int, default=0,
+                   metavar="N", help="leave out each prompt's first N rows")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="Rényi order of the profiles and distances")
+    p.add_argument("--runs", nargs="+", metavar="RUN",
+                   help="these runs, by id or unique id prefix (default: every complete run)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write an HTML report of a store's runs: settings, profiles, distances, groups.
+
+    The runs table, every run's mean profile at relative depth, distance heatmaps (jsd,
+    wasserstein, fisher_rao, srvf) and, with --group-by, profiles per group and k-NN
+    accuracy and ROC-AUC of predicting the field from profiles (stratified CV against a
+    stratified dummy). One self-contained HTML file; the PNGs are written beside it.
+    """
+    from entropy_fast.report import write_report
+
+    report = write_report(args.store, args.path, group_by=args.group_by,
+                          skip_positions=args.skip_positions, alpha=args.alpha, runs=args.runs)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for p in report.predictability:
+        if p.scores:
+            knn, dummy = p.scores["knn_accuracy"], p.scores["dummy_accuracy"]
+            print(f"{p.label}: k-NN accuracy {knn.mean():.3f} ± {knn.std():.3f} vs dummy "
+                  f"{dummy.mean():.3f} ± {dummy.std():.3f} ({p.folds} folds)")
+    print(f"report: {report.html} ({len(report.runs)} runs; "
+          f"{', '.join(str(p) for p in report.pngs)})")
+    return 0
+
+
 # -- info, check, queries -----------------------------------------------------------------
 
 
@@ -884,7 +927,8 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"profile": cmd_profile, "generate": cmd_generate, "query": cmd_query,
-            "compare": cmd_compare, "show": cmd_show, "info": cmd_info, "check": cmd_check,
+            "compare": cmd_compare, "show": cmd_show, "report": cmd_report, "info": cmd_info,
+            "check": cmd_check,
             "queries": cmd_queries}
 
 

@@ -14,6 +14,11 @@ Formats:
 
 A bad record (invalid JSON, a missing or non-string field, invalid UTF-8, an empty text)
 raises `CorpusError` naming the file and line, or is skipped with `on_error="skip"`.
+
+The other fields of a .jsonl record and the other columns of a .parquet row are the
+prompt's `metadata` (a dict; None when there are none, and for .txt); stores keep it
+(`store.metadata`). Metadata is not part of the fingerprint: it labels prompts, it does
+not change what is profiled.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -42,11 +48,13 @@ class CorpusError(EntropyFastError, ValueError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of a corpus: its dense id, its text and the 1-based line it came from."""
+    """One prompt of a corpus: its dense id, its text, the 1-based line it came from and
+    the record's other fields (None when it has none)."""
 
     prompt_id: int
     text: str
     source_line: int
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass
@@ -120,14 +128,14 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
     prompts: list[Prompt] = []
     skipped: list[tuple[int, str]] = []
     blank: list[int] = []
-    for line, text, problem in reader(path, text_field):
+    for line, text, problem, metadata in reader(path, text_field):
         if problem == _BLANK:
             blank.append(line)
             continue
         if problem is None and not text.strip():
             problem = "empty text"
         if problem is None:
-            prompts.append(Prompt(len(prompts), text, line))
+            prompts.append(Prompt(len(prompts), text, line, metadata))
         elif on_error == "skip":
             skipped.append((line, problem))
         else:
@@ -145,8 +153,9 @@ def read_corpus(path: str | Path, *, text_field: str = "text", on_error: str = "
     return Corpus(str(path), prompts, skipped, len(blank))
 
 
-Record = tuple[int, str, str | None]
-"""(1-based line or row, text, problem or None) as the per-format readers yield them."""
+Record = tuple[int, str, str | None, dict[str, Any] | None]
+"""(1-based line or row, text, problem or None, metadata) as the per-format readers yield
+them."""
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -162,36 +171,37 @@ def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
 def _txt_records(path: Path, _text_field: str) -> Iterator[Record]:
     for number, line, problem in _lines(path):
         if problem is not None:
-            yield number, "", problem
+            yield number, "", problem, None
         else:
-            yield number, line, None if line.strip() else _BLANK
+            yield number, line, None if line.strip() else _BLANK, None
 
 
 def _jsonl_records(path: Path, text_field: str) -> Iterator[Record]:
     for number, line, problem in _lines(path):
         if problem is not None:
-            yield number, "", problem
+            yield number, "", problem, None
         elif line.strip():
             yield (number, *_json_text(line, text_field))
         else:
-            yield number, "", _BLANK
+            yield number, "", _BLANK, None
 
 
-def _json_text(line: str, text_field: str) -> tuple[str, str | None]:
-    """(text, problem) of one JSON line."""
+def _json_text(line: str, text_field: str
+               ) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(text, problem, metadata) of one JSON line."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        return "", f"not valid JSON ({err.msg} at column {err.colno})"
+        return "", f"not valid JSON ({err.msg} at column {err.colno})", None
     if not isinstance(record, dict):
-        return "", f"expected a JSON object, got {type(record).__name__}"
+        return "", f"expected a JSON object, got {type(record).__name__}", None
     if text_field not in record:
         fields = ", ".join(sorted(record)) or "none"
-        return "", f"no {text_field!r} field (fields: {fields}; choose one with text_field)"
-    text = record[text_field]
+        return "", f"no {text_field!r} field (fields: {fields}; choose one with text_field)", None
+    text = record.pop(text_field)
     if not isinstance(text, str):
-        return "", f"field {text_field!r} is {type(text).__name__}, not a string"
-    return text, None
+        return "", f"field {text_field!r} is {type(text).__name__}, not a string", None
+    return text, None, record or None
 
 
 def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
@@ -205,11 +215,12 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
             f"{path}: no {text_field!r} column (columns: {', '.join(names)})",
             "choose one with text_field", param="text_field")
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=65536):
-        for value in batch.column(0).to_pylist():
+    for batch in parquet.iter_batches(batch_size=65536):
+        for record in batch.to_pylist():
             row += 1
+            value = record.pop(text_field)
             if isinstance(value, str):
-                yield row, value, None
+                yield row, value, None, record or None
             else:
                 kind = "null" if value is None else type(value).__name__
-                yield row, "", f"column {text_field!r} is {kind}, not a string"
+                yield row, "", f"column {text_field!r} is {kind}, not a string", None

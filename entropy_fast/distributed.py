@@ -45,6 +45,7 @@ from entropy_fast.corpus import Corpus
 from entropy_fast.errors import ConfigError, EntropyFastError, require
 from entropy_fast.settings import LensSettings, ModelSettings, SamplingSettings
 from entropy_fast.store import PROFILE, GenerationInfo, RunInfo, Store
+from entropy_fast.store.metadata import encode
 
 log = logging.getLogger("entropy_fast")
 
@@ -275,14 +276,19 @@ def _model_files(source: str, info: RunInfo, corpus: Corpus, pending: list[int],
 def _pending_prompts(store: Store, corpus: Corpus, pending: list[int],
                      tokens: dict[int, list[int]] | None, generation: GenerationInfo | None
                      ) -> list[dict[str, Any]]:
-    """The work of each pending prompt, by prompt id: text, line, token ids and, from a
-    stored generation, its continuation. Prompts the policy skipped are left out."""
+    """The work of each pending prompt, by prompt id: text, line, metadata (JSON text, from
+    the corpus), token ids and, from a stored generation, its continuation. Prompts the
+    policy skipped are left out."""
+    def meta(i: int) -> str | None:
+        return encode(corpus.prompts[i].metadata)
+
     if generation is None:
         return [{"prompt_id": i, "text": corpus.prompts[i].text,
-                 "source_line": corpus.prompts[i].source_line, "token_ids": tokens[i],
-                 "continuation": None} for i in pending if i in tokens]
+                 "source_line": corpus.prompts[i].source_line, "metadata": meta(i),
+                 "token_ids": tokens[i], "continuation": None} for i in pending if i in tokens]
     stored = [{"prompt_id": r["prompt_id"], "text": r["text"], "source_line": r["source_line"],
-               "token_ids": r["prompt_token_ids"], "continuation": r["continuation_token_ids"]}
+               "metadata": meta(r["prompt_id"]), "token_ids": r["prompt_token_ids"],
+               "continuation": r["continuation_token_ids"]}
               for rows in store.read_continuations(generation.run_id, pending) for r in rows]
     return sorted(stored, key=lambda p: p["prompt_id"])
 

@@ -458,19 +458,45 @@ def load_tokenizer_and_config(model: str) -> tuple[Any, Any]:
                                  f"({str(error).splitlines()[0]})", _suggestion(model)) from None
 
 
-def tokenize_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def tokenize_many(tokenizer: Any, texts: Sequence[str], chat_template: bool = False
+                  ) -> list[list[int]]:
     """Each text's token ids as `tokenizer(text)["input_ids"]` gives them, in one batch call.
+
+    chat_template: each text becomes the user message of a one-turn chat, rendered by the
+    tokenizer's chat template with the assistant's turn opened (add_generation_prompt),
+    then tokenized without adding special tokens (the template writes its own), as
+    `tokenizer.apply_chat_template(..., tokenize=True)` does. A tokenizer without a
+    template is a ConfigError, raised before anything is tokenized.
 
     A fast tokenizer whose backend neither truncates nor pads is called directly: the
     transformers wrapper then does nothing but costs ~30% of the time (20,000 prompts:
     0.54 s vs 0.82 s for SmolLM2's tokenizer).
     """
+    texts = list(texts)
+    if chat_template:
+        texts = _render_chats(tokenizer, texts)
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
-        return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)]
-    return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=not chat_template)]
+    return [list(ids) for ids in
+            tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]]
+
+
+def _render_chats(tokenizer: Any, texts: list[str]) -> list[str]:
+    """Each text as a one-turn chat (user message, assistant turn opened), as text."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(f"chat_template is set but the tokenizer of {name} has no chat "
+                          "template to apply",
+                          "profile raw prompts (drop chat_template), or use an instruct or "
+                          "chat model, whose tokenizer defines one", param="chat_template")
+    if not texts:
+        return []
+    return list(tokenizer.apply_chat_template(
+        [[{"role": "user", "content": text}] for text in texts], tokenize=False,
+        add_generation_prompt=True))
 
 
 def vocabulary(tokenizer: Any, size: int) -> list[str]:
@@ -486,13 +512,15 @@ class TokenizerOnly:
     def __init__(self, model: str) -> None:
         self.tokenizer, self.config = load_tokenizer_and_config(model)
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids as the profiler makes them (the tokenizer's defaults)."""
-        return list(self.tokenizer(text)["input_ids"])
+    def tokenize(self, text: str, chat_template: bool = False) -> list[int]:
+        """Token ids as the profiler makes them (the tokenizer's defaults; see
+        `tokenize_many` for chat_template)."""
+        return self.tokenize_many([text], chat_template)[0]
 
-    def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize_many(self, texts: Sequence[str], chat_template: bool = False
+                      ) -> list[list[int]]:
         """`tokenize` of each text, in one call of the tokenizer."""
-        return tokenize_many(self.tokenizer, texts)
+        return tokenize_many(self.tokenizer, texts, chat_template)
 
     @property
     def context_length(self) -> int | None:

@@ -348,8 +348,9 @@ class _HFGeneration:
         self.context_length = profiler.context_length
         self.revision = getattr(profiler.model.config, "_commit_hash", None)
 
-    def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.profiler.tokenize_many(texts)
+    def tokenize_many(self, texts: Sequence[str], chat_template: bool = False
+                      ) -> list[list[int]]:
+        return self.profiler.tokenize_many(texts, chat_template)
 
     def __enter__(self) -> _HFGeneration:
         return self

@@ -231,7 +231,7 @@ class EntropyProfiler:
     def iter_profiles(self, prompts: Sequence[str], max_new_tokens: int = 32, *,
                       do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, seed: int | None = None,
-                      on_progress: Progress | None = None,
+                      chat_template: bool = False, on_progress: Progress | None = None,
                       wave_tokens: int = 1 << 16) -> Iterator[tuple[int, EntropyProfile]]:
         """Yield (index into prompts, profile) as batches finish, in no fixed order.
 
@@ -240,10 +240,11 @@ class EntropyProfiler:
         max_new_tokens=0 profiles the texts themselves. `on_progress(prompts, tokens)` is
         called after each profiled batch.
         """
-        sampling = SamplingSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        sampling = SamplingSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed,
+                                    chat_template)
         for index, prompt in enumerate(prompts):  # fail before any work on a bad prompt
             self._check_text(index, prompt)
-        ids = self.tokenize_many(prompts)
+        ids = self.tokenize_many(prompts, sampling.chat_template)
         for index, prompt_ids in enumerate(ids):
             self.check_length(index, len(prompt_ids), sampling.max_new_tokens,
                               sampling.generating)
@@ -342,14 +343,16 @@ class EntropyProfiler:
             raise ConfigError(f"prompt {index} has {total} token; text mode needs at least two "
                               "tokens (rows are tokens 1..T-1)", "set max_new_tokens > 0")
 
-    def tokenize(self, text: str) -> list[int]:
-        """The token ids the profiler uses for `text` (the tokenizer's defaults)."""
-        return list(self.tokenizer(text)["input_ids"])
+    def tokenize(self, text: str, chat_template: bool = False) -> list[int]:
+        """The token ids the profiler uses for `text` (the tokenizer's defaults; with
+        chat_template, the tokenizer's chat template around it: `models.tokenize_many`)."""
+        return self.tokenize_many([text], chat_template)[0]
 
-    def tokenize_many(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize_many(self, texts: Sequence[str], chat_template: bool = False
+                      ) -> list[list[int]]:
         """`tokenize` of each text, in one call of the tokenizer (a fast tokenizer's batch
         call encodes them in parallel)."""
-        return tokenize_many(self.tokenizer, texts)
+        return tokenize_many(self.tokenizer, texts, chat_template)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -375,7 +378,7 @@ class EntropyProfiler:
         ids = []
         for index, text in zip(indices, texts, strict=True):
             self._check_text(index, text)
-            ids.append(self.tokenize(text))
+            ids.append(self.tokenize(text, sampling.chat_template))
             self.check_length(index, len(ids[-1]), sampling.max_new_tokens, sampling.generating)
         metadata = self._metadata(sampling)
         by_index = dict(zip(indices, texts, strict=True))

@@ -2,7 +2,8 @@
 
 `distributed` drives them; this module imports ray and runs on the cluster's processes.
 
-- A *unit* is one dataset row (`unit_row`): the ids, texts, lines and token ids of
+- A *unit* is one dataset row (`unit_row`): the ids, texts, lines, metadata (JSON text,
+  `store.metadata`) and token ids of
   consecutive pending prompts, and their stored continuations when a generation stage is
   reused. One unit is one actor call and one committed part.
 - `vllm_stage` (runs that generate with vLLM) replaces units by one row per prompt and
@@ -34,6 +35,7 @@ from ray.data.block import BlockAccessor
 from entropy_fast.corpus import Prompt
 from entropy_fast.settings import ModelSettings, SamplingSettings
 from entropy_fast.store import PROFILE, RunInfo, Store, StoreError
+from entropy_fast.store.metadata import decode
 from entropy_fast.store.schema import ENTROPY_SCHEMA, TOP_TOKENS_SCHEMA
 from entropy_fast.store.writer import WorkerWriter
 
@@ -41,6 +43,7 @@ PROFILED_SCHEMA = pa.schema([
     ("prompt_ids", pa.list_(pa.int32())),
     ("texts", pa.list_(pa.string())),
     ("source_lines", pa.list_(pa.int32())),
+    ("metadata", pa.list_(pa.string())),
     ("prompt_token_ids", pa.list_(pa.list_(pa.int32()))),
     ("n_tokens", pa.list_(pa.int32())),
     ("layers", pa.list_(pa.int16())),
@@ -64,11 +67,13 @@ committed, a write task raises. Each actor also creates `dir`/actor-PID."""
 
 def unit_row(prompts: list[dict[str, Any]]) -> dict[str, Any]:
     """One unit (a dataset row) from the driver's pending prompts: their prompt_ids, texts,
-    source_lines, token_ids, and continuations (None: generate, or profile the text)."""
+    source_lines, metadata, token_ids, and continuations (None: generate, or profile the
+    text)."""
     generated = prompts[0]["continuation"] is not None
     return {"prompt_ids": [p["prompt_id"] for p in prompts],
             "texts": [p["text"] for p in prompts],
             "source_lines": [p["source_line"] for p in prompts],
+            "metadata": [p["metadata"] for p in prompts],
             "token_ids": [p["token_ids"] for p in prompts],
             "continuations": [p["continuation"] for p in prompts] if generated else None}
 
@@ -85,11 +90,12 @@ def generation_rows(units: list[list[dict[str, Any]]], sampling: SamplingSetting
                     stop_ids: set[int]) -> list[dict[str, Any]]:
     """One row per prompt of the units, as a `ray.data.llm` vLLM stage takes it: the token
     ids and the request's sampling options (prompt p's random stream is seeded with
-    seed + p), beside the prompt's id, text and line, which pass through the stage."""
+    seed + p), beside the prompt's id, text, line and metadata, which pass through the
+    stage."""
     from entropy_fast.vllm_generation import sampling_options
 
     return [{"prompt_id": p["prompt_id"], "text": p["text"], "source_line": p["source_line"],
-             "tokenized_prompt": p["token_ids"],
+             "metadata": p["metadata"], "tokenized_prompt": p["token_ids"],
              "sampling_params": sampling_options(sampling, stop_ids, p["prompt_id"])}
             for unit in units for p in unit]
 
@@ -166,6 +172,7 @@ class LensWorker:
         rows, top_rows = batch_rows(batch, prompt_ids, layers, self.profiler.alphas)
         return {"prompt_ids": prompt_ids, "texts": [unit["texts"][k] for k in at],
                 "source_lines": [unit["source_lines"][k] for k in at],
+                "metadata": [unit["metadata"][k] for k in at],
                 "prompt_token_ids": [prompt_token_ids(s) for s in batch.sequences],
                 "n_tokens": [s.n_rows for s in batch.sequences], "layers": layers,
                 "rows": rows.serialize().to_pybytes(),
@@ -182,6 +189,7 @@ def _unit(batch: pa.Table, stop_ids: set[int] | None) -> dict[str, Any]:
     column = batch.column
     return {"prompt_ids": column("prompt_id").to_pylist(), "texts": column("text").to_pylist(),
             "source_lines": column("source_line").to_pylist(),
+            "metadata": column("metadata").to_pylist(),
             "token_ids": column("prompt_token_ids").to_pylist(),
             "continuations": [_cut_at_stop(list(ids), stop_ids)
                               for ids in column("generated_tokens").to_pylist()]}
@@ -232,8 +240,9 @@ class StoreSink(Datasink):
                 rows = pa.ipc.read_record_batch(pa.py_buffer(row["rows"]), ENTROPY_SCHEMA)
                 top_rows = None if row["top_rows"] is None else pa.ipc.read_record_batch(
                     pa.py_buffer(row["top_rows"]), TOP_TOKENS_SCHEMA)
-                of_rows = [Prompt(*fields) for fields in zip(
-                    row["prompt_ids"], row["texts"], row["source_lines"], strict=True)]
+                of_rows = [Prompt(i, text, line, decode(meta)) for i, text, line, meta in zip(
+                    row["prompt_ids"], row["texts"], row["source_lines"], row["metadata"],
+                    strict=True)]
                 writer.add_batch(of_rows, rows, row["n_tokens"], row["layers"],
                                  row["prompt_token_ids"], top_rows)
             writer.commit()

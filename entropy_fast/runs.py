@@ -167,7 +167,8 @@ def tokenize_pending(model: Any, corpus: Corpus, pending: Sequence[int],
     budget = None if limit is None else limit - sampling.max_new_tokens
     minimum = 1 if sampling.generating else 2
     work: dict[int, list[int]] = {}
-    tokenized = model.tokenize_many([corpus.prompts[i].text for i in pending])
+    tokenized = model.tokenize_many([corpus.prompts[i].text for i in pending],
+                                    sampling.chat_template)
     for prompt_id, ids in zip(pending, tokenized, strict=True):
         prompt = corpus.prompts[prompt_id]
         if budget is not None and len(ids) > budget:

@@ -28,17 +28,18 @@ BACKENDS = ("auto", "torch", "triton")
 GENERATORS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_TOP_TOKENS = 32
+WHEN_SET = "when set"
 
 
-def option(default: Any, help: str, *, identity: bool = True, flag: str | None = None,
-           choices: tuple[str, ...] | None = None, metavar: str | None = None,
-           added: bool = False) -> Any:
+def option(default: Any, help: str, *, identity: bool | str = True, flag: str | None = None,
+           choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
     """A settings field: its default, its help text (shown by --help), whether it is part
-    of a run's identity, and, when it differs from --field-name, its CLI flag. `added`:
-    a field newer than stored runs, left out of the identity at its default, so that the
-    runs of existing stores keep their ids (and resume)."""
+    of a run's identity, and, when it differs from --field-name, its CLI flag.
+
+    identity=WHEN_SET: part of the identity only when it differs from the default, for a
+    field added after runs were stored (their run ids stay what they were)."""
     metadata = {"help": help, "identity": identity, "flag": flag, "choices": choices,
-                "metavar": metavar, "added": added}
+                "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         raise TypeError("settings are frozen: use a tuple default")
     return field(default=default, metadata=metadata)
@@ -60,8 +61,7 @@ class _Settings:
     def identity(self) -> dict[str, Any]:
         """The fields that change what a run computes (inf-safe: floats by repr)."""
         return {f.name: _canonical(getattr(self, f.name)) for f in fields(self)
-                if f.metadata.get("identity", True)
-                and not (f.metadata.get("added") and getattr(self, f.name) == f.default)}
+                if _in_identity(f, getattr(self, f.name))}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Any:
@@ -72,6 +72,11 @@ class _Settings:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _in_identity(f: Field, value: Any) -> bool:
+    identity = f.metadata.get("identity", True)
+    return value != f.default if identity == WHEN_SET else bool(identity)
 
 
 def _canonical(value: Any) -> Any:
@@ -109,11 +114,12 @@ class LensSettings(_Settings):
         False, "also record the surprisal and rank of the actual next token at every layer")
     top_tokens: int = option(
         0, f"also record the K most probable tokens and their probabilities at every layer "
-        f"(K <= {MAX_TOP_TOKENS}; ties: lower token id first)", metavar="K", added=True)
+        f"(K <= {MAX_TOP_TOKENS}; ties: lower token id first)", metavar="K",
+        identity=WHEN_SET)
     kl_to_final: bool = option(
         False, "also record KL(p_final || p_layer) at every layer: the divergence of each "
         "layer's lens distribution from the model's own output (0 at the last layer)",
-        added=True)
+        identity=WHEN_SET)
 
     def __post_init__(self) -> None:
         alphas = (self.alphas,) if isinstance(self.alphas, (int, float)) else self.alphas
@@ -141,7 +147,8 @@ class LensSettings(_Settings):
 
 @dataclass(frozen=True)
 class SamplingSettings(_Settings):
-    """How continuations are drawn; greedy unless do_sample. max_new_tokens=0: text mode.
+    """How prompts are presented and continuations drawn; greedy unless do_sample.
+    max_new_tokens=0: text mode.
 
     Sampled continuations depend on the seed and, with the HF generator, on batch
     composition (the random stream is shared by a batch); greedy ones do not.
@@ -157,6 +164,10 @@ class SamplingSettings(_Settings):
     top_k: int | None = option(None, "sample among the k most likely tokens only "
                                "(with --do-sample; default: all)", metavar="K")
     seed: int | None = option(None, "random seed of sampling", metavar="S")
+    chat_template: bool = option(
+        False, "wrap each prompt in the tokenizer's chat template (a user message, the "
+        "assistant's turn opened) before tokenizing: for instruct models",
+        identity=WHEN_SET)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 0)

@@ -334,19 +334,19 @@ def plot_velocity_entropy(analyzer: Any, ax: Axes | None = None) -> Axes:
 def plot_mean_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float],
                                                 Sequence[float]]],
                      ax: Axes | None = None, title: str = "", unit: str = "nats",
-                     colors: Mapping[str, Any] | None = None) -> Any:
+                     colors: Mapping[str, Any] | None = None, relative: bool = False) -> Any:
     """Mean ± std curves (layers, mean, std) per label on one Axes; returns its Figure.
 
     colors: {label: colour}; a label it lacks takes its `model_colors(curves)` colour.
 
     x is the hidden-state index, or the relative depth layer / last layer when the curves
-    end at different depths. The y axis shows plain values (no offset), so a nearly
-    constant profile reads at its level.
+    end at different depths or `relative` asks for it. The y axis shows plain values (no
+    offset), so a nearly constant profile reads at its level.
     """
     colors = _colors(curves, colors)
     ax = _axes(ax)
     depths = {max(layers, default=0) for layers, _, _ in curves.values()}
-    relative = len(depths) > 1
+    relative = relative or len(depths) > 1
     for label, (layers, mean, std) in curves.items():
         x = np.asarray(layers, dtype=float)
         x = x / max(x.max(), 1) if relative else x

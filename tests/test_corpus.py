@@ -97,3 +97,20 @@ def test_missing_empty_and_unsupported(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{\n")
     with pytest.raises(CorpusError, match=r"no prompts \(1 bad records skipped\)"):
         read_corpus(tmp_path / "bad.jsonl", on_error="skip")
+
+
+def test_other_fields_and_columns_are_the_prompts_metadata(tmp_path):
+    records = [{"text": TEXTS[0], "kind": "fact", "n": 1},
+               {"text": TEXTS[1], "kind": "code", "tags": ["py"]}, {"text": TEXTS[2]}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    jsonl = read_corpus(tmp_path / "c.jsonl")
+    assert [p.metadata for p in jsonl.prompts] == [
+        {"kind": "fact", "n": 1}, {"kind": "code", "tags": ["py"]}, None]
+    pq.write_table(pa.table({"kind": ["fact", None, "story"], "body": TEXTS}),
+                   tmp_path / "c.parquet")
+    parquet = read_corpus(tmp_path / "c.parquet", text_field="body")
+    assert [p.metadata for p in parquet.prompts] == [
+        {"kind": "fact"}, {"kind": None}, {"kind": "story"}]
+    assert read_corpus(tmp_path / "c.parquet", text_field="body").texts == TEXTS
+    # metadata labels prompts; it does not change what is profiled
+    assert jsonl.fingerprint == parquet.fingerprint == Corpus.from_texts(TEXTS).fingerprint

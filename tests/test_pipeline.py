@@ -123,6 +123,36 @@ def test_an_over_long_prompt_fails_before_any_work_naming_its_line(folder, tmp_p
     assert code == 1 and "--long-prompts skip" in err and "line 3" in err
 
 
+def test_chat_template_without_one_fails_before_any_work_saying_what_to_do(folder, tmp_path,
+                                                                          capsys):
+    """The tiny tokenizer has no chat template: refused before a run is registered, from
+    Python (the profiler too) and the CLI (naming the flag)."""
+    with pytest.raises(ConfigError, match=r"has no chat template.*drop chat_template"):
+        profile_corpus(str(folder), TEXTS, tmp_path / "s", max_new_tokens=0,
+                       chat_template=True)
+    assert not (tmp_path / "s" / "runs").exists()
+    with pytest.raises(ConfigError, match="has no chat template"):
+        generate_corpus(str(folder), TEXTS, tmp_path / "g", max_new_tokens=2,
+                        chat_template=True)
+    assert not (tmp_path / "g" / "generations").exists()
+    from entropy_fast.profiler import EntropyProfiler
+
+    with pytest.raises(ConfigError, match="has no chat template"):
+        EntropyProfiler(str(folder)).profile_text(TEXTS[0], chat_template=True)
+    code = main(["profile", str(folder), "--chat-template", "--max-new-tokens", "0",
+                 "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no chat template" in err and "drop --chat-template" in err
+
+
+def test_a_setting_added_later_keeps_the_run_ids_of_runs_without_it():
+    """chat_template enters a run's identity only when set: stores made before it existed
+    find their runs again."""
+    assert "chat_template" not in SamplingSettings(max_new_tokens=0).identity()
+    assert SamplingSettings(max_new_tokens=0, chat_template=True).identity()[
+        "chat_template"] is True
+
+
 def test_a_local_model_is_one_model_however_its_path_is_written(folder, tmp_path,
                                                                  monkeypatch):
     monkeypatch.chdir(folder.parent)

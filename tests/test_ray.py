@@ -71,9 +71,10 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("corpus") / "prompts.txt"
-    path.write_text("\n".join(f"prompt {i}: " + "abc defg hi"[: 1 + i % 11] * (1 + i % 3)
-                              for i in range(N_PROMPTS)) + "\n")
+    path = tmp_path_factory.mktemp("corpus") / "prompts.jsonl"  # metadata: kind, i
+    path.write_text("\n".join(json.dumps({
+        "text": f"prompt {i}: " + "abc defg hi"[: 1 + i % 11] * (1 + i % 3),
+        "kind": f"k{i % 3}", "i": i}) for i in range(N_PROMPTS)) + "\n")
     return str(path)
 
 
@@ -120,9 +121,11 @@ def test_two_models_equal_the_single_process_store(models, corpus, tmp_path):
     # float32 rounding differs with batch composition: measured up to 1.5e-5 here
     np.testing.assert_allclose(ray_rows["entropy"].to_numpy(), local_rows["entropy"].to_numpy(),
                                rtol=0, atol=5e-5)
-    prompts = ("SELECT model, prompt_id, text, prompt_token_ids, n_tokens, source, source_line "
-               "FROM prompts ORDER BY model, prompt_id")
+    prompts = ("SELECT model, prompt_id, text, prompt_token_ids, n_tokens, source, source_line, "
+               "metadata, kind, i FROM prompts ORDER BY model, prompt_id")
     assert table(tmp_path / "ray", prompts).equals(table(tmp_path / "local", prompts))
+    assert table(tmp_path / "ray", "SELECT DISTINCT kind, i % 3 AS r FROM prompts ORDER BY 1"
+                 ).to_pylist() == [{"kind": f"k{r}", "r": r} for r in range(3)]
     records = {r.run_id: r for r in Store(tmp_path / "local").runs()}
     for record in Store(tmp_path / "ray").runs():
         assert record.layer_indices == records[record.run_id].layer_indices

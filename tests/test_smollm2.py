@@ -73,3 +73,39 @@ def test_batch_tokenization_equals_one_text_at_a_time(smollm2_profiler, which):
     tokenizer.backend_tokenizer.enable_truncation(4)  # a backend that truncates: the wrapper
     assert tokenize_many(tokenizer, TRICKY) == expected
     tokenizer.backend_tokenizer.no_truncation()
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    """The tokenizer's own chat-template tokenization of one user message."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                        add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_chat_template_tokenizes_as_the_tokenizers_own_apply_chat_template(smollm2_profiler,
+                                                                           tmp_path):
+    from entropy_fast.models import TokenizerOnly, tokenize_many
+    from entropy_fast.pipeline import profile_corpus
+    from entropy_fast.store.sql import ProfileStore
+
+    tokenizer = smollm2_profiler.tokenizer
+    texts = [t for t in TRICKY if t]
+    expected = [_chat_ids(tokenizer, t) for t in texts]
+    assert expected[0][-3:] != tokenizer(texts[0])["input_ids"][-3:]  # the template is there
+    assert tokenize_many(tokenizer, texts, chat_template=True) == expected
+    assert smollm2_profiler.tokenize(texts[0], chat_template=True) == expected[0]
+    with TokenizerOnly("smollm2-135m") as files:  # what store runs tokenize with
+        assert files.tokenize_many(texts, chat_template=True) == expected
+    profile = smollm2_profiler.profile_text(texts[0], max_new_tokens=2, chat_template=True)
+    assert profile.metadata["prompt_token_ids"] == expected[0]
+    assert profile.metadata["chat_template"] is True
+
+    results = [profile_corpus(smollm2_profiler, texts[:2], tmp_path / "s", max_new_tokens=0,
+                              chat_template=chat)[0] for chat in (True, False)]
+    assert results[0].info.run_id != results[1].info.run_id
+    with ProfileStore(tmp_path / "s") as db:
+        rows = db.sql("SELECT r.chat_template, p.prompt_id, p.prompt_token_ids FROM prompts p "
+                      "JOIN runs r USING (run_id) ORDER BY ALL").to_pylist()
+    assert rows == [{"chat_template": chat, "prompt_id": i, "prompt_token_ids": ids}
+                    for chat in (False, True) for i in range(2)
+                    for ids in [expected[i] if chat else tokenizer(texts[i])["input_ids"]]]

@@ -9,16 +9,18 @@ import sys
 import textwrap
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from entropy_fast.corpus import Corpus
+from entropy_fast.corpus import Corpus, Prompt, read_corpus
 from entropy_fast.profile import EntropyProfile
 from entropy_fast.settings import LensSettings, SamplingSettings
 from entropy_fast.store import MARKER, PROFILE, SCHEMA_VERSION, RunInfo, Store, StoreError
 from entropy_fast.store.check import check_store
 from entropy_fast.store.codec import aggregated, read_profiles
+from entropy_fast.store.schema import PROMPTS_SCHEMA
 from entropy_fast.store.sql import ProfileStore
 
 ALPHAS = (2.0, 1.0, float("inf"))  # primary first, and not the smallest
@@ -306,3 +308,64 @@ def test_records_round_trip_and_ids_follow_the_identity():
     assert replace(run, run_id="", shard=1, n_shards=2).run_id == run.run_id
     generation = run.generation_identity()
     assert isinstance(generation, GenerationInfo) and generation.run_id != run.run_id
+
+
+def test_corpus_fields_are_typed_columns_of_the_prompts_view(tmp_path):
+    records = [{"text": "p0", "kind": "poem", "n": 1, "ok": True, "tags": ["a"], "source": "x"},
+               {"text": "p1", "kind": "chat", "n": 2.5, "ok": False},
+               {"text": "p2"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    corpus = read_corpus(tmp_path / "c.jsonl")
+    store = Store(tmp_path / "s", create=True)
+    rng = np.random.default_rng(0)
+    fill(store, run_info("m", corpus), corpus,
+         {p.prompt_id: random_profile(rng, 2, [0, 1]) for p in corpus.prompts})
+    with ProfileStore(store.root) as db:
+        described = db.sql("DESCRIBE prompts").to_pydict()
+        rows = db.sql("SELECT kind, n, ok, tags, source, metadata ->> '$.source' AS field "
+                      "FROM prompts ORDER BY prompt_id").to_pylist()
+    types = dict(zip(described["column_name"], described["column_type"], strict=True))
+    assert {k: types[k] for k in ("kind", "n", "ok", "tags", "source")} == {
+        "kind": "VARCHAR", "n": "DOUBLE", "ok": "BOOLEAN", "tags": "JSON", "source": "VARCHAR"}
+    assert [r["kind"] for r in rows] == [r.get("kind") for r in records]
+    assert [r["n"] for r in rows] == [r.get("n") for r in records]
+    assert [r["ok"] for r in rows] == [r.get("ok") for r in records]
+    assert [None if r["tags"] is None else json.loads(r["tags"]) for r in rows] == [
+        ["a"], None, None]
+    # a field named like a column stays in `metadata`: the column keeps its meaning
+    assert [(r["source"], r["field"]) for r in rows] == [(corpus.path, "x"), (corpus.path, None),
+                                                         (corpus.path, None)]
+
+
+def test_a_version_2_store_reads_with_null_metadata_and_takes_version_3_runs(
+        tmp_path, monkeypatch, corpus, profiles):
+    import entropy_fast.store.writer as writer_module
+
+    old_prompts = pa.schema([f for f in PROMPTS_SCHEMA if f.name != "metadata"])
+    monkeypatch.setattr(writer_module, "PROMPTS_SCHEMA", old_prompts)
+    root = tmp_path / "s"
+    fill(Store(root, create=True), run_info("old", corpus), corpus, profiles)
+    monkeypatch.undo()
+    for entry in (root / "manifest").rglob("*.json"):  # as entropy-fast 0.4 wrote them
+        payload = json.loads(entry.read_text())
+        del payload["metadata_fields"]
+        entry.write_text(json.dumps(payload))
+    marker = json.loads((root / MARKER).read_text())
+    (root / MARKER).write_text(json.dumps({**marker, "schema_version": 2}))
+    assert pq.read_schema(next((root / "prompts").rglob("*.parquet"))).names == \
+        old_prompts.names
+    with ProfileStore(root) as db:
+        assert db.sql("SELECT count(*) AS n, count(metadata) AS m FROM prompts").to_pylist() \
+            == [{"n": len(corpus), "m": 0}]
+
+    labelled = Corpus(corpus.path, [Prompt(p.prompt_id, p.text, p.source_line,
+                                           {"kind": f"k{p.prompt_id % 2}"})
+                                    for p in corpus.prompts])
+    fill(Store(root), run_info("new", labelled), labelled, profiles)
+    assert Store(root).version == SCHEMA_VERSION == 3
+    with ProfileStore(root) as db:
+        kinds = db.sql("SELECT model, prompt_id, kind FROM prompts ORDER BY ALL").to_pylist()
+    assert kinds == [{"model": "new", "prompt_id": i, "kind": f"k{i % 2}"}
+                     for i in range(len(corpus))] + [
+        {"model": "old", "prompt_id": i, "kind": None} for i in range(len(corpus))]
+    assert check_store(root).problems == []

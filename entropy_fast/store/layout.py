@@ -1,6 +1,6 @@
 """The store's folder: marker, where each file of each stage lives, and reading records.
 
-Layout (schema version 2; docs/store.md is the reference)::
+Layout (schema version 3; docs/store.md is the reference)::
 
     STORE/entropy-fast-store.json                          marker: format and schema version
     STORE/entropy/model=M/run=R/part-sIofN-000001.parquet  one row per (token, layer, alpha)
@@ -156,8 +156,8 @@ class Store:
         return version
 
     def upgrade_marker(self) -> None:
-        """Mark a schema-1 store as version 2 before writing version-2 records into it
-        (version-1 records stay readable)."""
+        """Mark an older store as the current version before writing current records
+        into it (older records and parts stay readable)."""
         if self.version != SCHEMA_VERSION:
             write_json_atomic(self.root / MARKER, self._marker_payload())
             self.version = SCHEMA_VERSION

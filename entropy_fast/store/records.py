@@ -26,7 +26,8 @@ from entropy_fast.store.errors import StoreError
 
 SCHEMA_VERSION = 3
 """Version 2: settings nested per settings class, weights fingerprint, checksums.
-Version 3: kl_to_final, top-token files, a vocabulary per run (store.schema)."""
+Version 3: kl_to_final, top-token files, a vocabulary per run (store.schema), prompt
+metadata (a `metadata` column of prompts parts, `metadata_fields` in manifest entries)."""
 READABLE_VERSIONS = (1, 2, 3)
 MARKER = "entropy-fast-store.json"
 FORMAT = "entropy-fast profile store"
@@ -259,6 +260,9 @@ class ManifestEntry(_Entry):
     top_tokens_file: str | None = None
     """The part's top tokens (runs with top_tokens > 0 only)."""
     n_top_rows: int = 0
+    metadata_fields: dict[str, str] | None = None
+    """{field: SQL type} of the prompt metadata the part holds (`store.metadata`; None in
+    entries before schema version 3)."""
 
     @property
     def files(self) -> dict[str, int]:

@@ -5,8 +5,10 @@ the file (see `sql`), so a store reads the same wherever it is and whatever its 
 Schema version 2 differs from 1 in its JSON records only (settings nested per settings
 class, a weights fingerprint, checksums in manifest entries). Version 3 (this one) adds the
 nullable `kl_to_final` column to the entropy rows, a top-tokens file per part (runs with
-top_tokens > 0) and a vocabulary file per run. Version-1 and -2 stores stay readable:
-their entropy files lack `kl_to_final`, which reads as null.
+top_tokens > 0), a vocabulary file per run, and prompt metadata: the nullable `metadata`
+column (JSON text) of prompts parts and the `metadata_fields` of manifest entries (see
+`store.metadata`). Version-1 and -2 stores stay readable: their entropy files lack
+`kl_to_final` and their prompts `metadata`, which read as null.
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ PROMPTS_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),
         ("source", pa.string()),
         ("source_line", pa.int32()),
+        ("metadata", pa.string()),
     ],
     metadata=_VERSION,
 )
-"""One row per profiled prompt; n_tokens is the number of profile rows (tokens)."""
+"""One row per profiled prompt; n_tokens is the number of profile rows (tokens); metadata
+is the JSON text of the corpus record's other fields (version 3; see `store.metadata`)."""
 
 CONTINUATIONS_SCHEMA = pa.schema(
     [

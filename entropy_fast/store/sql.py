@@ -1,9 +1,9 @@
 """DuckDB over a profile store: `ProfileStore`, a connection whose views see the committed
 files of a store only, and runs its SQL and named queries.
 
-Views: `entropy` (one row per token, layer, alpha), `prompts`, `top_tokens` (one row per
-token, layer and rank, for runs with top tokens), `vocab` (token id -> text, per run),
-`runs` (one row per run
+Views: `entropy` (one row per token, layer, alpha), `prompts` (with a column per prompt
+metadata field, see `store.metadata`), `top_tokens` (one row per token, layer and rank, for
+runs with top tokens), `vocab` (token id -> text, per run), `runs` (one row per run
 shard, its settings flattened into columns), `manifest` (committed parts),
 `continuations` (stored generation stages, one row per prompt), `generations` (one row per
 generation shard), `prompt_profile` (per-prompt mean profile), `model_layers` and
@@ -31,11 +31,11 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from entropy_fast.errors import MissingDependencyError
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import GENERATION, Store
+from entropy_fast.store.metadata import merge_types, view_columns
 from entropy_fast.store.queries import NamedQuery, QueryError, macros_sql, named_queries
 from entropy_fast.store.records import GenerationEntry, GenerationInfo, ManifestEntry, RunInfo
 from entropy_fast.store.schema import (
@@ -114,8 +114,11 @@ class ProfileStore:
         self.damaged = report_damage(self.store, [*entries, *generated])
         entries = [e for e in entries if e.run_id not in self.damaged]
         generated = [e for e in generated if e.run_id not in self.damaged]
-        self._file_view("entropy", ENTROPY_SCHEMA, root, entries, "entropy_file")
-        self._file_view("prompts", PROMPTS_SCHEMA, root, entries, "prompts_file")
+        self._file_view("entropy", ENTROPY_SCHEMA, root, entries, "entropy_file", lenient=True)
+        fields = merge_types(e.metadata_fields for e in entries)
+        self._file_view("prompts", PROMPTS_SCHEMA, root, entries, "prompts_file",
+                        lenient=True, derived=view_columns(
+                            fields, ["model", "run_id", *PROMPTS_SCHEMA.names]))
         self._file_view("top_tokens", TOP_TOKENS_SCHEMA, root,
                         [e for e in entries if e.top_tokens_file is not None], "top_tokens_file")
         self._vocab_view(root)
@@ -129,18 +132,26 @@ class ProfileStore:
         self.con.execute(macros_sql())
 
     def _file_view(self, name: str, schema: pa.Schema, root: Path, entries: Sequence[Any],
-                   attr: str) -> None:
+                   attr: str, *, lenient: bool = False, derived: Sequence[str] = ()) -> None:
         """A view over the files `attr` of `entries`: one scan per run, with the run's
         model and id as constants (DuckDB drops the scans a filter on them excludes).
-        Columns newer than a run's files (schema.py) read as nulls."""
-        by_run: dict[tuple[str, str], list[Path]] = defaultdict(list)
+
+        lenient: columns of `schema` that files of older schema versions lack read as
+        NULL. derived: SELECT expressions over the columns, added after them."""
+        columns = ", ".join(f.name for f in schema)
+        typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
+        by_run: dict[tuple[str, str], list[str]] = defaultdict(list)
         for e in entries:
-            by_run[e.model, e.run_id].append(root / getattr(e, attr))
-        scans = [f"SELECT {sql_literal(model)} AS model, {sql_literal(run)} AS run_id, "
-                 f"{_columns(schema, paths[0])} FROM "
-                 f"read_parquet([{', '.join(glob_literal(p) for p in paths)}])"
-                 for (model, run), paths in sorted(by_run.items())]
-        self._create_view(name, schema, scans)
+            by_run[e.model, e.run_id].append(glob_literal(root / getattr(e, attr)))
+        scans = []
+        for (model, run), paths in sorted(by_run.items()):
+            source = f"read_parquet([{', '.join(paths)}])"
+            if lenient:  # by name, after an empty relation of every column: missing = NULL
+                source = (f"(SELECT {typed} WHERE false UNION ALL BY NAME SELECT * FROM "
+                          f"read_parquet([{', '.join(paths)}], union_by_name = true))")
+            scans.append(f"SELECT {sql_literal(model)} AS model, {sql_literal(run)} AS "
+                         f"run_id, {columns} FROM {source}")
+        self._create_view(name, schema, scans, derived)
 
     def _vocab_view(self, root: Path) -> None:
         """`vocab`: (model, run_id, token_id, text) of every run whose vocabulary file is
@@ -160,12 +171,18 @@ class ProfileStore:
                          f"run_id, token_id, text FROM read_parquet({glob_literal(path)})")
         self._create_view("vocab", VOCAB_SCHEMA, scans)
 
-    def _create_view(self, name: str, schema: pa.Schema, scans: list[str]) -> None:
+    def _create_view(self, name: str, schema: pa.Schema, scans: list[str],
+                     derived: Sequence[str] = ()) -> None:
+        """The view `name`: the union of `scans` (an empty typed relation without any),
+        with the `derived` expressions as further columns."""
         if not scans:
             typed = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in schema)
             scans = [f"SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_id, {typed} "
                      "WHERE false"]
-        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {' UNION ALL '.join(scans)}")
+        body = " UNION ALL ".join(scans)
+        if derived:
+            body = f"SELECT *, {', '.join(derived)} FROM ({body})"
+        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
 
     def sql(self, query: str, params: dict[str, Any] | None = None, *,
             output: str = "arrow") -> Any:
@@ -284,14 +301,6 @@ class ProfileStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _columns(schema: pa.Schema, first_file: Path) -> str:
-    """The select list of `schema` for a run's files: NULLs for columns its files (one
-    schema per run: the first file's) lack."""
-    present = set(pq.read_schema(first_file).names)
-    return ", ".join(f.name if f.name in present else f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}"
-                     for f in schema)
 
 
 def _listing(items: Sequence[str], limit: int = 20) -> str:

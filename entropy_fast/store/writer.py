@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from entropy_fast.store import metadata
 from entropy_fast.store.errors import StoreError
 from entropy_fast.store.layout import (
     GENERATION,
@@ -434,7 +435,8 @@ class RunWriter(PartWriter):
             self._top_batches.append(top_rows)
         source = self.info.corpus
         self._append([{"prompt_id": p.prompt_id, "text": p.text, "prompt_token_ids": ids,
-                       "n_tokens": n, "source": source, "source_line": p.source_line}
+                       "n_tokens": n, "source": source, "source_line": p.source_line,
+                       "metadata": metadata.encode(p.metadata)}
                       for p, n, ids in zip(prompts, n_tokens, prompt_token_ids, strict=True)],
                      rows.num_rows)
 
@@ -492,7 +494,9 @@ class RunWriter(PartWriter):
             n_inf=int(np.isinf(values).sum()),
             prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
             checksums={f: s for f, (s, _) in sums.items()},
-            sizes={f: n for f, (_, n) in sums.items()})
+            sizes={f: n for f, (_, n) in sums.items()},
+            metadata_fields=metadata.field_types(metadata.decode(p["metadata"])
+                                                 for p in prompts))
 
 
 _RANGE = re.compile(r"p(\d+)-(\d+)")
