@@ -234,27 +234,27 @@ def ranked(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch
 def top_k_of_chunk(logits: torch.Tensor, k: int, offset: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row of an (n x chunk) block and their token ids
-    (offset + column), ties by lower id; (n x k), padded with -inf and NO_TOKEN.
+    (offset + column), ties by lower id, in no particular order; (n x k), padded with -inf
+    and NO_TOKEN where the chunk is narrower than k.
 
-    torch.topk picks among equal values at the boundary as it likes: rows where the k-th
-    value occurs more often in the row than among the chosen are redone by a stable sort.
+    torch.topk picks among equal values at the boundary as it likes: one more value than
+    needed shows where the k-th ties with the next (a compare over the whole chunk would
+    cost twice the topk); those rows are redone by a stable sort.
     """
     width = logits.shape[1]
-    values, columns = torch.topk(logits, min(k, width), dim=1)
-    if width > k:
-        kth = values[:, -1:]
-        short = (logits == kth).sum(dim=1) > (values == kth).sum(dim=1)
-        if short.any():
-            redo = logits[short].argsort(dim=1, descending=True, stable=True)[:, :k]
-            columns[short] = redo
-            values[short] = logits[short].gather(1, redo)
-        values, columns = ranked(values, columns)
-    ids = columns + offset
-    if width < k:
+    if width <= k:
         pad = (logits.shape[0], k - width)
-        values = torch.cat([values, values.new_full(pad, -math.inf)], dim=1)
-        ids = torch.cat([ids, ids.new_full(pad, NO_TOKEN)], dim=1)
-    return values, ids
+        columns = torch.arange(width, device=logits.device).expand(logits.shape[0], width)
+        return (torch.cat([logits, logits.new_full(pad, -math.inf)], dim=1),
+                torch.cat([columns + offset, columns.new_full(pad, NO_TOKEN)], dim=1))
+    values, columns = torch.topk(logits, k + 1, dim=1)  # sorted, largest first
+    tied = values[:, k] == values[:, k - 1]
+    values, columns = values[:, :k].contiguous(), columns[:, :k].contiguous()
+    if tied.any():
+        redo = logits[tied].argsort(dim=1, descending=True, stable=True)[:, :k]
+        columns[tied] = redo
+        values[tied] = logits[tied].gather(1, redo)
+    return values, columns + offset
 
 
 def finalize(partials: Partials, alphas: Sequence[float],

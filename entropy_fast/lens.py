@@ -275,27 +275,27 @@ class Lens:
         _check_extras(len(hidden), self.vocab_size, top_k, kl_groups)
         if targets is not None:
             targets = targets.to(hidden.device, torch.int64)
-        extras = {"top_k": top_k, "kl_groups": kl_groups}
-        if top_k or kl_groups:  # not in the kernel yet: the torch backend on every device
-            return self._statistics_torch(hidden, alphas, normed, targets, with_top_token,
-                                          **extras)
         choice = _pick_backend(backend, hidden.device)
+        if kl_groups:  # not in the kernel yet: the torch backend on every device
+            return self._statistics_torch(hidden, alphas, normed, targets, with_top_token,
+                                          top_k, kl_groups)
         if choice == "triton" and backend == "auto":
             return self._checked_kernel_statistics(hidden, alphas, normed, targets,
-                                                   with_top_token)
+                                                   with_top_token, top_k)
         if choice == "triton":  # asked for by name: never checked, errors included
             return self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
-                                          with_top_token=with_top_token)
-        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token)
+                                          with_top_token=with_top_token, top_k=top_k)
+        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token, top_k)
 
     def _checked_kernel_statistics(self, hidden, alphas, normed, targets,
-                                   with_top_token) -> LensStatistics:
+                                   with_top_token, top_k) -> LensStatistics:
         """The kernel as backend="auto" uses it: no GPU run precedes a user's first one, so
         the first non-empty batch's kernel results are checked against the torch backend
         on a sample of its rows; on any failure this lens keeps the torch backend (same
         results, slower) and logs one warning. Checked once: no host syncs afterwards."""
         if self._kernel_passed is None and len(hidden):
-            stats, failure = self._try_kernel(hidden, alphas, normed, targets, with_top_token)
+            stats, failure = self._try_kernel(hidden, alphas, normed, targets, with_top_token,
+                                              top_k)
             self._kernel_passed = failure is None
             if failure is None:
                 return stats
@@ -305,16 +305,16 @@ class Lens:
                         self.name, failure, REPORT_COMMAND)
         if self._kernel_passed:
             return self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
-                                          with_top_token=with_top_token)
-        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token)
+                                          with_top_token=with_top_token, top_k=top_k)
+        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token, top_k)
 
-    def _try_kernel(self, hidden, alphas, normed, targets,
-                    with_top_token) -> tuple[LensStatistics | None, str | None]:
+    def _try_kernel(self, hidden, alphas, normed, targets, with_top_token,
+                    top_k) -> tuple[LensStatistics | None, str | None]:
         """(kernel statistics of the whole batch, None) if they pass the check, else
         (None, what failed). Out of memory is the batch's fault, not the kernel's: raised."""
         try:
             stats = self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
-                                           with_top_token=with_top_token)
+                                           with_top_token=with_top_token, top_k=top_k)
             if hidden.is_cuda:  # asynchronous launch errors surface here
                 torch.cuda.synchronize(hidden.device)
         except torch.cuda.OutOfMemoryError:
@@ -343,12 +343,16 @@ class Lens:
         rows = self._kernel_rows(hidden[index], normed)
         row_targets = None if targets is None else targets[index]
         ref = self._statistics_torch(rows, alphas, True, row_targets,
-                                     stats.top_token is not None)
+                                     stats.top_token is not None,
+                                     0 if stats.top_tokens is None else stats.top_tokens.shape[1])
         got = stats.rows(index)
         logits = self._exact_logits(rows)  # (<= CHECK_ROWS x V) float32, once per lens
         tolerance = Tolerance.of(self.head.weight.dtype, logits)
         checks = [(f"entropy (alpha={a:g})", got.entropy[:, i], ref.entropy[:, i])
                   for i, a in enumerate(alphas)]
+        if got.top_probs is not None:  # p moves by at most |dz| where z does
+            checks += [(f"probability of top token {r}", got.top_probs[:, r], ref.top_probs[:, r])
+                       for r in range(got.top_probs.shape[1])]
         if targets is not None:
             checks.append(("target surprisal", got.target_surprisal, ref.target_surprisal))
         for name, kernel, torch_value in checks:
@@ -376,7 +380,7 @@ class Lens:
     @torch.no_grad()
     def kernel_statistics(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
                           *, normed: bool = False, targets: torch.Tensor | None = None,
-                          with_top_token: bool = False,
+                          with_top_token: bool = False, top_k: int = 0,
                           config: KernelConfig | None = None) -> LensStatistics:
         """`statistics(..., backend="triton")` with an optional kernels.lens_entropy.KernelConfig
         (benchmarks, tests): the lens's tensors through the fused kernel, then finalize.
@@ -395,7 +399,7 @@ class Lens:
         partials = lens_entropy_partials(
             rows, self.head.weight.detach(), None if bias is None else bias.detach(), **norm,
             logit_scale=self.logit_scale, softcap=self.softcap or None, alphas=alphas,
-            targets=targets, with_argmax=with_top_token, config=config)
+            targets=targets, with_argmax=with_top_token, top_k=top_k, config=config)
         return finalize(partials, alphas, targets)
 
     def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,

@@ -40,7 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from entropy_fast.entropy import EXPM1_BAND, NEGLIGIBLE_LOGIT_GAP, Partials, tilted_orders
+from entropy_fast.entropy import (
+    EXPM1_BAND,
+    NEGLIGIBLE_LOGIT_GAP,
+    NO_TOKEN,
+    Partials,
+    tilted_orders,
+)
 from entropy_fast.kernels.lens_prologue import _tanh, prepare_rows
 
 LOG2E = 1.0 / math.log(2.0)
@@ -118,10 +124,11 @@ def _dot_step(acc, a_ptrs, w_ptrs, row0, v0, ks, k0, D, EVEN_D: tl.constexpr,
 
 @triton.jit
 def _fold_tile(acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2,
-               m, s_sum, u_sum, d0, d1, d2, d3, best, above,
+               m, s_sum, u_sum, d0, d1, d2, d3, best, above, top_v, top_i,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr,
                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-               WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
+               WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr, TOP_K: tl.constexpr,
+               BLOCK_V: tl.constexpr):
     """Epilogue of one BLOCK_N x BLOCK_V logit tile: fold it into the running statistics.
 
     Logits in bits: out_scale * tanh(in_scale * (acc + b)) with a soft-cap (in_scale =
@@ -146,6 +153,8 @@ def _fold_tile(acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2,
     if HAS_TARGETS:
         hit = (z > est2[:, None]) & (cols[None, :] != tgt[:, None])
         above += tl.sum(hit.to(tl.int32), axis=1)
+    if TOP_K > 0:
+        top_v, top_i = _fold_top_k(z, cols, top_v, top_i, TOP_K)
     m_new = tl.maximum(m, m_tile)  # 3. online rescaling (module docstring)
     s = m - m_new
     r = tl.exp2(s)
@@ -165,16 +174,40 @@ def _fold_tile(acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2,
     d3 = _fold_tilted(d3, a3, x, xc, e, s, r, s_sum, K3)
     u_sum = r * (u_sum + s * s_sum) + tl.sum(e * xc_u, axis=1)
     s_sum = r * s_sum + tl.sum(e, axis=1)
-    return m_new, s_sum, u_sum, d0, d1, d2, d3, best, above
+    return m_new, s_sum, u_sum, d0, d1, d2, d3, best, above, top_v, top_i
+
+
+@triton.jit
+def _fold_top_k(z, cols, top_v, top_i, TOP_K: tl.constexpr):
+    """Merge a tile's logits z (BLOCK_N x BLOCK_V, tokens `cols`) into each row's running
+    top-k (top_v, top_i: BLOCK_N x K_PAD; slots >= TOP_K hold +inf and are never
+    replaced). The running set is unordered; a token enters by replacing the worst one (the
+    smallest value, ties: the highest id). Tiles come in token order, so a later token
+    that ties the worst never enters (lower id first); within the tile the largest enter
+    first, ties lowest column first. Only as many rounds as the most tokens any row has
+    above its worst (at most TOP_K): after the first tiles a peaked row has none."""
+    worst = tl.min(top_v, axis=1)
+    rounds = tl.minimum(tl.max(tl.sum((z > worst[:, None]).to(tl.int32), axis=1)), TOP_K)
+    for _ in range(0, rounds):
+        best = tl.max(z, axis=1)
+        col = tl.min(tl.where(z == best[:, None], cols[None, :], 2147483647), axis=1)
+        worst = tl.min(top_v, axis=1)
+        worst_id = tl.max(tl.where(top_v == worst[:, None], top_i, -1), axis=1)
+        slot = (top_i == worst_id[:, None]) & (best > worst)[:, None]
+        top_v = tl.where(slot, best[:, None], top_v)
+        top_i = tl.where(slot, col[:, None], top_i)
+        z = tl.where(cols[None, :] == col[:, None], float("-inf"), z)
+    return top_v, top_i
 
 
 @triton.jit
 def _lens_entropy_kernel(
-    X, W, HB, TGT, EST, PF, PI, N, V, D, stride_xn, stride_wv, tiles_per_split, n_splits,
-    in_scale, out_scale, a0, a1, a2, a3,
+    X, W, HB, TGT, EST, PF, PI, PT, PTI, N, V, D, stride_xn, stride_wv, tiles_per_split,
+    n_splits, in_scale, out_scale, a0, a1, a2, a3,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr,
     EVEN_D: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     K3: tl.constexpr, WITH_ARGMAX: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
     GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -183,7 +216,8 @@ def _lens_entropy_kernel(
     X (N x D) normed rows and W (V x D) head (pointers, or tensor descriptors with TMA), HB
     (V,) head bias, TGT (N,) int64 targets and EST (N,) fp32 target logits in nats; writes
     PF (n_splits x 7 x N) fp32 = m (bits), S, U (bits), D_a x 4 and PI (n_splits x 2 x N)
-    int32 = argmax, rank count.
+    int32 = argmax, rank count; with TOP_K, PT (n_splits x N x TOP_K) fp32 the split's
+    TOP_K largest logits (bits, unordered) and PTI their int32 tokens.
     """
     # Grouped order: GROUP_N row blocks x all splits run together, so the head tiles of a
     # split and the rows of a group stay in L2.
@@ -215,6 +249,11 @@ def _lens_entropy_kernel(
     above = tl.zeros([BLOCK_N], tl.int32)
     tgt = tl.zeros([BLOCK_N], tl.int64)
     est2 = tl.zeros([BLOCK_N], tl.float32)
+    slots = tl.arange(0, K_PAD)
+    # slots < TOP_K start empty (-inf, distinct ids past V); the padding slots never change
+    top_v = tl.where(slots < TOP_K, float("-inf"), float("inf"))[None, :] + \
+        tl.zeros([BLOCK_N, K_PAD], tl.float32)
+    top_i = (V + slots)[None, :] + tl.zeros([BLOCK_N, K_PAD], tl.int32)
     if HAS_TARGETS:
         tgt = tl.load(TGT + rows_c)
         est2 = tl.load(EST + rows_c) * 1.4426950408889634  # bits, then z's units
@@ -231,10 +270,10 @@ def _lens_entropy_kernel(
             acc = _dot_step(acc, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks, ki * BLOCK_K, D,
                             EVEN_D, UPCAST, PRECISION, TMA)
             if ki == k_steps - 1:
-                m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
+                m, s_sum, u_sum, d0, d1, d2, d3, best, above, top_v, top_i = _fold_tile(
                     acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
-                    d0, d1, d2, d3, best, above, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
-                    K0, K1, K2, K3, WITH_ARGMAX, HAS_TARGETS, BLOCK_V)
+                    d0, d1, d2, d3, best, above, top_v, top_i, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
+                    K0, K1, K2, K3, WITH_ARGMAX, HAS_TARGETS, TOP_K, BLOCK_V)
                 acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     else:
         for v0 in range(v_first, v_end, BLOCK_V):
@@ -242,10 +281,10 @@ def _lens_entropy_kernel(
             for ki in range(0, k_steps):
                 acc = _dot_step(acc, a_ptrs, w_ptrs, row_block * BLOCK_N, v0, ks, ki * BLOCK_K,
                                 D, EVEN_D, UPCAST, PRECISION, TMA)
-            m, s_sum, u_sum, d0, d1, d2, d3, best, above = _fold_tile(
+            m, s_sum, u_sum, d0, d1, d2, d3, best, above, top_v, top_i = _fold_tile(
                 acc, v0, HB, V, in_scale, out_scale, a0, a1, a2, a3, tgt, est2, m, s_sum, u_sum,
-                d0, d1, d2, d3, best, above, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
-                K0, K1, K2, K3, WITH_ARGMAX, HAS_TARGETS, BLOCK_V)
+                d0, d1, d2, d3, best, above, top_v, top_i, HAS_BIAS, HAS_SOFTCAP, EVEN_V,
+                K0, K1, K2, K3, WITH_ARGMAX, HAS_TARGETS, TOP_K, BLOCK_V)
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
 
     ok = rows < N
@@ -260,6 +299,13 @@ def _lens_entropy_kernel(
     pi = PI + split.to(tl.int64) * 2 * N + rows
     tl.store(pi, best, mask=ok)
     tl.store(pi + N, above, mask=ok)
+    if TOP_K > 0:
+        if not HAS_SOFTCAP:  # to bits, as m
+            top_v = top_v * out_scale
+        at = split.to(tl.int64) * N * TOP_K + rows[:, None].to(tl.int64) * TOP_K + slots[None, :]
+        kept = ok[:, None] & (slots < TOP_K)[None, :]
+        tl.store(PT + at, top_v, mask=kept)
+        tl.store(PTI + at, top_i, mask=kept)
 
 
 @dataclass(frozen=True)
@@ -345,12 +391,13 @@ def _kind(a: float) -> int:
 
 def specialization(cfg: KernelConfig, orders: list[float], dtype: torch.dtype, vocab: int,
                    d: int, *, has_bias: bool, has_softcap: bool, with_argmax: bool,
-                   has_targets: bool, interpret: bool = False) -> dict:
+                   has_targets: bool, top_k: int = 0, interpret: bool = False) -> dict:
     """The kernel's constexpr arguments for one launch (at most _MAX_TILTED orders)."""
     kinds = [_kind(a) for a in orders] + [_UNUSED] * (_MAX_TILTED - len(orders))
     return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, EVEN_V=vocab % cfg.block_v == 0,
                 EVEN_D=d % cfg.block_k == 0, K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3],
-                WITH_ARGMAX=with_argmax, HAS_TARGETS=has_targets, UPCAST=interpret,
+                WITH_ARGMAX=with_argmax, HAS_TARGETS=has_targets, TOP_K=top_k,
+                K_PAD=triton.next_power_of_2(max(top_k, 1)), UPCAST=interpret,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32", FLAT=cfg.flat,
                 TMA=cfg.tma, GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                 BLOCK_K=cfg.block_k)
@@ -379,7 +426,7 @@ def lens_entropy_partials(
     norm: str | None = None, norm_weight: torch.Tensor | None = None,
     norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5, norm_offset: float = 0.0,
     logit_scale: float = 1.0, softcap: float | None = None, alphas: Sequence[float] = (1.0,),
-    targets: torch.Tensor | None = None, with_argmax: bool = False,
+    targets: torch.Tensor | None = None, with_argmax: bool = False, top_k: int = 0,
     config: KernelConfig | None = None,
 ) -> Partials:
     """Per-split online-softmax sums of the lens distributions of rows x, in one sweep.
@@ -392,7 +439,8 @@ def lens_entropy_partials(
     entropy.validate_alphas returns them; every four beyond 0, 1 and inf take one sweep,
     whose D_a share the first sweep's m, S and U (the same logits, the same arithmetic).
     targets: (n,) token ids for the rank count and target logits (those outside [0, V)
-    count nothing useful: finalize masks them); with_argmax: each split's first argmax.
+    count nothing useful: finalize masks them); with_argmax: each split's first argmax;
+    top_k: each split's top_k largest logits and their tokens (ties: lower id first).
 
     Returns entropy.Partials with one part per vocabulary split (float64, nats);
     entropy.finalize(partials, alphas, targets) gives the entropies and token statistics.
@@ -413,7 +461,8 @@ def lens_entropy_partials(
     if n == 0:
         return _to_partials([torch.zeros(1, 7, 0, device=device)] * len(groups),
                             torch.zeros(1, 2, 0, dtype=torch.int32, device=device), groups,
-                            vocab, torch.zeros(0, device=device), with_argmax, targets)
+                            vocab, torch.zeros(0, device=device), with_argmax, targets,
+                            _top_buffers(1, 0, top_k, device))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         # 1. prologue: the final norm applied once, rows in the head's dtype; target logits
         rows, target_logit = prepare_rows(
@@ -423,20 +472,34 @@ def lens_entropy_partials(
         # 2. sweep(s): sums per (row block, vocabulary split); argmax and targets in the first
         n_splits = _n_splits(cfg, device, triton.cdiv(n, cfg.block_n),
                              triton.cdiv(vocab, cfg.block_v))
+        top = _top_buffers(n_splits, n, top_k, device)
         sweeps = [_sweep(cfg, rows, weight, bias, targets if g == 0 else None, target_logit,
                          group, n_splits, logit_scale=logit_scale, softcap=softcap,
-                         with_argmax=with_argmax and g == 0) for g, group in enumerate(groups)]
+                         with_argmax=with_argmax and g == 0, top=top if g == 0 else None)
+                  for g, group in enumerate(groups)]
     return _to_partials([pf for pf, _ in sweeps], sweeps[0][1], groups, vocab, target_logit,
-                        with_argmax, targets)
+                        with_argmax, targets, top)
+
+
+def _top_buffers(n_splits: int, n: int, top_k: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, ids) buffers of each split's top_k, (n_splits x n x top_k); None for 0."""
+    if not top_k:
+        return None
+    return (torch.empty((n_splits, n, top_k), device=device, dtype=torch.float32),
+            torch.empty((n_splits, n, top_k), device=device, dtype=torch.int32))
 
 
 def _sweep(cfg: KernelConfig, rows: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None, targets: torch.Tensor | None, target_logit: torch.Tensor,
            orders: tuple[float, ...], n_splits: int, *, logit_scale: float,
-           softcap: float | None, with_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           softcap: float | None, with_argmax: bool,
+           top: tuple[torch.Tensor, torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch of the vocabulary sweep over normed rows (n x d) for up to four orders:
     (n_splits x 7 x n) fp32 sums (m and U in bits) and (n_splits x 2 x n) int32 (argmax,
-    rank count). The sums of m, S and U do not depend on the orders, argmax or targets."""
+    rank count); `top` (values in bits, ids) is filled when given. The sums of m, S and U
+    do not depend on the orders, argmax, targets or top-k."""
     (n, d), vocab = rows.shape, weight.shape[0]
     pf = torch.empty((n_splits, 7, n), device=rows.device, dtype=torch.float32)
     pi = torch.empty((n_splits, 2, n), device=rows.device, dtype=torch.int32)
@@ -445,24 +508,32 @@ def _sweep(cfg: KernelConfig, rows: torch.Tensor, weight: torch.Tensor,
     n_tiles = triton.cdiv(vocab, cfg.block_v)
     cfg, x_operand, w_operand = _operands(cfg, rows, weight)
     interpret = rows.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    top_values, top_ids = (pf, pi) if top is None else top
     _lens_entropy_kernel[(triton.cdiv(n, cfg.block_n) * n_splits,)](
         x_operand, w_operand, weight if bias is None else bias,
-        pi if targets is None else targets, target_logit, pf, pi, n, vocab, d,
+        pi if targets is None else targets, target_logit, pf, pi, top_values, top_ids, n, vocab, d,
         rows.stride(0), weight.stride(0), triton.cdiv(n_tiles, n_splits), n_splits,
         in_scale, out_scale, *orders, *[0.0] * (_MAX_TILTED - len(orders)),
         **specialization(cfg, list(orders), weight.dtype, vocab, d, has_bias=bias is not None,
                          has_softcap=bool(softcap), with_argmax=with_argmax,
-                         has_targets=targets is not None, interpret=interpret),
+                         has_targets=targets is not None,
+                         top_k=0 if top is None else top[0].shape[2], interpret=interpret),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     return pf, pi
 
 
 def _to_partials(pfs: list[torch.Tensor], pi: torch.Tensor, groups: list[tuple[float, ...]],
                  vocab: int, target_logit: torch.Tensor, with_argmax: bool,
-                 targets: torch.Tensor | None) -> Partials:
+                 targets: torch.Tensor | None,
+                 top: tuple[torch.Tensor, torch.Tensor] | None = None) -> Partials:
     """The sweeps' sums (one (splits x 7 x n) tensor per group of orders, the argmax and
-    rank counts of the first) as entropy.Partials: float64, m and U in nats."""
+    rank counts of the first, the top-k of each split) as entropy.Partials: float64, m, U
+    and the top values in nats."""
     first, ln2 = pfs[0].double(), math.log(2.0)
+    top_values = top_ids = None
+    if top is not None:  # empty slots (ids past V, a split with fewer tokens) as the torch path's
+        top_values, top_ids = top[0].double() * ln2, top[1].long()
+        top_ids = torch.where(top_ids < vocab, top_ids, NO_TOKEN)
     return Partials(
         m=first[:, 0] * ln2, s=first[:, 1], u=first[:, 2] * ln2,
         d=tuple(pf[:, 3 + j].double() for pf, group in zip(pfs, groups, strict=True)
@@ -470,4 +541,5 @@ def _to_partials(pfs: list[torch.Tensor], pi: torch.Tensor, groups: list[tuple[f
         orders=tuple(a for group in groups for a in group), vocab=vocab,
         top=pi[:, 0].long() if with_argmax else None,
         above=None if targets is None else pi[:, 1].long(),
-        target_logit=None if targets is None else target_logit)
+        target_logit=None if targets is None else target_logit,
+        top_values=top_values, top_ids=top_ids)

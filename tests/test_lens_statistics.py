@@ -57,12 +57,25 @@ def grouped_rows(name: str, groups: int, n_tokens: int):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_top_tokens_and_kl_of_each_case(name, backend):
+def test_top_tokens_of_each_case(name, backend):
+    lens, hidden, _ = make_case(name)
+    z = head_logits_float64(lens, float64_rows(lens, hidden))
+    stats = lens.statistics(hidden, (1.0, 2.0), backend=backend, top_k=K, with_top_token=True)
+    check_top(stats, z, K)
+    assert (stats.top_token == stats.top_tokens[:, 0]).all()
+    # the extra statistic leaves the others as they were (up to fp32 rounding of the logits)
+    plain = lens.statistics(hidden, (1.0, 2.0), backend=backend, with_top_token=True)
+    torch.testing.assert_close(stats.entropy, plain.entropy, rtol=0,
+                               atol=fp32_tol(z.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_kl_to_final_of_each_case(name, backend):
     groups = 3
     lens, hidden = grouped_rows(name, groups, CASES[name][-1] // 2)
     z = head_logits_float64(lens, float64_rows(lens, hidden))
-    stats = lens.statistics(hidden, (1.0, 2.0), backend=backend, top_k=K, kl_groups=groups,
-                            with_top_token=True)
+    stats = lens.statistics(hidden, (1.0, 2.0), backend=backend, top_k=K, kl_groups=groups)
     check_top(stats, z, K)
     kl = stats.kl_to_final.double().to(z.device)
     # 1e-4 nats plus what fp32 rounding of the logits allows: a logit error e of the final
@@ -73,11 +86,6 @@ def test_top_tokens_and_kl_of_each_case(name, backend):
     assert ((kl - want).abs() <= allowed).all()
     n = len(hidden) // groups
     assert (stats.kl_to_final[-n:] == 0).all(), "the final layer's own KL is not exactly 0"
-    # the extra statistics leave the others as they were (up to fp32 rounding of the logits)
-    plain = lens.statistics(hidden, (1.0, 2.0), backend=backend, with_top_token=True)
-    torch.testing.assert_close(stats.entropy, plain.entropy, rtol=0,
-                               atol=fp32_tol(z.abs().max().item()))
-    assert (stats.top_token == stats.top_tokens[:, 0]).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,8 +116,8 @@ def test_every_state_of_each_architecture(arch_model, ids, backend):  # noqa: F8
     _, tapped = run_with_taps(model, ids)
     hidden = torch.cat([tapped[i] for i in range(N_LAYERS + 1)])
     z = head_logits_float64(lens, float64_rows(lens, hidden))
-    stats = lens.statistics(hidden, backend=backend, top_k=10, kl_groups=N_LAYERS + 1)
-    check_top(stats, z, 10)
+    check_top(lens.statistics(hidden, backend=backend, top_k=10), z, 10)
+    stats = lens.statistics(hidden, backend=backend, kl_groups=N_LAYERS + 1)
     kl = stats.kl_to_final.double().to(z.device)
     assert (kl - kl_reference(z, N_LAYERS + 1)).abs().max() <= 1e-4, kind
     assert kl.max() > 1e-2, f"{kind}: every layer's distribution equals the last one's"
