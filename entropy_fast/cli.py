@@ -604,9 +604,9 @@ def _cell(value: Any) -> str:
 # -- compare ------------------------------------------------------------------------------
 
 
-def _add_compare(p: argparse.ArgumentParser) -> None:
-    from entropy_fast.store.compare import METRICS
-
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    """compare's and report's STORE, run selection (`store.selection.RunSelection`, see
+    `_selection`) and how the runs are compared (--bin-width, --skip-positions)."""
     p.add_argument("store", metavar="STORE")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="only runs of these models: the names runs are filed under (a "
@@ -626,15 +626,29 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-runs", dest="all_runs", action="store_true",
                    help="every complete run that matches, not only the latest of each "
                    "model and settings")
-    p.add_argument("--metric", choices=METRICS, default="jsd",
-                   help="jsd, wasserstein (per layer, averaged over layers paired at "
-                   "relative depth), fisher_rao or srvf (between mean profiles); see "
-                   "docs/distances.md")
     p.add_argument("--bin-width", dest="bin_width", type=float, default=0.25,
                    help="histogram bin width in nats (jsd; bins anchored at 0)")
     p.add_argument("--skip-positions", dest="skip_positions", type=int, default=0,
                    metavar="N", help="leave the first N rows of each prompt out (text mode: "
                    "1 drops the row predicted from the first token alone)")
+
+
+def _selection(args: argparse.Namespace) -> Any:
+    """The RunSelection that `_add_selection`'s options ask for."""
+    from entropy_fast.store.selection import RunSelection
+
+    return RunSelection(models=args.models, runs=args.runs, mode=args.mode, alpha=args.alpha,
+                        where=args.where, latest=not args.all_runs)
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from entropy_fast.store.compare import METRICS
+
+    _add_selection(p)
+    p.add_argument("--metric", choices=METRICS, default="jsd",
+                   help="jsd, wasserstein (per layer, averaged over layers paired at "
+                   "relative depth), fisher_rao or srvf (between mean profiles); see "
+                   "docs/distances.md")
     p.add_argument("--plot", metavar="PATH", default="compare.png",
                    help="PNG of the entries' mean profiles")
     p.add_argument("--no-plot", action="store_true", help="draw no plot")
@@ -653,13 +667,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     query gives the same numbers in SQL (jsd, wasserstein, fisher_rao).
     """
     from entropy_fast.store.compare import compare_runs
-    from entropy_fast.store.selection import RunSelection
     from entropy_fast.store.sql import ProfileStore
 
-    selection = RunSelection(models=args.models, runs=args.runs, mode=args.mode,
-                             alpha=args.alpha, where=args.where, latest=not args.all_runs)
     with ProfileStore(args.store) as db:
-        result = compare_runs(db, selection, metric=args.metric, bin_width=args.bin_width,
+        result = compare_runs(db, _selection(args), metric=args.metric, bin_width=args.bin_width,
                               skip_positions=args.skip_positions)
         store_models = [r.model for r in db.store.runs()]
     if result.note:
@@ -779,33 +790,29 @@ def _plot_logit_lens(db: Any, info: Any, prompt_id: int, path: Path) -> None:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", metavar="STORE")
+    _add_selection(p)
     p.add_argument("-o", "--out", dest="path", metavar="HTML", default="report.html",
                    help="the report page; its PNGs are written beside it (HTML-profiles.png"
                         ", ...)")
     p.add_argument("--group-by", dest="group_by", metavar="FIELD",
                    help="a prompt metadata field (a .jsonl field beside the text): profiles "
                         "per group and how well profiles predict it (k-NN, CV)")
-    p.add_argument("--skip-positions", dest="skip_positions", type=int, default=0,
-                   metavar="N", help="leave out each prompt's first N rows")
-    p.add_argument("--alpha", type=float, default=1.0,
-                   help="Rényi order of the profiles and distances")
-    p.add_argument("--runs", nargs="+", metavar="RUN",
-                   help="these runs, by id or unique id prefix (default: every complete run)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write an HTML report of a store's runs: settings, profiles, distances, groups.
 
-    The runs table, every run's mean profile at relative depth, distance heatmaps (jsd,
-    wasserstein, fisher_rao, srvf) and, with --group-by, profiles per group and k-NN
-    accuracy and ROC-AUC of predicting the field from profiles (stratified CV against a
-    stratified dummy). One self-contained HTML file; the PNGs are written beside it.
+    The runs are those `compare` chooses with the same options, under the same labels: the
+    runs table, every run's mean profile at relative depth, heatmaps and tables of the
+    distances `compare --metric M` prints for each metric (jsd, wasserstein, fisher_rao,
+    srvf) and, with --group-by, profiles per group and k-NN accuracy and ROC-AUC of
+    predicting the field from profiles (stratified CV against a stratified dummy). One
+    self-contained HTML file; the PNGs are written beside it.
     """
     from entropy_fast.report import write_report
 
-    report = write_report(args.store, args.path, group_by=args.group_by,
-                          skip_positions=args.skip_positions, alpha=args.alpha, runs=args.runs)
+    report = write_report(args.store, args.path, _selection(args), group_by=args.group_by,
+                          skip_positions=args.skip_positions, bin_width=args.bin_width)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     for p in report.predictability:

@@ -1,15 +1,17 @@
 """The comparison report of a store: one self-contained HTML page and its PNGs.
 
-`write_report(store, "report.html", group_by="kind")` (CLI: `entropy-fast report`) reads
-the complete runs of a store through its DuckDB views and writes:
+`write_report(store, "report.html", group_by="kind")` (CLI: `entropy-fast report`) reports
+on the runs a `RunSelection` chooses, the selection of `entropy-fast compare` (by default
+the latest complete run of each model and settings), each run one entry under its
+selection label, and writes:
 
 - the runs table: label, run, model, mode, settings, prompts, tokens;
 - every run's mean profile at relative depth (hidden-state index / last index): the mean
   over prompts of each prompt's mean over its rows, so every prompt weighs the same;
-- distance heatmaps between runs, one per metric of `distances.METRICS`, computed by
-  `distances.pairwise_distances` on each run's pooled rows (every prompt) taken at K
-  matched relative depths (K = the fewest layers among the runs; each depth takes the
-  run's nearest layer), so runs of models of different depths compare;
+- distance heatmaps and tables between runs, one per metric of `distances.METRICS`: the
+  `store.compare.compare_runs` matrices, the numbers `entropy-fast compare --metric M`
+  prints and the `model_distances` query computes; with compare's note where the runs
+  were made differently;
 - with `group_by` (a prompt metadata field, `store.metadata`): per-group mean profiles,
   and how well profiles predict the field, the Entropy-Lens protocol (arXiv 2502.16570):
   features are each prompt's per-layer mean entropy, every alpha of the run concatenated
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import html
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,8 +37,10 @@ from typing import Any
 import numpy as np
 
 from entropy_fast.errors import ConfigError
+from entropy_fast.store.compare import METRICS, RunComparison, compare_runs
 from entropy_fast.store.records import RunInfo
 from entropy_fast.store.schema import PROMPTS_SCHEMA
+from entropy_fast.store.selection import RunSelection, SelectedRun, run_mode
 
 FOLDS = 10
 NEIGHBORS = 5
@@ -47,14 +50,13 @@ SCORES = ("knn_accuracy", "dummy_accuracy", "knn_roc_auc", "dummy_roc_auc")
 
 @dataclass(frozen=True)
 class RunProfiles:
-    """One run's per-prompt mean profiles.
+    """One chosen run's per-prompt mean profiles.
 
     features: (n_prompts x n_alphas x n_layers) float64, mean entropy over each prompt's
     rows with pos >= skip_positions; alphas ascending, layers as `info.layer_indices`.
     """
 
-    info: RunInfo
-    label: str
+    run: SelectedRun
     prompt_ids: np.ndarray
     alphas: tuple[float, ...]
     features: np.ndarray
@@ -62,10 +64,12 @@ class RunProfiles:
     n_dropped: int
 
     @property
-    def depth(self) -> np.ndarray:
-        """Relative depth of each layer: hidden-state index / the last one."""
-        layers = np.asarray(self.info.layer_indices, dtype=np.float64)
-        return layers / layers[-1]
+    def info(self) -> RunInfo:
+        return self.run.info
+
+    @property
+    def label(self) -> str:
+        return self.run.label
 
 
 @dataclass(frozen=True)
@@ -85,77 +89,81 @@ class Predictability:
 
 @dataclass(frozen=True)
 class Report:
-    """What `write_report` wrote and computed: distances[metric] is (runs x runs), rows
-    and columns in the order of `runs`."""
+    """What `write_report` wrote and computed: comparisons[metric] is compare_runs' result
+    for each metric of METRICS, its runs in the order of `runs`."""
 
     html: Path
     pngs: list[Path]
     runs: list[RunProfiles]
-    distances: dict[str, np.ndarray]
+    comparisons: dict[str, RunComparison]
     predictability: list[Predictability]
     notes: list[str]
 
+    @property
+    def distances(self) -> dict[str, np.ndarray]:
+        """{metric: (runs x runs) distances}, rows and columns in the order of `runs`."""
+        return {metric: c.distances for metric, c in self.comparisons.items()}
 
-def write_report(store: Any, path: str | Path, *, group_by: str | None = None,
-                 skip_positions: int = 0, alpha: float = 1.0,
-                 runs: Sequence[str] | None = None, neighbors: int = NEIGHBORS,
-                 folds: int = FOLDS) -> Report:
-    """Write the HTML report of the complete runs of `store` (a path or ProfileStore).
+
+def write_report(store: Any, path: str | Path, selection: RunSelection | None = None, *,
+                 group_by: str | None = None, skip_positions: int = 0,
+                 bin_width: float = 0.25, neighbors: int = NEIGHBORS, folds: int = FOLDS,
+                 **criteria: Any) -> Report:
+    """Write the HTML report of the runs of `store` (a path or ProfileStore) that
+    `selection` (or its fields as keywords: models, runs, mode, alpha, where, latest)
+    chooses, as `store.compare.compare_runs` does.
 
     Args:
         group_by: a prompt metadata field: per-group profiles and predictability.
         skip_positions: leave out each prompt's rows with pos < N.
-        alpha: the Rényi order of the profiles and distances (runs without it are left
-            out of them); predictability uses every alpha of a run.
-        runs: run ids or unique id prefixes (default: every complete run).
+        bin_width: jsd's histogram bin width in nats (as compare's).
         neighbors, folds: k of the k-NN and the number of CV folds.
+    The profiles and distances are at the selection's alpha (default 1.0, as compare's);
+    predictability uses every alpha of a run.
 
     Raises:
         ConfigError: a bad option, or a group_by field the store's prompts lack (the
             message lists those they have).
+        StoreError: no run matches the selection (see RunSelection.select).
     """
     from entropy_fast.store.sql import ProfileStore
 
-    for name, value, minimum in (("skip_positions", skip_positions, 0),
-                                 ("neighbors", neighbors, 1), ("folds", folds, 2)):
+    for name, value, minimum in (("neighbors", neighbors, 1), ("folds", folds, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}",
                               param=name)
+    selection = RunSelection.of(selection, criteria)
+    options = (group_by, skip_positions, bin_width, neighbors, folds)
     if isinstance(store, ProfileStore):
-        return _write(store, Path(path), group_by, skip_positions, float(alpha), runs,
-                      neighbors, folds)
+        return _write(store, Path(path), selection, *options)
     with ProfileStore(store) as db:
-        return _write(db, Path(path), group_by, skip_positions, float(alpha), runs,
-                      neighbors, folds)
+        return _write(db, Path(path), selection, *options)
 
 
-def _write(db: Any, path: Path, group_by: str | None, skip: int, alpha: float,
-           runs: Sequence[str] | None, neighbors: int, folds: int) -> Report:
+def _write(db: Any, path: Path, selection: RunSelection, group_by: str | None, skip: int,
+           bin_width: float, neighbors: int, folds: int) -> Report:
     if group_by is not None:
         check_group_field(db, group_by)
-    infos = select_runs(db, runs)
-    labels = run_labels(infos)
-    data = [run_profiles(db, info, labels[info.run_id], skip) for info in infos]
-    notes = [*_comparability(infos),
+    comparisons = {metric: compare_runs(db, selection, metric=metric, bin_width=bin_width,
+                                        skip_positions=skip) for metric in METRICS}
+    first = comparisons[METRICS[0]]
+    data = [run_profiles(db, run, skip) for run in first.runs]
+    notes = [*filter(None, [first.note]),
              *[f"{d.label}: {d.n_dropped} prompts have no rows at pos >= {skip} and are "
                "left out" for d in data if d.n_dropped]]
-    shown = [d for d in data if alpha in d.alphas]
-    notes += [f"{d.label} has no alpha={alpha:g}: left out of profiles and distances"
-              for d in data if alpha not in d.alphas]
-    distances = run_distances(db, [d.info for d in shown], alpha, skip) if shown else {}
     predictions: list[Predictability] = []
-    figures = {"profiles": _profiles_figure(shown, alpha),
-               "distances": _distances_figure(distances, [d.label for d in shown])}
+    figures = {"profiles": _profiles_figure(data, first.alpha),
+               "distances": _distances_figure(comparisons)}
     if group_by is not None:
         groups = {d.info.run_id: prompt_labels(db, d.info.run_id, group_by) for d in data}
-        figures["groups"] = _groups_figure(shown, groups, alpha, group_by)
+        figures["groups"] = _groups_figure(data, groups, first.alpha, group_by)
         predictions = [_predict_run(d, groups[d.info.run_id], neighbors, folds) for d in data]
     pngs = _save_figures(figures, path)
-    page = _page(db, data, shown, distances, predictions, pngs, notes, group_by, skip, alpha,
+    page = _page(db, data, comparisons, predictions, pngs, notes, group_by, bin_width,
                  neighbors)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
-    return Report(path, list(pngs.values()), data, distances, predictions, notes)
+    return Report(path, list(pngs.values()), data, comparisons, predictions, notes)
 
 
 # -- what the store holds ----------------------------------------------------------------
@@ -180,60 +188,10 @@ def check_group_field(db: Any, field: str) -> None:
                       f"{db.store.root}", hint, param="group_by")
 
 
-def select_runs(db: Any, runs: Sequence[str] | None) -> list[RunInfo]:
-    """The complete runs (every shard complete), or those `runs` names by id or unique
-    id prefix; one record per run, ordered by model and creation."""
-    shards: dict[str, list[RunInfo]] = {}
-    for record in db.store.runs():
-        shards.setdefault(record.run_id, []).append(record)
-    complete = {run: records[0] for run, records in shards.items()
-                if len(records) == records[0].n_shards
-                and all(r.status == "complete" for r in records)}
-    if runs:
-        chosen = [complete[_resolve(run, shards, complete)] for run in runs]
-    else:
-        chosen = list(complete.values())
-    if not chosen:
-        raise ConfigError(f"{db.store.root} has no complete run to report on",
-                          "finish a run (the same profile command resumes it)")
-    return sorted(chosen, key=lambda r: (r.model, r.created_at, r.run_id))
-
-
-def _resolve(prefix: str, shards: dict[str, list[RunInfo]], complete: dict[str, RunInfo]
-             ) -> str:
-    matches = [run for run in shards if run.startswith(prefix)]
-    if len(matches) != 1:
-        what = "no run" if not matches else f"{len(matches)} runs ({', '.join(matches)})"
-        raise ConfigError(f"{what} in the store match {prefix!r}",
-                          f"runs: {', '.join(sorted(shards)) or 'none'}", param="runs")
-    if matches[0] not in complete:
-        raise ConfigError(f"run {matches[0]} is not complete",
-                          "finish it (the same profile command resumes it)", param="runs")
-    return matches[0]
-
-
-def _comparability(infos: Sequence[RunInfo]) -> list[str]:
-    """Notes for the reader where the runs were made differently (mode, sampling, dtype:
-    their distances then mix two effects) or profiled different corpora."""
-    from entropy_fast.store.compare import check_comparable
-    from entropy_fast.store.errors import StoreError
-
-    try:
-        note = check_comparable(list(infos))
-    except StoreError as err:
-        return [err.message]
-    return [note] if note else []
-
-
-def run_labels(infos: Sequence[RunInfo]) -> dict[str, str]:
-    """The model's label, with the run id's first 8 digits where a model has several."""
-    counts = Counter(r.model for r in infos)
-    return {r.run_id: r.model if counts[r.model] == 1 else f"{r.model} [{r.run_id[:8]}]"
-            for r in infos}
-
-
-def run_profiles(db: Any, info: RunInfo, label: str, skip: int) -> RunProfiles:
-    """Per-prompt mean profiles of one run, rows with pos < skip left out."""
+def run_profiles(db: Any, run: SelectedRun, skip: int) -> RunProfiles:
+    """Per-prompt mean profiles of one run, rows with pos < skip left out (DuckDB: the
+    prompt ids come back with the features, for the groups of `prompt_labels`)."""
+    info = run.info
     table = db.sql("SELECT prompt_id, alpha, layer, avg(entropy) AS mean, count(*) AS n "
                    "FROM entropy WHERE run_id = $run AND pos >= $skip GROUP BY ALL "
                    "ORDER BY prompt_id, alpha, layer", {"run": info.run_id, "skip": skip},
@@ -244,9 +202,8 @@ def run_profiles(db: Any, info: RunInfo, label: str, skip: int) -> RunProfiles:
     n_tokens = int(np.asarray(table["n"])[::len(alphas) * len(info.layer_indices)].sum())
     n_stored = db.sql("SELECT count(*) AS n FROM prompts WHERE run_id = $run",
                       {"run": info.run_id}).to_pylist()[0]["n"]
-    return RunProfiles(info, label, prompt_ids.astype(np.int64),
-                       tuple(float(a) for a in alphas), features, n_tokens,
-                       n_stored - len(prompt_ids))
+    return RunProfiles(run, prompt_ids.astype(np.int64), tuple(float(a) for a in alphas),
+                       features, n_tokens, n_stored - len(prompt_ids))
 
 
 def prompt_labels(db: Any, run_id: str, field: str) -> dict[int, str]:
@@ -255,44 +212,6 @@ def prompt_labels(db: Any, run_id: str, field: str) -> dict[int, str]:
     rows = db.sql(f"SELECT prompt_id, CAST({column} AS VARCHAR) AS label FROM prompts "
                   "WHERE run_id = $run", {"run": run_id}).to_pylist()
     return {r["prompt_id"]: r["label"] for r in rows if r["label"] is not None}
-
-
-# -- distances between runs --------------------------------------------------------------
-
-
-def run_distances(db: Any, infos: Sequence[RunInfo], alpha: float, skip: int
-                  ) -> dict[str, np.ndarray]:
-    """{metric: (runs x runs)} of `distances.pairwise_distances` on each run's pooled
-    rows at K matched relative depths (see the module)."""
-    from entropy_fast.distances import METRICS, pairwise_distances
-
-    n_depths = min(len(info.layer_indices) for info in infos)
-    profiles = [pooled_profile(db, info, alpha, skip, n_depths) for info in infos]
-    return {metric: pairwise_distances(profiles, metric) for metric in METRICS}
-
-
-def matched_columns(layer_indices: Sequence[int], n_depths: int) -> list[int]:
-    """For each of n_depths equally spaced relative depths in [0, 1], the column of the
-    layer nearest to it (layers at hidden-state index / last index)."""
-    depth = np.asarray(layer_indices, dtype=np.float64) / max(layer_indices[-1], 1)
-    return [int(np.abs(depth - d).argmin()) for d in np.linspace(0.0, 1.0, n_depths)]
-
-
-def pooled_profile(db: Any, info: RunInfo, alpha: float, skip: int, n_depths: int) -> Any:
-    """One EntropyProfile of every row (pos >= skip) of every prompt of a run, at
-    `n_depths` matched relative depths (its layer_indices are 0..n_depths-1)."""
-    import torch
-
-    from entropy_fast.profile import EntropyProfile
-
-    table = db.sql("SELECT entropy FROM entropy WHERE run_id = $run AND alpha = $alpha AND "
-                   "pos >= $skip ORDER BY prompt_id, pos, layer",
-                   {"run": info.run_id, "alpha": alpha, "skip": skip}, output="numpy")
-    values = np.asarray(table["entropy"], dtype=np.float32).reshape(
-        -1, len(info.layer_indices))[:, matched_columns(info.layer_indices, n_depths)]
-    return EntropyProfile(torch.from_numpy(np.ascontiguousarray(values)),
-                          torch.zeros(len(values), dtype=torch.int64), list(range(n_depths)),
-                          alpha=alpha, model_name=info.model)
 
 
 # -- predictability ----------------------------------------------------------------------
@@ -385,15 +304,15 @@ def _unit(data: Sequence[RunProfiles]) -> str:
     return units.pop() if len(units) == 1 else "mixed units"
 
 
-def _distances_figure(distances: dict[str, np.ndarray], labels: list[str]) -> Any:
+def _distances_figure(comparisons: dict[str, RunComparison]) -> Any:
     import matplotlib.pyplot as plt
 
-    labels = [_short(label) for label in labels]
+    labels = [_short(label) for label in comparisons[METRICS[0]].labels]
     size = 2.5 + 0.45 * len(labels)
-    figure, axes = plt.subplots(1, max(len(distances), 1), figsize=(size * len(distances),
-                                                                    size + 1), squeeze=False)
-    for ax, (metric, matrix) in zip(axes[0], distances.items(), strict=False):
-        image = ax.imshow(matrix, cmap="viridis")
+    figure, axes = plt.subplots(1, len(comparisons), figsize=(size * len(comparisons),
+                                                              size + 1), squeeze=False)
+    for ax, (metric, comparison) in zip(axes[0], comparisons.items(), strict=True):
+        image = ax.imshow(comparison.distances, cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize="small")
         ax.set_yticks(range(len(labels)), labels, fontsize="small")
         ax.set_title(metric, fontsize="medium")
@@ -439,12 +358,13 @@ _STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;color:#222
           "img{max-width:100%}.note{color:#a50}")
 
 
-def _page(db: Any, data: Sequence[RunProfiles], shown: Sequence[RunProfiles],
-          distances: dict[str, np.ndarray], predictions: Sequence[Predictability],
-          pngs: dict[str, Path], notes: Sequence[str], group_by: str | None, skip: int,
-          alpha: float, neighbors: int) -> str:
+def _page(db: Any, data: Sequence[RunProfiles], comparisons: dict[str, RunComparison],
+          predictions: Sequence[Predictability], pngs: dict[str, Path], notes: Sequence[str],
+          group_by: str | None, bin_width: float, neighbors: int) -> str:
     e = html.escape
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    first = comparisons[METRICS[0]]
+    skip, alpha = first.skip_positions, first.alpha
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>entropy-fast "
              f"report</title><style>{_STYLE}</style></head><body>",
              f"<h1>entropy-fast report</h1><p>store <code>{e(str(db.store.root))}</code>, "
@@ -455,11 +375,12 @@ def _page(db: Any, data: Sequence[RunProfiles], shown: Sequence[RunProfiles],
                                       f"tokens (pos ≥ {skip})" if skip else "tokens"],
                                      [_run_row(d) for d in data]),
              "<h2>Mean profiles at relative depth</h2>", _image(pngs["profiles"]),
-             "<h2>Distances between runs</h2><p>Each run's rows of every prompt, at the "
-             f"{min((len(d.info.layer_indices) for d in shown), default=0)} relative depths "
-             "the shallowest run has (nearest layer of each run); definitions in "
-             "docs/distances.md.</p>", _image(pngs["distances"]),
-             *[_matrix(metric, m, [d.label for d in shown]) for metric, m in distances.items()]]
+             "<h2>Distances between runs</h2><p>The numbers of <code>entropy-fast compare "
+             f"--metric M</code> on these runs (bin width {bin_width:g} nats): each run's "
+             "rows of every prompt pooled, each pair at the layers paired by relative depth "
+             "(distances.match_layers); definitions in docs/distances.md.</p>",
+             _image(pngs["distances"]),
+             *[_matrix(metric, c.distances, c.labels) for metric, c in comparisons.items()]]
     if group_by is not None:
         parts += [f"<h2>Profiles by {e(group_by)}</h2>", _image(pngs["groups"]),
                   f"<h2>Predicting {e(group_by)} from profiles</h2>",
@@ -472,7 +393,6 @@ def _page(db: Any, data: Sequence[RunProfiles], shown: Sequence[RunProfiles],
 
 def _run_row(d: RunProfiles) -> list[str]:
     info = d.info
-    mode = "generation" if info.sampling.generating else "text"
     lens, sampling = info.lens, info.sampling
     settings = [f"alphas {', '.join(f'{a:g}' for a in lens.alphas)}",
                 f"{len(info.layer_indices)} layers (stride {lens.layer_stride})",
@@ -485,7 +405,7 @@ def _run_row(d: RunProfiles) -> list[str]:
         settings.append("chat template")
     if info.quantization:
         settings.append(info.quantization)
-    return [d.label, info.run_id, info.model, mode, "; ".join(settings),
+    return [d.label, info.run_id, info.model, run_mode(info), "; ".join(settings),
             str(len(d.prompt_ids)), str(d.n_tokens)]
 
 

@@ -1,9 +1,11 @@
 """The HTML report: its numbers against sklearn and scipy written the obvious way on
-features read back independently (codec), its page self-contained, its errors clear."""
+features read back independently (codec), its distances those of compare (Python, CLI and
+SQL) on the runs compare chooses, its page self-contained, its errors clear."""
 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 
@@ -20,6 +22,10 @@ from entropy_fast.errors import ConfigError
 from entropy_fast.report import write_report
 from entropy_fast.store import Store
 from entropy_fast.store.codec import read_profiles
+from entropy_fast.store.compare import METRICS, compare_runs
+from entropy_fast.store.errors import StoreError
+from entropy_fast.store.sql import ProfileStore
+from tests.test_compare import SQL_METRICS, cli_matrix
 from tests.test_store import random_profile, run_info
 
 N_PROMPTS = 40
@@ -95,7 +101,7 @@ def test_knn_and_roc_auc_equal_sklearns_cross_validation(store, tmp_path, field,
 
 
 def test_distances_match_layers_at_relative_depth(store, tmp_path):
-    """Wasserstein entry = mean over 4 matched depths of scipy's W1 between the pooled
+    """Wasserstein entry = mean over the 4 paired depths of scipy's W1 between the pooled
     rows; the deep run's layers nearest to depths 0, 1/3, 2/3, 1 are columns 0, 1, 3, 4."""
     report = write_report(store.root, tmp_path / "r.html", skip_positions=SKIP)
     assert [d.label for d in report.runs] == ["deep", "shallow"]
@@ -109,9 +115,47 @@ def test_distances_match_layers_at_relative_depth(store, tmp_path):
                         for a, b in zip(columns["deep"], columns["shallow"], strict=True)])
     matrix = report.distances["wasserstein"]
     np.testing.assert_allclose(matrix[0, 1], expected, rtol=1e-6)
-    assert set(report.distances) == {"jsd", "wasserstein", "fisher_rao", "srvf"}
+    assert set(report.distances) == set(METRICS)
     for m in report.distances.values():
         assert m.shape == (2, 2) and m[0, 0] == 0 and m[0, 1] == m[1, 0] > 0
+
+
+def _page_matrix(page: str, metric: str, labels: list[str]) -> dict[tuple[str, str], float]:
+    """The distance table of one metric on the report page."""
+    table = re.search(rf"<h3>{metric}</h3><table>(.*?)</table>", page).group(1)
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[2:]]
+    assert [row[0] for row in rows] == labels
+    return {(row[0], b): float(v) for row in rows for b, v in zip(labels, row[1:], strict=True)}
+
+
+def test_distances_are_compares_in_python_the_cli_and_sql(store, tmp_path, capsys):
+    """Every metric's table: compare_runs' matrix exactly, what `compare --metric M` prints
+    and the model_distances query, on the same runs under the same labels."""
+    report = write_report(store.root, tmp_path / "r.html", skip_positions=SKIP)
+    labels = [d.label for d in report.runs]
+    page = report.html.read_text()
+    with ProfileStore(store.root) as db:
+        for metric in METRICS:
+            python = compare_runs(db, metric=metric, skip_positions=SKIP)
+            assert python.labels == labels
+            assert [r.run_id for r in python.runs] == [d.info.run_id for d in report.runs]
+            np.testing.assert_array_equal(report.distances[metric], python.distances)
+            if metric in SQL_METRICS:
+                label_of = {r.run_id: r.label for r in python.runs}
+                for row in db.query("model_distances", metric=metric,
+                                    skip_positions=SKIP).to_pylist():
+                    assert row["distance"] == pytest.approx(python.distance(
+                        label_of[row["run_a"]], label_of[row["run_b"]]), rel=1e-9, abs=1e-12)
+    for metric in METRICS:
+        assert main(["compare", str(store.root), "--metric", metric, "--skip-positions",
+                     str(SKIP), "--no-plot"]) == 0
+        printed = cli_matrix(capsys.readouterr().out, labels)
+        shown = _page_matrix(page, metric, labels)
+        assert len(printed) == len(shown) == len(labels) ** 2
+        for pair, value in printed.items():
+            assert shown[pair] == pytest.approx(value, rel=1e-3, abs=1e-4)
+            assert report.distances[metric][tuple(labels.index(x) for x in pair)] == \
+                pytest.approx(value, abs=6e-5)
 
 
 def test_the_page_is_self_contained_and_its_pngs_lie_beside_it(store, tmp_path):
@@ -160,7 +204,9 @@ def test_report_from_the_cli_after_profiling_a_labelled_corpus(saved_models, tmp
     assert out.exists() and len(list(out.parent.glob("report-*.png"))) == 3
 
 
-def test_runs_made_differently_are_reported_with_a_note(tmp_path):
+@pytest.fixture
+def two_modes(tmp_path):
+    """One model profiled twice: the text itself, and 2 generated tokens per prompt."""
     from dataclasses import replace
 
     from entropy_fast.corpus import Corpus
@@ -175,10 +221,40 @@ def test_runs_made_differently_are_reported_with_a_note(tmp_path):
         with store.writer(info) as writer:
             for p in corpus.prompts:
                 writer.add(p, random_profile(rng, 2, [0, 1, 2]))
-    report = write_report(store.root, tmp_path / "r.html")
-    assert sorted(d.label for d in report.runs) == sorted(
-        f"m [{info.run_id[:8]}]" for info in (text, generation))  # one model, two entries
-    assert any("made differently" in n for n in report.notes)
+    return store
+
+
+def test_runs_made_differently_get_compares_labels_and_note(two_modes, tmp_path, capsys):
+    report = write_report(two_modes.root, tmp_path / "r.html")
+    with ProfileStore(two_modes.root) as db:
+        compared = compare_runs(db)
+    assert [d.label for d in report.runs] == compared.labels == [
+        "m (mode=generation)", "m (mode=text)"]  # one model, two entries
+    assert compared.note and "mode" in compared.note and compared.note in report.notes
     page = report.html.read_text()
-    assert "made differently" in page and "<td>text</td>" in page and \
-        "<td>generation</td>" in page
+    assert html.escape(compared.note) in page
+    assert "<td>text</td>" in page and "<td>generation</td>" in page
+    for command in ("compare", "report"):
+        extra = ["--no-plot"] if command == "compare" else ["-o", str(tmp_path / "c.html")]
+        assert main([command, str(two_modes.root), *extra]) == 0
+        assert f"note: {compared.note}" in capsys.readouterr().err
+
+
+def test_the_report_chooses_runs_as_compare_does(two_modes, tmp_path, capsys):
+    """--mode, --runs (a prefix), --where narrow the report as they narrow compare; a
+    selection no run matches is compare's error."""
+    with ProfileStore(two_modes.root) as db:
+        text_run = db.select(mode="text")[0].run_id
+    by_mode = write_report(two_modes.root, tmp_path / "a.html", mode="text")
+    by_prefix = write_report(two_modes.root, tmp_path / "b.html", runs=[text_run[:8]])
+    assert [d.info.run_id for d in by_mode.runs] == [d.info.run_id for d in by_prefix.runs] \
+        == [text_run]
+    assert [d.label for d in by_mode.runs] == ["m"] and by_mode.notes == []
+    assert main(["report", str(two_modes.root), "-o", str(tmp_path / "c.html"), "--where",
+                 "max_new_tokens=2"]) == 0
+    assert "(1 runs;" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="no run in the store matches"):
+        write_report(two_modes.root, tmp_path / "d.html", alpha=3.0)
+    assert main(["report", str(two_modes.root), "-o", str(tmp_path / "e.html"), "--models",
+                 "nope"]) == 1
+    assert "no run of model 'nope'" in capsys.readouterr().err
