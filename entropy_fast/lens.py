@@ -276,26 +276,26 @@ class Lens:
         if targets is not None:
             targets = targets.to(hidden.device, torch.int64)
         choice = _pick_backend(backend, hidden.device)
-        if kl_groups:  # not in the kernel yet: the torch backend on every device
-            return self._statistics_torch(hidden, alphas, normed, targets, with_top_token,
-                                          top_k, kl_groups)
+        asked = (with_top_token, top_k, kl_groups)
+        if kl_groups and self.softcap:  # KL is linear in the rows only without a soft-cap
+            choice = "torch"  # (kernels/lens_kl.py): the torch backend's online KL
         if choice == "triton" and backend == "auto":
-            return self._checked_kernel_statistics(hidden, alphas, normed, targets,
-                                                   with_top_token, top_k)
+            return self._checked_kernel_statistics(hidden, alphas, normed, targets, *asked)
         if choice == "triton":  # asked for by name: never checked, errors included
             return self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
-                                          with_top_token=with_top_token, top_k=top_k)
-        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token, top_k)
+                                          with_top_token=with_top_token, top_k=top_k,
+                                          kl_groups=kl_groups)
+        return self._statistics_torch(hidden, alphas, normed, targets, *asked)
 
     def _checked_kernel_statistics(self, hidden, alphas, normed, targets,
-                                   with_top_token, top_k) -> LensStatistics:
+                                   with_top_token, top_k, kl_groups) -> LensStatistics:
         """The kernel as backend="auto" uses it: no GPU run precedes a user's first one, so
         the first non-empty batch's kernel results are checked against the torch backend
         on a sample of its rows; on any failure this lens keeps the torch backend (same
         results, slower) and logs one warning. Checked once: no host syncs afterwards."""
         if self._kernel_passed is None and len(hidden):
             stats, failure = self._try_kernel(hidden, alphas, normed, targets, with_top_token,
-                                              top_k)
+                                              top_k, kl_groups)
             self._kernel_passed = failure is None
             if failure is None:
                 return stats
@@ -305,26 +305,30 @@ class Lens:
                         self.name, failure, REPORT_COMMAND)
         if self._kernel_passed:
             return self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
-                                          with_top_token=with_top_token, top_k=top_k)
-        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token, top_k)
+                                          with_top_token=with_top_token, top_k=top_k,
+                                          kl_groups=kl_groups)
+        return self._statistics_torch(hidden, alphas, normed, targets, with_top_token, top_k,
+                                      kl_groups)
 
-    def _try_kernel(self, hidden, alphas, normed, targets, with_top_token,
-                    top_k) -> tuple[LensStatistics | None, str | None]:
+    def _try_kernel(self, hidden, alphas, normed, targets, with_top_token, top_k,
+                    kl_groups) -> tuple[LensStatistics | None, str | None]:
         """(kernel statistics of the whole batch, None) if they pass the check, else
         (None, what failed). Out of memory is the batch's fault, not the kernel's: raised."""
         try:
             stats = self.kernel_statistics(hidden, alphas, normed=normed, targets=targets,
-                                           with_top_token=with_top_token, top_k=top_k)
+                                           with_top_token=with_top_token, top_k=top_k,
+                                           kl_groups=kl_groups)
             if hidden.is_cuda:  # asynchronous launch errors surface here
                 torch.cuda.synchronize(hidden.device)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as error:  # compile errors, launch failures, bad resources
             return None, f"it raised {error_summary(error)}"
-        failure = self._kernel_disagreement(hidden, stats, alphas, normed, targets)
+        failure = self._kernel_disagreement(hidden, stats, alphas, normed, targets, kl_groups)
         return (stats, None) if failure is None else (None, failure)
 
-    def _kernel_disagreement(self, hidden, stats, alphas, normed, targets) -> str | None:
+    def _kernel_disagreement(self, hidden, stats, alphas, normed, targets,
+                             kl_groups: int = 0) -> str | None:
         """The first statistic on which the kernel disagrees with the torch backend on up to
         CHECK_ROWS evenly spaced rows, with its largest disagreement; None if none does.
 
@@ -353,6 +357,9 @@ class Lens:
         if got.top_probs is not None:  # p moves by at most |dz| where z does
             checks += [(f"probability of top token {r}", got.top_probs[:, r], ref.top_probs[:, r])
                        for r in range(got.top_probs.shape[1])]
+        if got.kl_to_final is not None:
+            checks.append(("KL to the final layer", got.kl_to_final,
+                           self._sample_kl(hidden, index, logits, normed, kl_groups)))
         if targets is not None:
             checks.append(("target surprisal", got.target_surprisal, ref.target_surprisal))
         for name, kernel, torch_value in checks:
@@ -360,6 +367,15 @@ class Lens:
             if failure is not None:
                 return failure
         return token_disagreement(logits, got, ref, row_targets, index, tolerance)
+
+    def _sample_kl(self, hidden: torch.Tensor, index: torch.Tensor, logits: torch.Tensor,
+                   normed: bool, kl_groups: int) -> torch.Tensor:
+        """KL(p_final || p) of the sampled rows (their fp32 `logits`), written out: the
+        final layer's rows of the same tokens, their logits, the KL sum."""
+        n = len(hidden) // kl_groups
+        final = self._exact_logits(self._kernel_rows(hidden[(kl_groups - 1) * n + index % n],
+                                                     normed)).log_softmax(dim=1)
+        return (final.exp() * (final - logits.log_softmax(dim=1))).sum(dim=1)
 
     def _kernel_rows(self, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
         """The normed rows the kernel multiplies for `hidden` (see kernel_statistics)."""
@@ -380,7 +396,7 @@ class Lens:
     @torch.no_grad()
     def kernel_statistics(self, hidden: torch.Tensor, alphas: float | Sequence[float] = (1.0,),
                           *, normed: bool = False, targets: torch.Tensor | None = None,
-                          with_top_token: bool = False, top_k: int = 0,
+                          with_top_token: bool = False, top_k: int = 0, kl_groups: int = 0,
                           config: KernelConfig | None = None) -> LensStatistics:
         """`statistics(..., backend="triton")` with an optional kernels.lens_entropy.KernelConfig
         (benchmarks, tests): the lens's tensors through the fused kernel, then finalize.
@@ -388,7 +404,11 @@ class Lens:
         hidden: (n_rows x d); targets: (n_rows,) int64 token ids on hidden's device.
         """
         from entropy_fast.kernels.lens_entropy import lens_entropy_partials
+        from entropy_fast.kernels.lens_kl import kl_to_final
 
+        if kl_groups and self.softcap:
+            raise ValueError("the kernel's KL to the final layer needs logits linear in the "
+                             "rows: a soft-capped lens computes it with backend='torch'")
         alphas = validate_alphas(alphas)
         rows, norm = hidden, {}
         if not normed and self.norm_spec is None:  # a projection or an unknown norm: torch
@@ -400,7 +420,15 @@ class Lens:
             rows, self.head.weight.detach(), None if bias is None else bias.detach(), **norm,
             logit_scale=self.logit_scale, softcap=self.softcap or None, alphas=alphas,
             targets=targets, with_argmax=with_top_token, top_k=top_k, config=config)
-        return finalize(partials, alphas, targets)
+        stats = finalize(partials, alphas, targets)
+        if kl_groups:
+            merged = partials.merge()
+            stats.kl_to_final = kl_to_final(self._kernel_rows(hidden, normed),
+                                            merged.m[0] + torch.log(merged.s[0]), kl_groups,
+                                            self.head.weight.detach(),
+                                            None if bias is None else bias.detach(),
+                                            self.logit_scale)
+        return stats
 
     def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,
                           top_k: int = 0, kl_groups: int = 0) -> LensStatistics:

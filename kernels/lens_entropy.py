@@ -330,13 +330,15 @@ class KernelConfig:
 
 
 def default_config(device: torch.device, dtype: torch.dtype, *, n_orders: int = 0,
-                   with_argmax: bool = False, has_targets: bool = False) -> KernelConfig:
+                   with_argmax: bool = False, has_targets: bool = False,
+                   top_k: int = 0) -> KernelConfig:
     """The default tiles for a device, operand dtype and set of statistics.
 
     Interpreter: few large tiles. fp32 ("ieee" dot): small tiles that fit shared memory.
     bf16/fp16: 128 x 256 tiles, which on sm_90 keep Shannon plus two orders in registers;
-    beyond that (argmax, targets, more orders) their tile epilogue spills 100-2500
-    instructions there, 128 x 128 tiles none or a tenth (bench/results_kernel_resources.md);
+    beyond that (argmax, targets, more orders, top-k: 342 spilled stores at k=10) their tile
+    epilogue spills 100-2500 instructions there, 128 x 128 tiles none or a tenth
+    (bench/results_kernel_resources.md; top-k: 242 registers, no spills);
     those use ~255 registers, one block per SM, so a fourth pipeline stage costs nothing.
     """
     if device.type != "cuda":
@@ -344,7 +346,7 @@ def default_config(device: torch.device, dtype: torch.dtype, *, n_orders: int = 
                             n_splits=2)
     if dtype == torch.float32:
         return KernelConfig(block_n=64, block_v=128, block_k=32, num_warps=4, num_stages=2)
-    if with_argmax or has_targets or n_orders > 2:
+    if with_argmax or has_targets or top_k or n_orders > 2:
         return KernelConfig(block_v=128, num_stages=4)
     return KernelConfig()
 
@@ -456,7 +458,8 @@ def lens_entropy_partials(
     orders = tilted_orders(alphas)
     device, n, vocab = x.device, x.shape[0], weight.shape[0]
     cfg = config or default_config(device, weight.dtype, n_orders=len(orders),
-                                   with_argmax=with_argmax, has_targets=targets is not None)
+                                   with_argmax=with_argmax, has_targets=targets is not None,
+                                   top_k=top_k)
     groups = [orders[i:i + _MAX_TILTED] for i in range(0, len(orders), _MAX_TILTED)] or [()]
     if n == 0:
         return _to_partials([torch.zeros(1, 7, 0, device=device)] * len(groups),

@@ -30,6 +30,12 @@ from entropy_fast.kernels.lens_entropy import (
     _lens_entropy_kernel,
     specialization,
 )
+from entropy_fast.kernels.lens_kl import (
+    KL_STAGES,
+    KL_WARPS,
+    _expected_head_kernel,
+    kl_constants,
+)
 from entropy_fast.kernels.lens_prologue import _lens_prologue_kernel
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -58,7 +64,7 @@ def cuda_tool(name: str) -> Path | None:
 def lens_kernel_resources(cfg: KernelConfig, *, dtype: torch.dtype = torch.bfloat16,
                           d: int = 4096, vocab: int = 128256, orders: tuple[float, ...] = (),
                           with_argmax: bool = False, has_targets: bool = False,
-                          has_bias: bool = False, has_softcap: bool = False,
+                          has_bias: bool = False, has_softcap: bool = False, top_k: int = 0,
                           capability: int = 90) -> Resources:
     """Compile the vocabulary sweep as a launch with these statistics would, and measure it.
 
@@ -66,8 +72,8 @@ def lens_kernel_resources(cfg: KernelConfig, *, dtype: torch.dtype = torch.bfloa
     """
     pointer = "*" + _TYPES[dtype]
     signature = dict(X=pointer, W=pointer, HB=pointer, TGT="*i64" if has_targets else "*i32",
-                     EST="*fp32", PF="*fp32", PI="*i32")
-    aligned = ["HB", "TGT", "EST", "PF", "PI", "N"]
+                     EST="*fp32", PF="*fp32", PI="*i32", PT="*fp32", PTI="*i32")
+    aligned = ["HB", "TGT", "EST", "PF", "PI", "PT", "PTI", "N"]
     if cfg.tma:
         signature["X"] = f"tensordesc<{_TYPES[dtype]}[{cfg.block_n}, {cfg.block_k}]>"
         signature["W"] = f"tensordesc<{_TYPES[dtype]}[{cfg.block_v}, {cfg.block_k}]>"
@@ -78,7 +84,7 @@ def lens_kernel_resources(cfg: KernelConfig, *, dtype: torch.dtype = torch.bfloa
     signature.update(dict.fromkeys(("in_scale", "out_scale", "a0", "a1", "a2", "a3"), "fp32"))
     constants = specialization(cfg, list(orders), dtype, vocab, d, has_bias=has_bias,
                                has_softcap=has_softcap, with_argmax=with_argmax,
-                               has_targets=has_targets)
+                               has_targets=has_targets, top_k=top_k)
     aligned += ["D", "stride_xn", "stride_wv"] if d % 16 == 0 else []
     aligned += ["V"] if vocab % 16 == 0 else []
     return _compile(_lens_entropy_kernel, signature, constants, aligned, capability,
@@ -104,6 +110,24 @@ def prologue_resources(*, dtype: torch.dtype = torch.bfloat16, d: int = 4096,
     aligned += ["V"] if vocab % 16 == 0 else []
     return _compile(_lens_prologue_kernel, signature, constants, aligned, capability,
                     max(1, min(16, block_d // 512)), 1)
+
+
+def expected_head_resources(*, dtype: torch.dtype = torch.bfloat16, d: int = 4096,
+                            vocab: int = 128256, capability: int = 90) -> Resources:
+    """Compile the KL kernel's sweep over the final rows (kernels/lens_kl.py) as a bf16 or
+    fp32 launch would, and measure it."""
+    pointer = "*" + _TYPES[dtype]
+    signature = dict(X=pointer, W=pointer, HB=pointer, LSE="*fp32", OUT="*fp32")
+    signature.update(dict.fromkeys(("N", "V", "D", "stride_xn", "stride_wv",
+                                    "tiles_per_split", "n_splits"), "i32"))
+    signature["scale2"] = "fp32"
+    constants = dict(zip(("HAS_BIAS", "UPCAST", "PRECISION", "W_PRECISION", "BLOCK_N",
+                          "BLOCK_V", "BLOCK_K", "BLOCK_D"), kl_constants(dtype, False),
+                         strict=True))
+    aligned = ["X", "W", "HB", "LSE", "OUT", "N"]
+    aligned += ["D", "stride_xn", "stride_wv"] if d % 16 == 0 else []
+    return _compile(_expected_head_kernel, signature, constants, aligned, capability,
+                    KL_WARPS, KL_STAGES)
 
 
 def _compile(kernel, signature: dict, constants: dict, aligned: list[str], capability: int,

@@ -40,6 +40,10 @@ CASES = {  # name: a call of entropy_fast.kernels.resources
                                        f"d=4096, vocab=128256, {EVERYTHING})"),
     "gpt2 fp32": (f"lens_kernel_resources(default_config({FP32}), dtype=torch.float32, "
                   "d=768, vocab=50257, has_softcap=True, has_bias=True)"),
+    "llama8b top-10": (f"lens_kernel_resources(default_config({BF16}, top_k=10), d=4096, "
+                       "vocab=128256, top_k=10)"),
+    "llama8b KL": "expected_head_resources(d=4096, vocab=128256)",
+    "gpt2 fp32 KL": "expected_head_resources(dtype=torch.float32, d=768, vocab=50257)",
     "prologue rmsnorm": "prologue_resources(d=4096, norm='rmsnorm')",
     "prologue layernorm": "prologue_resources(d=768, norm='layernorm')",
 }
@@ -51,8 +55,8 @@ def compiled():
     interpreter (which the test session uses) cannot be compiled for a GPU."""
     lines = ["import dataclasses, json, torch",
              "from entropy_fast.kernels.lens_entropy import KernelConfig, default_config",
-             "from entropy_fast.kernels.resources import lens_kernel_resources, "
-             "prologue_resources",
+             "from entropy_fast.kernels.resources import expected_head_resources, "
+             "lens_kernel_resources, prologue_resources",
              f"calls = {json.dumps(CASES)}",
              "print(json.dumps({k: dataclasses.asdict(eval(v)) for k, v in calls.items()}))"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -75,7 +79,8 @@ def test_tma_configurations_really_load_through_the_copy_engine(compiled):
 
 def test_hot_loop_never_spills(compiled):
     for name in ("gpt2 Shannon", "llama8b Shannon", "llama1b fp16 Shannon + 2",
-                 "llama8b everything", "gpt2 TMA Shannon", "llama8b TMA 128x128 everything"):
+                 "llama8b everything", "gpt2 TMA Shannon", "llama8b TMA 128x128 everything",
+                 "llama8b top-10", "llama8b KL", "gpt2 fp32 KL"):
         assert compiled[name]["hot_loop_spills"] == 0, name
 
 

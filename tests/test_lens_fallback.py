@@ -74,8 +74,10 @@ def warnings(caplog) -> list[str]:
 
 def torch_kernel(lens: Lens, perturb: Callable[[LensStatistics], None]) -> Callable:
     """A stand-in kernel: the torch backend's statistics, then `perturb`ed in place."""
-    def kernel(hidden, alphas, *, normed=False, targets=None, with_top_token=False):
-        stats = Lens._statistics_torch(lens, hidden, alphas, normed, targets, with_top_token)
+    def kernel(hidden, alphas, *, normed=False, targets=None, with_top_token=False, top_k=0,
+               kl_groups=0):
+        stats = Lens._statistics_torch(lens, hidden, alphas, normed, targets, with_top_token,
+                                       top_k, kl_groups)
         perturb(stats)
         return stats
     return kernel
@@ -214,3 +216,23 @@ def test_the_check_waits_for_rows_and_out_of_memory_is_raised(llama, caplog):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         lens.statistics(hidden, ALPHAS)
     assert lens._kernel_passed is None and warnings(caplog) == []
+
+
+@pytest.mark.parametrize("perturb, reason", [
+    (shift("kl_to_final", 0.05), "KL to the final layer at row "),
+    (shift("top_probs", 0.05, column=2), "probability of top token 2 at row "),
+], ids=["kl+0.05", "top-prob+0.05"])
+def test_wrong_kl_or_top_k_falls_back_once(llama, caplog, perturb, reason):
+    """The extra statistics are checked too (batches of 3 layer groups of the same tokens)."""
+    lens = Lens.from_model(llama)
+    data = batches(n_rows=(12, 9))
+    lens.kernel_statistics = kernel = Counted(torch_kernel(lens, perturb))
+    got = [lens.statistics(hidden, ALPHAS, top_k=4, kl_groups=3) for hidden, _ in data]
+    want = [lens.statistics(hidden, ALPHAS, top_k=4, kl_groups=3, backend="torch")
+            for hidden, _ in data]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.kl_to_final, b.kl_to_final) and torch.equal(a.top_probs,
+                                                                         b.top_probs)
+    assert kernel.calls == 1
+    [message] = warnings(caplog)
+    assert f"first-batch check ({reason}" in message
