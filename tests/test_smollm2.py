@@ -109,3 +109,35 @@ def test_chat_template_tokenizes_as_the_tokenizers_own_apply_chat_template(smoll
     assert rows == [{"chat_template": chat, "prompt_id": i, "prompt_token_ids": ids}
                     for chat in (False, True) for i in range(2)
                     for ids in [expected[i] if chat else tokenizer(texts[i])["input_ids"]]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_top_tokens_and_kl_to_final_against_float64_on_the_real_model(smollm2_profiler,
+                                                                       backend):
+    """Every pre-norm hidden state of real text through the lens (layer groups, the last
+    state the final one) against the float64 lens written out: top-10 ids equal except at
+    ties within 1e-6, probabilities within 1e-5, KL within 1e-4 nats (issue 23)."""
+    from entropy_fast.forward import StateTap
+    from tests.reference import lens_logits_float64
+
+    profiler = smollm2_profiler
+    ids = torch.tensor([profiler.tokenize("The quick brown fox jumps over the lazy dog.")])
+    indices = list(range(len(profiler.layers) + 1))
+    captured = {}
+    with torch.no_grad(), StateTap(profiler.layers, indices,
+                                   lambda i, h: captured.setdefault(i, h[0, :-1])):
+        profiler.model(input_ids=ids)
+    hidden = torch.cat([captured[i] for i in indices])
+    groups = len(indices)
+    z = lens_logits_float64(profiler.lens, hidden)
+    logp = torch.log_softmax(z, dim=1)
+    stats = profiler.lens.statistics(hidden, backend=backend, top_k=10, kl_groups=groups)
+    want = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :10]
+    differ = stats.top_tokens != want
+    gap = (z.gather(1, stats.top_tokens) - z.gather(1, want)).abs()
+    assert (gap[differ] <= 1e-6).all()
+    torch.testing.assert_close(stats.top_probs.double(), logp.exp().gather(1, want), rtol=0,
+                               atol=1e-5)
+    by_group = logp.view(groups, -1, z.shape[1])
+    kl = (by_group[-1].exp() * (by_group[-1] - by_group)).sum(2).reshape(-1)
+    torch.testing.assert_close(stats.kl_to_final.double(), kl, rtol=0, atol=1e-4)
