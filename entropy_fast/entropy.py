@@ -27,9 +27,10 @@ at the common maximum M: with shift s = m - M <= 0 per part,
     D_a = sum_parts e^(a s) D_a + (e^(a s) - e^s) S.
 
 KL to the final layer. Rows may come as G layer groups of the same n tokens, the last
-group the final layer L (the model's own distribution). With x_L and x the logits of the
-token at L and at the row's layer, each relative to its own maximum, and S_L, S their
-partition functions,
+group the final layer L (the model's own distribution). Logits linear in the normed rows
+(no soft-cap) give it without another pass over every row: `linear_kl_to_final`. For
+the others (soft-capped), online: with x_L and x the logits of the token at L and at the
+row's layer, each relative to its own maximum, and S_L, S their partition functions,
 
     T  = sum exp(x_L) (x_L - x)            KL(p_L || p) = T / S_L - log S_L + log S,
 
@@ -38,9 +39,10 @@ e^(s_L) (T + (s_L - s) S_L). The final layer's own rows get T = 0 and S_L = S ex
 their KL is 0, not a rounding residue. T needs the final layer's logits of each
 vocabulary chunk once per token block, shared by every layer of those tokens.
 
-Top-k. Each part keeps its k largest logits and their token ids; merging keeps the k
-largest of all parts. Ties rank the lower token id first, within a part and across parts
-alike, so both backends give the same ids whatever their part boundaries.
+Top-k. Each part keeps its k largest logits and their token ids (`RunningTopK` keeps
+them over the torch backend's chunks); merging keeps the k largest of all parts. Ties
+rank the lower token id first, within a part and across parts alike, so both backends
+give the same ids whatever their part boundaries.
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ class Partials:
     estimate of the target's logit made before the sweep. target_logit: (n,) the target's
     logit in nats (in a Partials of one chunk: its logit there if the chunk holds the
     target, else 0, so that `cat` adds them up). The last three are None unless asked for.
-    top_values, top_ids: (k x n x K) each part's K largest logits (nats) and their tokens,
-    most probable first, padded with -inf and `NO_TOKEN` where a part has fewer tokens.
+    top_values, top_ids: (j x n x K) candidates for the K largest logits (nats) and their
+    tokens, in j parts of their own (the kernel's splits; one for the torch backend's
+    `RunningTopK`), padded with -inf and `NO_TOKEN` where a part has fewer tokens.
     final_m, final_s, kl_t: (k x n) m and S of the same token's final-layer row in each
     part, and T (module docstring). These five are None unless asked for.
     """
@@ -255,6 +258,57 @@ def top_k_of_chunk(logits: torch.Tensor, k: int, offset: int = 0
         columns[tied] = redo
         values[tied] = logits[tied].gather(1, redo)
     return values, columns + offset
+
+
+class RunningTopK:
+    """The K largest logits of n rows seen so far and their tokens, over vocabulary chunks
+    that come in token order (the torch backend's online top-k).
+
+    A chunk only reaches rows whose chunk maximum beats their K-th value so far: a later
+    token that ties it has a higher id and ranks below. After the first chunks that skips
+    most rows (~80% of chunks on SmolLM2's 49152 tokens in chunks of 1024).
+    """
+
+    def __init__(self, n: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.values = torch.full((n, k), -math.inf, device=device)
+        self.ids = torch.full((n, k), NO_TOKEN, dtype=torch.int64, device=device)
+
+    def add(self, logits: torch.Tensor, chunk_max: torch.Tensor, offset: int) -> None:
+        """Merge an (n x chunk) block of tokens offset.. whose row maxima are chunk_max."""
+        need = chunk_max > self.values[:, -1]  # values stay sorted: the K-th is last
+        if not need.any():
+            return
+        rows = None if need.all() else need.nonzero()[:, 0]
+        block = logits if rows is None else logits[rows]
+        values, ids = top_k_of_chunk(block, self.k, offset)
+        old_values = self.values if rows is None else self.values[rows]
+        old_ids = self.ids if rows is None else self.ids[rows]
+        values, ids = ranked(torch.cat([old_values, values], 1), torch.cat([old_ids, ids], 1))
+        if rows is None:
+            self.values, self.ids = values[:, :self.k].contiguous(), ids[:, :self.k].contiguous()
+        else:
+            self.values[rows], self.ids[rows] = values[:, :self.k], ids[:, :self.k]
+
+
+def log_partition(partials: Partials) -> torch.Tensor:
+    """(n,) log sum_v exp(z_v) in nats of the rows of `partials`."""
+    merged = partials.merge()
+    return merged.m[0] + torch.log(merged.s[0])
+
+
+def linear_kl_to_final(rows: torch.Tensor, lse: torch.Tensor, groups: int,
+                       expected_head: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """(G n,) fp32 KL(p_L || p_row) in nats for logits linear in the normed rows,
+    z = c (W h + b): KL = c (h_L - h) . w_L + lse_h - lse_L, where w_L = E_pL[W_v] is the
+    final distribution's expected head row (expected_head: (n x d), one per token; the
+    bias cancels). rows: (G n x d) normed rows, layer-major, the final layer's group last;
+    lse: their (G n,) log-partitions. The final layer's own KL is exactly 0."""
+    n = len(rows) // groups
+    by_group = rows.view(groups, n, -1).float()
+    gap = ((by_group[-1] - by_group) * expected_head).sum(dim=2) * logit_scale
+    lse = lse.view(groups, n).double()
+    return (gap.double() + lse - lse[-1]).clamp(min=0.0).float().reshape(-1)
 
 
 def finalize(partials: Partials, alphas: Sequence[float],
@@ -380,25 +434,20 @@ def default_chunk_moments() -> ChunkMoments:
 def chunk_partials(logits: torch.Tensor, orders: tuple[float, ...], *, offset: int = 0,
                    targets: torch.Tensor | None = None,
                    target_estimate: torch.Tensor | None = None, with_argmax: bool = False,
-                   top_k: int = 0, kl_groups: int = 0,
-                   moments: ChunkMoments | None = None) -> Partials:
+                   kl_groups: int = 0, moments: ChunkMoments | None = None) -> Partials:
     """Partials (one part) of an (n x chunk) float32 block of logits: tokens offset.. of V.
 
     targets, target_estimate: (n,) token ids and their logits (nats) computed before the
     sweep, for the rank count; the part's target_logit is the chunk's own logit of the
     target (exact against m), 0 where the chunk does not hold it.
-    top_k: keep each row's top_k largest logits. kl_groups = G: the rows are G layer
-    groups of the same n / G tokens, layer-major, the final layer last; keep what the KL to
-    it needs (module docstring).
+    kl_groups = G: the rows are G layer groups of the same n / G tokens, layer-major, the
+    final layer last; keep what the online KL to it needs (module docstring).
     moments: the chunk statistics' implementation (default_chunk_moments()).
     """
     moments = default_chunk_moments() if moments is None else moments
     m, s, u, d, *kl_t = moments(logits, orders, kl_groups)
     width = logits.shape[1]
     extra: dict[str, torch.Tensor] = {}
-    if top_k:
-        values, ids = top_k_of_chunk(logits, top_k, offset)
-        extra.update(top_values=values[None], top_ids=ids[None])
     if kl_groups:
         final = slice(len(m) - len(m) // kl_groups, None)
         extra.update(final_m=m[final].repeat(kl_groups)[None],

@@ -32,8 +32,11 @@ from torch import nn
 from entropy_fast.entropy import (
     LensStatistics,
     Partials,
+    RunningTopK,
     chunk_partials,
     finalize,
+    linear_kl_to_final,
+    log_partition,
     tilted_orders,
     validate_alphas,
 )
@@ -404,7 +407,7 @@ class Lens:
         hidden: (n_rows x d); targets: (n_rows,) int64 token ids on hidden's device.
         """
         from entropy_fast.kernels.lens_entropy import lens_entropy_partials
-        from entropy_fast.kernels.lens_kl import kl_to_final
+        from entropy_fast.kernels.lens_kl import expected_head_rows
 
         if kl_groups and self.softcap:
             raise ValueError("the kernel's KL to the final layer needs logits linear in the "
@@ -422,20 +425,23 @@ class Lens:
             targets=targets, with_argmax=with_top_token, top_k=top_k, config=config)
         stats = finalize(partials, alphas, targets)
         if kl_groups:
-            merged = partials.merge()
-            stats.kl_to_final = kl_to_final(self._kernel_rows(hidden, normed),
-                                            merged.m[0] + torch.log(merged.s[0]), kl_groups,
-                                            self.head.weight.detach(),
-                                            None if bias is None else bias.detach(),
-                                            self.logit_scale)
+            lse, n = log_partition(partials), len(hidden) // kl_groups
+            normed_rows = self._kernel_rows(hidden, normed)
+            expected = expected_head_rows(normed_rows[len(hidden) - n:], self.head.weight.detach(),
+                                          None if bias is None else bias.detach(),
+                                          lse[len(hidden) - n:], self.logit_scale)
+            stats.kl_to_final = linear_kl_to_final(normed_rows, lse, kl_groups, expected,
+                                                   self.logit_scale)
         return stats
 
     def _statistics_torch(self, hidden, alphas, normed, targets, with_top_token,
                           top_k: int = 0, kl_groups: int = 0) -> LensStatistics:
         """Token blocks of about row_block rows (every layer group's rows of the same
-        tokens together, so the final layer's logits serve all groups), one vocabulary
-        chunk at a time."""
+        tokens together, so the final layer's rows serve all groups), one vocabulary chunk
+        at a time. KL: linear in the rows without a soft-cap (`entropy.linear_kl_to_final`,
+        one more sweep over the block's final rows), else online in the same sweep."""
         groups = max(kl_groups, 1)
+        online_kl = kl_groups if self.softcap else 0
         n_tokens = len(hidden) // groups
         by_group = hidden.view(groups, n_tokens, hidden.shape[-1])
         grouped_targets = None if targets is None else targets.view(groups, n_tokens)
@@ -447,14 +453,43 @@ class Lens:
             row_targets = (None if targets is None
                            else grouped_targets[:, start:start + step].reshape(-1))
             partials = self._stream_partials(rows, orders, row_targets, with_top_token,
-                                             top_k, kl_groups)
-            parts.append(finalize(partials, alphas, row_targets))
+                                             top_k, online_kl)
+            stats = finalize(partials, alphas, row_targets)
+            if kl_groups and not online_kl:
+                stats.kl_to_final = self._linear_kl(rows, log_partition(partials), kl_groups)
+            parts.append(stats)
         return _concat(parts, groups)
+
+    def _linear_kl(self, normed_rows: torch.Tensor, lse: torch.Tensor,
+                   groups: int) -> torch.Tensor:
+        """KL to the final layer of normed rows (G layer groups) with log-partitions lse."""
+        n = len(normed_rows) // groups
+        final = normed_rows[len(normed_rows) - n:]
+        expected = self._expected_head(final, lse[len(lse) - n:])
+        return linear_kl_to_final(normed_rows.to(expected.dtype), lse, groups, expected,
+                                  self.logit_scale)
+
+    def _expected_head(self, normed_rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """(n x d) float32 E_p[W_v] of each row's lens distribution p (log-partition lse),
+        one vocabulary chunk at a time: p of the chunk, then p @ W of the chunk."""
+        weight = self._matmul_weight(normed_rows.device)
+        bias = getattr(self.head, "bias", None)
+        rows = normed_rows.to(weight.dtype)
+        expected = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        for start in range(0, weight.shape[0], self.vocab_chunk):
+            chunk = weight[start:start + self.vocab_chunk]
+            logits = _matmul_float32(rows, chunk)
+            if bias is not None:
+                logits = logits + bias[start:start + self.vocab_chunk]
+            p = torch.exp(self._transform(logits) - lse[:, None].float())
+            expected += p @ chunk.float()
+        return expected
 
     def _stream_partials(self, normed_rows: torch.Tensor, orders: tuple[float, ...],
                          targets: torch.Tensor | None, with_top_token: bool,
                          top_k: int = 0, kl_groups: int = 0) -> Partials:
-        """One part per vocabulary chunk of normed rows (n x d); logits (n x chunk) float32."""
+        """One part per vocabulary chunk of normed rows (n x d); logits (n x chunk) float32.
+        The top-k candidates come as one part of their own (`entropy.RunningTopK`)."""
         weight = self._matmul_weight(normed_rows.device)
         bias = getattr(self.head, "bias", None)
         rows = normed_rows.to(weight.dtype)
@@ -463,17 +498,23 @@ class Lens:
             picked = targets.clamp(0, weight.shape[0] - 1)
             z = (rows * weight[picked]).sum(dim=1, keepdim=True)
             estimate = self._transform(z if bias is None else z + bias[picked, None])[:, 0]
+        top = RunningTopK(len(rows), top_k, rows.device) if top_k else None
         parts = []
         step = self.vocab_chunk
         for start in range(0, weight.shape[0], step):
             chunk = _matmul_float32(rows, weight[start:start + step])
             if bias is not None:
                 chunk = chunk + bias[start:start + step]
-            parts.append(chunk_partials(self._transform(chunk), orders, offset=start,
-                                        targets=targets, target_estimate=estimate,
-                                        with_argmax=with_top_token, top_k=top_k,
+            logits = self._transform(chunk)
+            parts.append(chunk_partials(logits, orders, offset=start, targets=targets,
+                                        target_estimate=estimate, with_argmax=with_top_token,
                                         kl_groups=kl_groups))
-        return Partials.cat(parts)
+            if top is not None:
+                top.add(logits, parts[-1].m[0], start)
+        partials = Partials.cat(parts)
+        if top is not None:
+            partials.top_values, partials.top_ids = top.values[None], top.ids[None]
+        return partials
 
     @torch.no_grad()
     def verify(self, model: nn.Module, layers: nn.ModuleList | None = None) -> None:

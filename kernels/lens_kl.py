@@ -6,9 +6,10 @@ row h of the same token,
 
     KL(p_L || p_h) = E_pL[z_L - z_h] - lse_L + lse_h = c (h_L - h) . w_L + lse_h - lse_L,
 
-with w_L = sum_v p_L(v) W_v, one d-vector per token (the bias cancels). The entropy sweep
-gives every row's lse (m + log S); this module computes w_L in one more sweep of the
-vocabulary over the final layer's rows only (1/G of the rows for G layer groups: two
+with w_L = sum_v p_L(v) W_v, one d-vector per token (the bias cancels;
+entropy.linear_kl_to_final, which the torch backend shares). The entropy sweep gives every
+row's lse (m + log S); this module computes w_L in one more sweep of the vocabulary over
+the final layer's rows only (1/G of the rows for G layer groups: two
 GEMMs' worth on them, the logits and p_L @ W), never a tokens x vocabulary tensor. The
 final layer's own KL is exactly 0 (h_L - h = 0, the same lse).
 
@@ -113,17 +114,4 @@ def expected_head_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             vocab, d, rows.stride(0), weight.stride(0), per_split, n_splits,
             float(logit_scale) * LOG2E, **constants, num_warps=KL_WARPS, num_stages=KL_STAGES)
     return out.sum(0)
-
-
-def kl_to_final(rows: torch.Tensor, lse: torch.Tensor, groups: int, weight: torch.Tensor,
-                bias: torch.Tensor | None, logit_scale: float = 1.0) -> torch.Tensor:
-    """(G n,) fp32 KL(p_L || p_row) in nats of normed rows (G n x d, layer-major, the final
-    layer's group last) with log-partitions `lse` (G n,) nats (module docstring)."""
-    n = len(rows) // groups
-    final = rows[len(rows) - n:]
-    expected = expected_head_rows(final, weight, bias, lse[len(rows) - n:], logit_scale)
-    by_group = rows.view(groups, n, -1).float()
-    gap = ((by_group[-1] - by_group) * expected).sum(dim=2) * logit_scale
-    kl = gap + lse.view(groups, n).float() - lse[len(rows) - n:].float()
-    return kl.reshape(-1).clamp(min=0.0)
 
