@@ -332,6 +332,43 @@ def correctness(run: Run) -> None:
     empty_cache()
 
 
+def lens_statistics(run: Run) -> None:
+    """Top-10 and KL to the final layer through the kernel (issue 23): against float64 on
+    G layer groups of realistic rows, and their cost against the entropies alone."""
+    groups, n = (2, 32) if SMOKE else (8, 512)
+    name = "llama8b" if "llama8b" in SHAPES else next(iter(SHAPES))
+    d, vocab, _, kind, _ = SHAPES[name]
+    lens = synthetic_lens(d, vocab, kind)
+    hidden = realistic_rows(lens, groups * n)
+    operands = lens.norm_spec.apply(hidden).to(lens.head.weight.dtype).double()
+    exact = float64_reference(lens, operands, torch.zeros(len(hidden), dtype=torch.long,
+                                                          device=DEVICE))
+    got = lens.statistics(hidden, backend="triton", top_k=10, kl_groups=groups)
+    logp = torch.log_softmax(exact["z"], 1)
+    want = torch.sort(exact["z"], dim=1, descending=True, stable=True).indices[:, :10]
+    gap = (exact["z"].gather(1, got.top_tokens) - exact["z"].gather(1, want)).abs()
+    final = logp.view(groups, n, -1)[-1]
+    kl = (final.exp() * (final - logp.view(groups, n, -1))).sum(2).reshape(-1)
+    out = {"shape": f"{name} d={d} V={vocab}, {groups} groups x {n} tokens",
+           "top10_ids_off_beyond_ties": int((gap > exact["tol"]).sum()),
+           "top10_prob_max_err": float((got.top_probs.double()
+                                        - logp.exp().gather(1, want)).abs().max()),
+           "kl_max_err": float((got.kl_to_final.double() - kl).abs().max()),
+           "kl_range": [float(kl.min()), float(kl.max())]}
+    out["pass"] = bool(out["top10_ids_off_beyond_ties"] == 0 and out["top10_prob_max_err"]
+                       <= 1e-3 and out["kl_max_err"] <= 1e-2)
+    reps = 2 if SMOKE else 10
+    ways = {"entropy": {}, "kl": {"kl_groups": groups}, "top10": {"top_k": 10},
+            "kl+top10": {"kl_groups": groups, "top_k": 10}}
+    ms = {way: summary(cuda_ms(lambda o=o: lens.statistics(hidden, backend="triton", **o),
+                               reps))["p50_ms"] for way, o in ways.items()}
+    out["p50_ms"] = ms
+    out["ratio"] = {way: ms[way] / ms["entropy"] for way in ways}
+    print(f"lens statistics {out['shape']}: pass={out['pass']} ratio {out['ratio']}", flush=True)
+    run.record("lens_statistics", out)
+    empty_cache()
+
+
 # -- 3. kernel alone --------------------------------------------------------------------
 
 def kernel_alone(run: Run, rate: float) -> dict[str, KernelConfig]:
@@ -510,6 +547,15 @@ def markdown(results: dict) -> str:
                          f"{max(r['torch_backend_max_err_vs_float64'].values()):.2e} | "
                          f"{max(r['max_err_vs_float64_of_own_operands'].values()):.2e} | "
                          f"{r['argmax_exact_fraction']:.3f} |")
+    if "lens_statistics" in s:
+        r = s["lens_statistics"]
+        lines += ["", f"## Top-10 and KL to the final layer ({r['shape']})", "",
+                  f"pass={r['pass']}; top-10 ids off beyond ties: "
+                  f"{r['top10_ids_off_beyond_ties']}; top-10 prob max err "
+                  f"{r['top10_prob_max_err']:.2e}; KL max err {r['kl_max_err']:.2e} nats", "",
+                  "| statistics | ms (p50) | x entropies alone |", "|---|---|---|"]
+        lines += [f"| {way} | {r['p50_ms'][way]:.2f} | {r['ratio'][way]:.2f} |"
+                  for way in r["p50_ms"]]
     if "kernel" in s:
         lines += ["", "## Kernel alone (32768 rows, final norm included, alpha=1)", "",
                   "| shape/config | ms (p50) | TFLOP/s | of matmul rate | goal | 3 orders | "
@@ -578,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         run.error("matmul")
     if "correctness" not in args.skip:
         correctness(run)
+        try:
+            lens_statistics(run)
+        except Exception:
+            run.error("lens statistics")
     best = {}
     if "kernel" not in args.skip:
         best = kernel_alone(run, rate)
@@ -587,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     print((args.out / "kernel_bench.md").read_text(), flush=True)
     failed = [k for k, r in run.results["sections"].get("correctness", {}).items()
               if not r.get("pass")]
+    if not run.results["sections"].get("lens_statistics", {}).get("pass", True):
+        failed.append("lens_statistics")
     return 1 if failed or run.results["errors"] else 0
 
 
