@@ -47,8 +47,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "entropy_fast.analysis": ("LayerAnalyzer", "ModelComparison", "compare_models"),
     "entropy_fast.estimators": ("MatrixRenyiMI", "linear_cka"),
     "entropy_fast.viz": ("model_colors", "plot_aggregated", "plot_cluster", "plot_heatmap",
-                         "plot_information_plane", "plot_layer_importance", "plot_logit_lens",
-                         "plot_profile",
+                         "plot_distance_matrix", "plot_information_plane",
+                         "plot_layer_importance", "plot_logit_lens", "plot_profile",
                          "plot_profiles", "plot_velocity_entropy"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -189,6 +189,22 @@ class ModelComparison:
         return replace(self, names=list(names), curves=self.curves[index],
                        distances=self.distances[np.ix_(index, index)])
 
+    def plot(self, unit: str = "nats", colors: Mapping[str, Any] | None = None) -> Any:
+        """A Figure: the mean curves at relative depth beside the distance heatmap."""
+        import matplotlib.pyplot as plt
+
+        from entropy_fast.viz import plot_distance_matrix, plot_mean_curves
+
+        n = len(self.names)
+        figure, (curves, matrix) = plt.subplots(1, 2, figsize=(12 + 0.3 * n, 4.5 + 0.2 * n))
+        zeros = np.zeros(len(self.depth))
+        plot_mean_curves({name: (self.depth, curve, zeros) for name, curve
+                          in zip(self.names, self.curves, strict=True)}, ax=curves,
+                         title="mean entropy at relative depth", unit=unit, colors=colors,
+                         relative=True)
+        plot_distance_matrix(self.distances, self.names, self.metric, ax=matrix)
+        return figure
+
 
 def _model_profiles(name: str, item: EntropyProfile | AggregatedProfile
                     | Sequence[EntropyProfile]) -> list[EntropyProfile]:

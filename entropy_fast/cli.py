@@ -690,11 +690,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _plot_comparison(result: Any, store_models: Sequence[str], path: Path) -> None:
     """PNG of the compared entries' mean profiles across prompts (± 1 std), positions
-    skipped as compared; the first entry of a model in the model's colour among the
-    store's models (`viz.model_colors`)."""
-    from entropy_fast.viz import model_colors, plot_mean_curves, save_figure
+    skipped as compared, beside the heatmap of their distances; the first entry of a model
+    in the model's colour among the store's models (`viz.model_colors`)."""
+    import matplotlib.pyplot as plt
+
+    from entropy_fast.viz import model_colors, plot_distance_matrix, plot_mean_curves, save_figure
 
     palette = model_colors(store_models)
+    n = len(result.runs)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12 + 0.3 * n, 4.5 + 0.2 * n))
     curves, colors = {}, {}
     for run in result.runs:
         agg = result.profiles[run.label]
@@ -702,9 +706,10 @@ def _plot_comparison(result: Any, store_models: Sequence[str], path: Path) -> No
                              agg.mean_profile().tolist(), agg.std_profile().tolist())
         colors.setdefault(run.model, run.label)
     unit = result.runs[0].info.lens.unit
-    figure = plot_mean_curves(curves, title="mean entropy across prompts (each prompt weighs "
-                              "the same; band: ± 1 std across prompts)", unit=unit,
-                              colors={label: palette[model] for model, label in colors.items()})
+    plot_mean_curves(curves, ax=left, title="mean entropy across prompts (each prompt weighs "
+                     "the same; band: ± 1 std across prompts)", unit=unit,
+                     colors={label: palette[model] for model, label in colors.items()})
+    plot_distance_matrix(result.distances, result.labels, result.comparison.metric, ax=right)
     save_figure(figure, path)
 
 

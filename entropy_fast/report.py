@@ -307,22 +307,14 @@ def _unit(data: Sequence[RunProfiles]) -> str:
 def _distances_figure(comparisons: dict[str, RunComparison]) -> Any:
     import matplotlib.pyplot as plt
 
-    labels = [_short(label) for label in comparisons[METRICS[0]].labels]
-    size = 2.5 + 0.45 * len(labels)
+    from entropy_fast.viz import plot_distance_matrix
+
+    size = 2.5 + 0.45 * len(comparisons[METRICS[0]].labels)
     figure, axes = plt.subplots(1, len(comparisons), figsize=(size * len(comparisons),
                                                               size + 1), squeeze=False)
     for ax, (metric, comparison) in zip(axes[0], comparisons.items(), strict=True):
-        image = ax.imshow(comparison.distances, cmap="viridis")
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize="small")
-        ax.set_yticks(range(len(labels)), labels, fontsize="small")
-        ax.set_title(metric, fontsize="medium")
-        figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        plot_distance_matrix(comparison.distances, comparison.labels, metric, ax=ax)
     return figure
-
-
-def _short(label: str, width: int = 24) -> str:
-    """A tick label of at most `width` characters (a path keeps its end)."""
-    return label if len(label) <= width else "…" + label[1 - width:]
 
 
 def _groups_figure(data: Sequence[RunProfiles], groups: dict[str, dict[int, str]],

@@ -389,6 +389,27 @@ def _wrap_titles(figure: Any) -> None:
             ax.title.set_text(textwrap.fill(text, chars))
 
 
+def plot_distance_matrix(distances: np.ndarray, labels: Sequence[str], metric: str = "",
+                         ax: Axes | None = None) -> Axes:
+    """A heatmap of an (n x n) distance matrix, each cell annotated with its value
+    (`distances.METRICS` name in the title); long labels keep their end."""
+    distances = np.asarray(distances, dtype=float)
+    if distances.shape != (len(labels), len(labels)):
+        raise ValueError(f"a {distances.shape} matrix for {len(labels)} labels")
+    ax = _axes(ax)
+    image = ax.imshow(distances, cmap="viridis")
+    short = [label if len(label) <= 24 else "…" + label[-23:] for label in labels]
+    ax.set_xticks(range(len(labels)), short, rotation=90, fontsize="small")
+    ax.set_yticks(range(len(labels)), short, fontsize="small")
+    high = np.nanmax(distances) if distances.size else 0.0
+    for (i, j), value in np.ndenumerate(distances):
+        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize="x-small",
+                color="black" if value > 0.6 * high else "white")
+    ax.set_title(f"{metric} distance" if metric else "distance", fontsize="medium")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
 def token_texts(vocab: Any, ids: Iterable[int]) -> list[str]:
     """Short readable text of token ids for plot cells: `vocab` is a tokenizer (anything
     with .decode), a sequence or mapping id -> text, or None (the ids themselves).

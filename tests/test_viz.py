@@ -144,3 +144,55 @@ def test_each_model_keeps_its_colour_whatever_the_subset_or_order(synthetic):
             == {line.get_label(): line.get_color() for line in backward.get_lines()})
     ax = viz.plot_cluster(synthetic, labels=["c", "a", "org/b"] * 3, colors=colors)
     assert {c.get_label(): tuple(c.get_facecolor()[0][:3]) for c in ax.collections} == colors
+
+
+def lens_profile(n_tokens: int = 40, n_layers: int = 31, k: int = 3):
+    """A profile with top tokens (ids 0..99) and their probabilities."""
+    from entropy_fast.profile import EntropyProfile
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(n_tokens, n_layers, k, generator=gen).sort(-1, descending=True).values
+    return EntropyProfile(entropy=torch.rand(n_tokens, n_layers, generator=gen),
+                          token_ids=torch.randint(0, 100, (n_tokens,), generator=gen),
+                          layer_indices=list(range(n_layers)), model_name="m",
+                          top_tokens=torch.randint(0, 100, (n_tokens, n_layers, k),
+                                                   generator=gen),
+                          top_probs=probs / probs.sum(-1, keepdim=True))
+
+
+def test_logit_lens_grid_shows_each_cells_top_token(tmp_path):
+    """30 layers x 40 positions: one cell text per (layer, position), the top token's text,
+    the colour its probability; a figure large enough to read them."""
+    profile = lens_profile()
+    vocab = {i: f"t{i}" for i in range(100)}
+    ax = viz.plot_logit_lens(profile, vocab)
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+             for t in ax.texts}
+    assert len(cells) == 31 * 40
+    assert all(cells[layer, pos] == f"t{int(profile.top_tokens[pos, layer, 0])}"
+               for layer in range(31) for pos in range(40))
+    image = ax.images[0].get_array()
+    np.testing.assert_allclose(image, profile.top_probs[..., 0].T.numpy())
+    width, height = ax.figure.get_size_inches()
+    assert width >= 0.5 * 40 and height >= 0.3 * 31  # ~0.5 in per column, 0.3 in per row
+    assert viz.save_figure(ax.figure, tmp_path / "lens.png").stat().st_size > 0
+    ax = viz.plot_logit_lens(profile, color="entropy", positions=slice(5, 15))
+    assert len(ax.texts) == 31 * 10 and ax.texts[0].get_text().isdigit()
+    with pytest.raises(ValueError, match="top_tokens=K"):
+        viz.plot_logit_lens(make_profile(4))
+
+
+def test_distance_matrix_and_model_comparison_plots():
+    from entropy_fast.analysis import ModelComparison
+
+    distances = np.array([[0.0, 0.25, 1.5], [0.25, 0.0, 0.75], [1.5, 0.75, 0.0]])
+    ax = viz.plot_distance_matrix(distances, ["a", "b", "c"], "jsd")
+    assert [t.get_text() for t in ax.texts] == [f"{v:.3g}" for v in distances.reshape(-1)]
+    assert "jsd" in ax.get_title()
+    comparison = ModelComparison(names=["a", "b", "c"], depth=np.linspace(0, 1, 5),
+                                 curves=np.random.default_rng(0).random((3, 5)),
+                                 distances=distances, metric="wasserstein")
+    figure = comparison.plot()
+    assert len(figure.axes) >= 2 and "wasserstein" in figure.axes[1].get_title()
+    with pytest.raises(ValueError, match="labels"):
+        viz.plot_distance_matrix(distances, ["a", "b"])
