@@ -305,10 +305,11 @@ def linear_kl_to_final(rows: torch.Tensor, lse: torch.Tensor, groups: int,
     bias cancels). rows: (G n x d) normed rows, layer-major, the final layer's group last;
     lse: their (G n,) log-partitions. The final layer's own KL is exactly 0."""
     n = len(rows) // groups
-    by_group = rows.view(groups, n, -1).float()
-    gap = ((by_group[-1] - by_group) * expected_head).sum(dim=2) * logit_scale
+    # float64: the d products of a row can be ~10 each, so an fp32 sum would be off by ~1e-4
+    by_group = rows.view(groups, n, -1).double()
+    gap = ((by_group[-1] - by_group) * expected_head.double()).sum(dim=2) * logit_scale
     lse = lse.view(groups, n).double()
-    return (gap.double() + lse - lse[-1]).clamp(min=0.0).float().reshape(-1)
+    return (gap + lse - lse[-1]).clamp(min=0.0).float().reshape(-1)
 
 
 def finalize(partials: Partials, alphas: Sequence[float],

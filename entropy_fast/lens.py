@@ -471,11 +471,14 @@ class Lens:
 
     def _expected_head(self, normed_rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """(n x d) float32 E_p[W_v] of each row's lens distribution p (log-partition lse),
-        one vocabulary chunk at a time: p of the chunk, then p @ W of the chunk."""
+        one vocabulary chunk at a time: p of the chunk, then p @ W of the chunk; divided
+        by the sum of p (1 up to lse's rounding, which would scale a KL of 100 nats by
+        ~1e-6 relative, 1e-4 nats)."""
         weight = self._matmul_weight(normed_rows.device)
         bias = getattr(self.head, "bias", None)
         rows = normed_rows.to(weight.dtype)
         expected = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        total = torch.zeros(len(rows), dtype=torch.float32, device=rows.device)
         for start in range(0, weight.shape[0], self.vocab_chunk):
             chunk = weight[start:start + self.vocab_chunk]
             logits = _matmul_float32(rows, chunk)
@@ -483,7 +486,8 @@ class Lens:
                 logits = logits + bias[start:start + self.vocab_chunk]
             p = torch.exp(self._transform(logits) - lse[:, None].float())
             expected += p @ chunk.float()
-        return expected
+            total += p.sum(dim=1)
+        return expected / total[:, None]  # exactly normalized: lse's own rounding cancels
 
     def _stream_partials(self, normed_rows: torch.Tensor, orders: tuple[float, ...],
                          targets: torch.Tensor | None, with_top_token: bool,

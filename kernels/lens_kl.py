@@ -35,13 +35,15 @@ LOG2E = 1.0 / math.log(2.0)
 
 @triton.jit
 def _expected_head_kernel(
-    X, W, HB, LSE, OUT, N, V, D, stride_xn, stride_wv, tiles_per_split, n_splits, scale2,
+    X, W, HB, LSE, OUT, TOTAL, N, V, D, stride_xn, stride_wv, tiles_per_split, n_splits,
+    scale2,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     W_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT[split, rows, :] = sum over the split's tokens v of p(v) W_v (fp32), where
-    p(v) = 2^(scale2 (x . W_v + b_v) - LSE log2 e): X (N x D) normed rows, LSE (N,) nats."""
+    """OUT[split, rows, :] = sum over the split's tokens v of p(v) W_v and TOTAL[split, rows]
+    = sum of p(v) (fp32), where p(v) = 2^(scale2 (x . W_v + b_v) - LSE log2 e): X (N x D)
+    normed rows, LSE (N,) nats."""
     pid = tl.program_id(0)
     row_block, split = pid // n_splits, pid % n_splits
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,6 +54,7 @@ def _expected_head_kernel(
     v_first = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
     out = OUT + split.to(tl.int64) * N * D + rows_c[:, None] * D
+    total = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(v_first, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cols_c = tl.minimum(cols, V - 1).to(tl.int64)
@@ -69,6 +72,7 @@ def _expected_head_kernel(
             acc += tl.load(HB + cols_c).to(tl.float32)[None, :]
         p = tl.exp2(acc * scale2 - lse2[:, None])
         p = tl.where((cols < V)[None, :], p, 0.0)
+        total += tl.sum(p, axis=1)
         for d0 in range(0, D, BLOCK_D):
             w = tl.load(W + cols_c[:, None] * stride_wv + (d0 + ds)[None, :],
                         mask=(d0 + ds)[None, :] < D, other=0.0).to(tl.float32)
@@ -76,6 +80,7 @@ def _expected_head_kernel(
             at = out + (d0 + ds)[None, :]
             keep = (rows < N)[:, None] & ((d0 + ds) < D)[None, :]
             tl.store(at, tl.load(at, mask=keep, other=0.0) + part, mask=keep)
+    tl.store(TOTAL + split.to(tl.int64) * N + rows, total, mask=rows < N)
 
 
 KL_WARPS, KL_STAGES = 4, 2
@@ -106,12 +111,13 @@ def expected_head_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, per_split)
     out = torch.zeros((n_splits, n, d), device=rows.device, dtype=torch.float32)
+    total = torch.zeros((n_splits, n), device=rows.device, dtype=torch.float32)
     if n == 0:
-        return out.sum(0)
+        return out.sum(0) / total.sum(0)[:, None]  # exactly normalized: lse's rounding cancels
     with torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext():
         _expected_head_kernel[(triton.cdiv(n, block_n) * n_splits,)](
-            rows, weight, weight if bias is None else bias, lse.float().contiguous(), out, n,
+            rows, weight, weight if bias is None else bias, lse.float().contiguous(), out, total, n,
             vocab, d, rows.stride(0), weight.stride(0), per_split, n_splits,
             float(logit_scale) * LOG2E, **constants, num_warps=KL_WARPS, num_stages=KL_STAGES)
-    return out.sum(0)
+    return out.sum(0) / total.sum(0)[:, None]  # exactly normalized: lse's rounding cancels
 

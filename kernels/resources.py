@@ -117,14 +117,15 @@ def expected_head_resources(*, dtype: torch.dtype = torch.bfloat16, d: int = 409
     """Compile the KL kernel's sweep over the final rows (kernels/lens_kl.py) as a bf16 or
     fp32 launch would, and measure it."""
     pointer = "*" + _TYPES[dtype]
-    signature = dict(X=pointer, W=pointer, HB=pointer, LSE="*fp32", OUT="*fp32")
+    signature = dict(X=pointer, W=pointer, HB=pointer, LSE="*fp32", OUT="*fp32",
+                     TOTAL="*fp32")
     signature.update(dict.fromkeys(("N", "V", "D", "stride_xn", "stride_wv",
                                     "tiles_per_split", "n_splits"), "i32"))
     signature["scale2"] = "fp32"
     constants = dict(zip(("HAS_BIAS", "UPCAST", "PRECISION", "W_PRECISION", "BLOCK_N",
                           "BLOCK_V", "BLOCK_K", "BLOCK_D"), kl_constants(dtype, False),
                          strict=True))
-    aligned = ["X", "W", "HB", "LSE", "OUT", "N"]
+    aligned = ["X", "W", "HB", "LSE", "OUT", "TOTAL", "N"]
     aligned += ["D", "stride_xn", "stride_wv"] if d % 16 == 0 else []
     return _compile(_expected_head_kernel, signature, constants, aligned, capability,
                     KL_WARPS, KL_STAGES)
