@@ -23,13 +23,13 @@ from entropy_fast.store.records import RunInfo
 
 MODES = ("text", "generation")
 # What `describe` tells of a run, in the order labels name it.
-_DESCRIBED = ("mode", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed",
-              "alphas", "layer_stride", "base", "dtype", "generator", "quantization",
-              "weights", "corpus")
+_DESCRIBED = ("mode", "chat_template", "max_new_tokens", "do_sample", "temperature", "top_p",
+              "top_k", "seed", "alphas", "layer_stride", "base", "top_tokens", "kl_to_final",
+              "dtype", "generator", "quantization", "weights", "corpus")
 # Settings that make two runs of a model measure different things: a label names those
 # that differ, a note those that differ between the entries of one comparison.
-_MEASUREMENT = ("mode", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                "seed", "dtype", "generator", "quantization", "corpus")
+_MEASUREMENT = ("mode", "chat_template", "max_new_tokens", "do_sample", "temperature",
+                "top_p", "top_k", "seed", "dtype", "generator", "quantization", "corpus")
 
 
 @dataclass(frozen=True)
@@ -269,12 +269,15 @@ def describe(info: RunInfo) -> dict[str, str]:
     generating = sampling.generating
     values: dict[str, Any] = {
         "mode": run_mode(info),
+        "chat_template": sampling.chat_template,
         "max_new_tokens": sampling.max_new_tokens if generating else None,
         "do_sample": sampling.do_sample if generating else None,
         **{k: getattr(sampling, k) if generating and sampling.do_sample else None
            for k in ("temperature", "top_p", "top_k", "seed")},
         "alphas": ",".join(f"{a:g}" for a in lens.alphas),
-        "layer_stride": lens.layer_stride, "base": lens.base, "dtype": info.dtype,
+        "layer_stride": lens.layer_stride, "base": lens.base,
+        "top_tokens": lens.top_tokens or None, "kl_to_final": lens.kl_to_final,
+        "dtype": info.dtype,
         "generator": info.generator if generating else None,
         "quantization": info.quantization,
         "weights": info.weights[:8] if info.weights else None,
