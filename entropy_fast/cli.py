@@ -751,7 +751,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         rows = [{"pos": r["pos"], "predicts": r["next_token"], "layer": r["layer"],
                  "rank": r["rank"], "token": r["text"], "prob": r["prob"]}
                 for r in table.to_pylist()]
-        _write_result_rows(rows, args.max_rows)
+        print(_format_table(rows, list(rows[0]), args.max_rows or None))
         if args.plot:
             _plot_logit_lens(db, info, args.prompt, Path(args.plot))
     return 0
@@ -770,13 +770,6 @@ def _run_with_top_tokens(db: Any, run: str | None) -> Any:
                          "tokens", "profile with --top-tokens K (e.g. 5) to record them")
     listed = ", ".join(f"{r.run_id} ({r.model})" for r in runs)
     raise StoreError(f"several runs have top tokens: {listed}", "choose one with --run ID")
-
-
-def _write_result_rows(rows: list[dict[str, Any]], max_rows: int) -> None:
-    shown = rows if max_rows == 0 else rows[:max_rows]
-    print(_format_table(shown, list(rows[0])))
-    if len(shown) < len(rows):
-        print(f"... {len(rows) - len(shown)} more rows (--max-rows 0 shows all)")
 
 
 def _plot_logit_lens(db: Any, info: Any, prompt_id: int, path: Path) -> None:

@@ -414,7 +414,9 @@ class Lens:
                              "rows: a soft-capped lens computes it with backend='torch'")
         alphas = validate_alphas(alphas)
         rows, norm = hidden, {}
-        if not normed and self.norm_spec is None:  # a projection or an unknown norm: torch
+        if kl_groups:  # the KL reads the normed rows too: norm them once, here
+            rows = self._kernel_rows(hidden, normed)
+        elif not normed and self.norm_spec is None:  # a projection or an unknown norm: torch
             rows = self.normalize(hidden)
         elif not normed:  # fused into the kernel's prologue
             norm = self.norm_spec.kernel_arguments()
@@ -426,11 +428,10 @@ class Lens:
         stats = finalize(partials, alphas, targets)
         if kl_groups:
             lse, n = log_partition(partials), len(hidden) // kl_groups
-            normed_rows = self._kernel_rows(hidden, normed)
-            expected = expected_head_rows(normed_rows[len(hidden) - n:], self.head.weight.detach(),
+            expected = expected_head_rows(rows[len(rows) - n:], self.head.weight.detach(),
                                           None if bias is None else bias.detach(),
-                                          lse[len(hidden) - n:], self.logit_scale)
-            stats.kl_to_final = linear_kl_to_final(normed_rows, lse, kl_groups, expected,
+                                          lse[len(rows) - n:], self.logit_scale)
+            stats.kl_to_final = linear_kl_to_final(rows, lse, kl_groups, expected,
                                                    self.logit_scale)
         return stats
 
