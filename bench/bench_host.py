@@ -205,7 +205,7 @@ def bare_write(n_rows: int, n_layers: int, folder: Path) -> float:
     """rows/s of one pq.write_table of n_rows long-format rows (the store's options)."""
     rng = np.random.default_rng(1)
     n_tokens = n_rows // n_layers
-    table = pa.table({
+    columns = {
         "prompt_id": np.repeat(np.arange(n_tokens // 32, dtype=np.int32), 32 * n_layers)[:n_rows],
         "pos": np.tile(np.repeat(np.arange(32, dtype=np.int32), n_layers), n_tokens // 32 + 1
                        )[:n_rows],
@@ -214,10 +214,9 @@ def bare_write(n_rows: int, n_layers: int, folder: Path) -> float:
         "layer": np.tile(np.arange(n_layers, dtype=np.int16), n_tokens + 1)[:n_rows],
         "alpha": np.ones(n_rows),
         "entropy": (rng.random(n_rows, dtype=np.float32) * 5),
-        "top_token_id": pa.nulls(n_rows, pa.int32()),
-        "target_surprisal": pa.nulls(n_rows, pa.float32()),
-        "target_rank": pa.nulls(n_rows, pa.int32()),
-    }, schema=ENTROPY_SCHEMA)
+    }
+    table = pa.table({f.name: columns.get(f.name, pa.nulls(n_rows, f.type))
+                      for f in ENTROPY_SCHEMA}, schema=ENTROPY_SCHEMA)
     start = time.perf_counter()
     pq.write_table(table, folder / "bare.parquet", row_group_size=1 << 20, **_ENTROPY_OPTIONS)
     return n_rows / (time.perf_counter() - start)

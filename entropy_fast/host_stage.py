@@ -137,6 +137,7 @@ class WriterStage:
         for worker in (self._rows, self._writes):
             if worker.error is not None:
                 raise worker.error
+        self.writer.flush()
 
     def __enter__(self) -> WriterStage:
         return self

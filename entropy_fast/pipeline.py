@@ -14,8 +14,9 @@ calls per shard; `engine="ray"` hands the same runs to `distributed`. Each run s
 3. takes the shard's lock and registers in the store, then loads the model;
 4. profiles in waves sized to about half of `flush_seconds` each, the device's batches
    handed to a background writer stage (`host_stage`) that turns each into rows and
-   commits a part at the end of a wave when half of `flush_seconds` has passed: a kill
-   loses at most `flush_seconds` of work, and a rerun resumes where the manifest says.
+   commits a part at the end of a wave when half of `flush_seconds` has passed (up to
+   `PART_ENCODERS` parts are encoded at once): a kill loses at most `flush_seconds` of
+   work, and a rerun resumes where the manifest says.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ from entropy_fast.settings import LensSettings, ModelSettings, SamplingSettings,
 from entropy_fast.store import GENERATION, GenerationInfo, RunInfo, Store
 
 log = logging.getLogger("entropy_fast")
+
+PART_ENCODERS = 2
+"""Parts a store run's writer encodes at once: Parquet encoding, the host's largest cost per
+row, releases the GIL, so a second part encodes on another core while the first is written
+(bench/RESULTS.md, "Host side of a store run")."""
 
 Progress = Callable[[str, int, int, int], None]
 """on_progress(label, prompts done, tokens done, prompts in all), called once as a run starts
@@ -164,7 +170,8 @@ def _profile_run(store: Store, info: RunInfo, model: Any, corpus: Corpus,
     if generation is None:  # over-long prompts are found before anything heavy loads
         with _tokenizer(model) as tokenizer:
             work = tokenize_pending(tokenizer, corpus, pending, info.sampling, long_prompts)
-    with store.writer(info, rows_per_part=part_rows, flush_seconds=flush_seconds) as writer:
+    with store.writer(info, rows_per_part=part_rows, flush_seconds=flush_seconds,
+                      encoders=PART_ENCODERS) as writer:
         pending = resume(writer, result)
         with _profiler(model, info.lens, settings) as profiler, \
                 WriterStage(writer, corpus.prompts.__getitem__, profiler.layer_indices,

@@ -89,6 +89,9 @@ class SlowWriter:
     def commit(self):
         self.commits += 1
 
+    def flush(self):
+        self.flushed = self.commits
+
 
 def test_a_slow_disk_back_pressures_and_keeps_the_order():
     writer = SlowWriter(0.02)
@@ -103,7 +106,7 @@ def test_a_slow_disk_back_pressures_and_keeps_the_order():
     stage.close()
     assert most <= 2
     assert writer.written == [[3 * k, 3 * k + 1, 3 * k + 2] for k in range(12)]
-    assert writer.commits == 1
+    assert writer.commits == writer.flushed == 1
     assert not any(t.name.startswith("entropy-fast-") for t in threading.enumerate())
 
 

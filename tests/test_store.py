@@ -71,10 +71,14 @@ def profiles(corpus) -> dict[int, EntropyProfile]:
             for p in corpus.prompts}
 
 
-def test_round_trip_is_exact(tmp_path, corpus, profiles):
+@pytest.mark.parametrize("encoders", [1, 2])
+def test_round_trip_is_exact(tmp_path, corpus, profiles, encoders):
+    """Written as several parts, by one thread or by two encoding parts at once."""
     store = Store(tmp_path / "s", create=True)
     info = run_info("org/model name", corpus)
-    fill(store, info, corpus, profiles, rows_per_part=100)
+    fill(store, info, corpus, profiles, rows_per_part=100, encoders=encoders)
+    assert len(store.manifest()) > 2
+    assert store.runs()[0].status == "complete"
     back = dict(read_profiles(store, "org/model name"))
     assert sorted(back) == list(range(len(corpus)))
     for prompt_id, profile in back.items():

@@ -58,11 +58,14 @@ def n_rows(profiles) -> int:
     return sum(p.n_tokens * p.n_layers * len(p.alphas) for p in profiles.values())
 
 
+@pytest.mark.parametrize("encoders", [1, 2])
 @pytest.mark.parametrize("step", ["files", "entry"])
 @pytest.mark.parametrize("signal", [KeyboardInterrupt, SystemExit])
 def test_an_interrupt_at_a_commit_step_never_commits_twice(tmp_path, corpus, profiles,
-                                                            monkeypatch, step, signal):
-    """Ctrl-C (or SIGTERM's SystemExit) right after a part's files or its manifest entry."""
+                                                            monkeypatch, step, signal, encoders):
+    """Ctrl-C (or SIGTERM's SystemExit) right after a part's files or its manifest entry;
+    with two encoders the part is written on a background thread while the next one
+    buffers (and the error reaches the caller at its next commit or at close)."""
     store = Store(tmp_path / "s", create=True)
     fired = []
 
@@ -72,7 +75,8 @@ def test_an_interrupt_at_a_commit_step_never_commits_twice(tmp_path, corpus, pro
             raise signal()
 
     monkeypatch.setattr(PartWriter, "step_hook", staticmethod(interrupt))
-    with pytest.raises(signal), store.writer(run_info("m", corpus), rows_per_part=40) as writer:
+    with pytest.raises(signal), store.writer(run_info("m", corpus), rows_per_part=40,
+                                             encoders=encoders) as writer:
         for prompt in corpus.prompts:
             writer.add(prompt, profiles[prompt.prompt_id])
     assert fired == [step]

@@ -13,7 +13,9 @@ A writer holds its shard's lock (flock) for its whole life, so one process write
 shard at a time; it registers under the run's lock, so two processes cannot start one run
 with two shard layouts. The buffer of a part is taken out before the part is written, so
 an interrupt at any step (even between the manifest entry and the bookkeeping after it)
-never commits the same prompts twice.
+never commits the same prompts twice. Parts are independent (each its own files, entry and
+sequence number), so a writer may encode several at once (`encoders`): Parquet encoding
+releases the GIL, and a part is committed whatever the others do.
 
 A distributed run is the exception to one writer per shard: its driver holds the shard's
 lock and record, and its workers commit parts with `WorkerWriter`, each commit under the
@@ -32,8 +34,12 @@ import fcntl
 import math
 import os
 import re
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +149,11 @@ class PartWriter:
 
     Opening takes the shard's lock, registers the run shard (its record) under the run's
     lock, deletes files an earlier killed writer left uncommitted, and reads the stage's
-    manifest to learn which prompts are done (`done`, `pending`). Subclasses buffer one row
-    dict per prompt (`_append`); a part is committed when `rows_per_part` rows are buffered
-    or `flush_seconds` have passed since the last commit, and at `close`. Used as a context
-    manager, an exception commits what is buffered (all of it is valid) and records the run
-    as failed (or interrupted, for Ctrl-C).
+    manifest to learn which prompts are done (`done`, `pending`). Subclasses buffer their
+    rows and name the prompts they belong to (`_append`); a part is committed when
+    `rows_per_part` rows are buffered or `flush_seconds` have passed since the last commit,
+    and at `close`. Used as a context manager, an exception commits what is buffered (all of
+    it is valid) and records the run as failed (or interrupted, for Ctrl-C).
 
     Args:
         store: the store.
@@ -157,6 +163,10 @@ class PartWriter:
         flush_seconds: commit at least this often while rows arrive.
         shared: other processes commit parts into this shard (`WorkerWriter`): leftovers
             are removed and the final status recorded under their `commit_lock`.
+        encoders: parts written at once. With more than one, `commit` hands the part to a
+            background thread and returns (it waits while `encoders` parts are in flight);
+            `flush` and `close` wait for them, and a failed part's error is raised by the
+            next `commit`, `flush` or `close`.
     """
 
     stage: Stage
@@ -166,10 +176,14 @@ class PartWriter:
     """Called after each commit step ('files', 'entry'); tests inject interrupts here."""
 
     def __init__(self, store: Store, info: Any, *, rows_per_part: int = ROWS_PER_PART,
-                 flush_seconds: float = FLUSH_SECONDS, shared: bool = False) -> None:
+                 flush_seconds: float = FLUSH_SECONDS, shared: bool = False,
+                 encoders: int = 1) -> None:
+        if encoders < 1:
+            raise ValueError(f"encoders must be >= 1, got {encoders}")
         self.store, self.info = store, info
         self.rows_per_part, self.flush_seconds = rows_per_part, flush_seconds
         self.shared = shared
+        self._start_encoders(encoders)
         shard = f"{self.stage.name} run {info.run_id} shard {info.shard_key} of {info.model}"
         try:
             self._lock = FileLock(store.lock_path(self.stage, f"{info.run_id}.{info.shard_key}"),
@@ -192,6 +206,13 @@ class PartWriter:
             raise
         self._reset()
         self._last_commit = time.monotonic()
+
+    def _start_encoders(self, encoders: int) -> None:
+        self._encoders = encoders
+        self._in_flight: deque[Future] = deque()
+        self._pool = (ThreadPoolExecutor(encoders, thread_name_prefix="entropy-fast-part")
+                      if encoders > 1 else None)
+        self._done_lock = threading.Lock()
 
     def _register(self) -> None:
         """Check the run's other records and write this shard's, under the run's lock."""
@@ -256,10 +277,11 @@ class PartWriter:
             raise StoreError(f"prompt {outside[0]} does not belong to shard "
                              f"{self.info.shard_key} of run {self.info.run_id}")
 
-    def _append(self, rows: list[dict[str, Any]], n_rows: int) -> None:
-        """Buffer prompts' rows (and their `n_rows` data rows); commit at a threshold."""
-        self._prompts.extend(rows)
-        self._buffered.update(row["prompt_id"] for row in rows)
+    def _append(self, prompt_ids: Sequence[int], n_rows: int) -> None:
+        """Count buffered prompts (their rows are in the subclass's buffer) and their
+        `n_rows` data rows; commit at a threshold."""
+        self._ids.extend(prompt_ids)
+        self._buffered.update(prompt_ids)
         self._n_rows += n_rows
         if (self._n_rows >= self.rows_per_part
                 or time.monotonic() - self._last_commit >= self.flush_seconds):
@@ -267,7 +289,7 @@ class PartWriter:
 
     def _reset(self) -> None:
         """Empty the buffers (subclasses clear theirs too)."""
-        self._prompts: list[dict[str, Any]] = []
+        self._ids: list[int] = []
         self._buffered: set[int] = set()
         self._n_rows = 0
 
@@ -281,30 +303,62 @@ class PartWriter:
         raise NotImplementedError
 
     def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
-               tables: list[pa.Table], prompts: list[dict[str, Any]]) -> Any:
-        """The manifest entry of a part (hook)."""
+               tables: list[pa.Table], ids: list[int], seq: int) -> Any:
+        """The manifest entry of part number `seq` holding prompts `ids` (hook)."""
         raise NotImplementedError
 
     def commit(self) -> None:
-        """Write the buffered prompts as one part and record it in the manifest."""
-        if not self._prompts:
+        """Write the buffered prompts as one part and record it in the manifest (with
+        `encoders` > 1, in the background: see `flush`)."""
+        self._raise_failed()
+        if not self._ids:
             return
-        tables, prompts = self._tables(), self._prompts
+        tables, ids = self._tables(), self._ids
         self._reset()  # taken out first: an interrupt from here on never commits them twice
+        self._last_commit = time.monotonic()
         try:
-            self._commit(tables, prompts)
+            self._prepare_record()
         except OSError as err:
             raise _not_writable(self.store.root, err) from None
-        self._last_commit = time.monotonic()
-
-    def _commit(self, tables: list[pa.Table], prompts: list[dict[str, Any]]) -> None:
-        if self._recorded != self._record_state():
-            self._write_record()  # readers need e.g. the layers before the first part
         self._seq += 1
-        self._write_part(f"{self._seq:06d}", tables, prompts)
+        if self._pool is None:
+            self._commit_part(tables, ids, self._seq)
+            return
+        while len(self._in_flight) >= self._encoders:
+            self._settle(self._in_flight.popleft())
+        self._in_flight.append(self._pool.submit(self._commit_part, tables, ids, self._seq))
 
-    def _write_part(self, name: str, tables: list[pa.Table], prompts: list[dict[str, Any]]
-                    ) -> Any:
+    def _prepare_record(self) -> None:
+        """Write the record when readers need more of it before this part (the layers
+        before the first part)."""
+        if self._recorded != self._record_state():
+            self._write_record()
+
+    def flush(self) -> None:
+        """Commit what is buffered and wait until every part in flight is committed."""
+        self.commit()
+        while self._in_flight:
+            self._settle(self._in_flight.popleft())
+
+    def _raise_failed(self) -> None:
+        """Raise the error of a part in flight that failed (its prompts stay pending)."""
+        while self._in_flight and self._in_flight[0].done():
+            self._settle(self._in_flight.popleft())
+
+    @staticmethod
+    def _settle(part: Future) -> None:
+        part.result()
+
+    def _commit_part(self, tables: list[pa.Table], ids: list[int], seq: int) -> None:
+        try:
+            self._commit(tables, ids, seq)
+        except OSError as err:
+            raise _not_writable(self.store.root, err) from None
+
+    def _commit(self, tables: list[pa.Table], ids: list[int], seq: int) -> None:
+        self._write_part(f"{seq:06d}", tables, ids, seq)
+
+    def _write_part(self, name: str, tables: list[pa.Table], ids: list[int], seq: int) -> Any:
         """Steps 1 and 2 of the protocol for part `name`; returns its manifest entry."""
         paths = self.store.part_paths(self.stage, self.info, name)
         sums: dict[str, tuple[str, int]] = {}
@@ -323,15 +377,15 @@ class PartWriter:
             write_atomic(path, write)
             fsync_dir(path.parent)
         self._step("files")
-        ids = sorted(p["prompt_id"] for p in prompts)
         files = {folder: str(path.relative_to(self.store.root))
                  for folder, path, _, _ in written}
-        entry = self._entry(files, sums, tables, prompts)
+        entry = self._entry(files, sums, tables, ids, seq)
         folder = self.store.manifest_dir(self.stage, self.info.run_id)
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / f"{self.info.shard_key}-{name}.json", entry.to_json())
         fsync_dir(folder)
-        self.done.update(ids)
+        with self._done_lock:
+            self.done.update(ids)
         self._step("entry")
         return entry
 
@@ -347,7 +401,9 @@ class PartWriter:
         write_json_atomic(path, self.info.to_json())
 
     def close(self, error: str | None = None, status: str | None = None) -> None:
-        """Commit what is buffered, record the final status and release the lock.
+        """Commit what is buffered, wait for the parts in flight, record the final status and
+        release the lock. A part that failed makes the status "failed" (or "interrupted")
+        and its error is raised once the status is recorded.
 
         status: "complete" when nothing is pending, else `status` (default "failed" with
         an error, "incomplete" without).
@@ -356,7 +412,9 @@ class PartWriter:
             return
         try:
             with self._no_worker_commits():  # none after the final status (WorkerWriter)
-                self.commit()
+                failure = self._finish_parts()
+                if failure is not None and error is None:
+                    error, status = _final_status(failure)
                 self.done |= self.store.committed(self.stage, self.info)
                 complete = error is None and not self.pending
                 self.info.status = "complete" if complete else (
@@ -366,8 +424,27 @@ class PartWriter:
                 # record, says what is committed.
                 with contextlib.suppress(OSError):
                     self._write_record()
+            if failure is not None:
+                raise failure
         finally:
             self._lock.release()
+
+    def _finish_parts(self) -> BaseException | None:
+        """Commit what is buffered and wait until every part in flight has ended (each
+        commits or fails on its own); the first failure, or None."""
+        failure = None
+        try:
+            self.commit()
+        except BaseException as err:
+            failure = err
+        while self._in_flight:
+            try:
+                self._settle(self._in_flight.popleft())
+            except BaseException as err:
+                failure = failure or err
+        if self._pool is not None:
+            self._pool.shutdown()
+        return failure
 
     def __enter__(self) -> Any:
         return self
@@ -376,10 +453,15 @@ class PartWriter:
                  _tb: object) -> None:
         if err is None:
             self.close()
-        elif isinstance(err, KeyboardInterrupt):
-            self.close("interrupted (Ctrl-C)", status="interrupted")
         else:
-            self.close(f"{kind.__name__}: {err}")
+            self.close(*_final_status(err))
+
+
+def _final_status(err: BaseException) -> tuple[str, str]:
+    """(error, status) that a run shard stopped by `err` records."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)", "interrupted"
+    return f"{type(err).__name__}: {err}", "failed"
 
 
 class RunWriter(PartWriter):
@@ -398,6 +480,7 @@ class RunWriter(PartWriter):
         super()._reset()
         self._batches: list[pa.RecordBatch] = []
         self._top_batches: list[pa.RecordBatch] = []
+        self._prompt_batches: list[pa.RecordBatch] = []
 
     def _record_state(self) -> tuple[Any, ...]:
         return (self.info.layer_indices, self.info.revision)
@@ -433,12 +516,9 @@ class RunWriter(PartWriter):
         self._batches.append(rows)
         if top_rows is not None:
             self._top_batches.append(top_rows)
-        source = self.info.corpus
-        self._append([{"prompt_id": p.prompt_id, "text": p.text, "prompt_token_ids": ids,
-                       "n_tokens": n, "source": source, "source_line": p.source_line,
-                       "metadata": metadata.encode(p.metadata)}
-                      for p, n, ids in zip(prompts, n_tokens, prompt_token_ids, strict=True)],
-                     rows.num_rows)
+        self._prompt_batches.append(_prompt_rows(prompts, n_tokens, prompt_token_ids,
+                                                 self.info.corpus))
+        self._append([p.prompt_id for p in prompts], rows.num_rows)
 
     def store_vocabulary(self, texts: Sequence[str]) -> None:
         """Write the model's vocabulary (token id i -> texts[i], as the tokenizer decodes
@@ -478,25 +558,53 @@ class RunWriter(PartWriter):
         if self.info.lens.top_tokens:
             top = pa.Table.from_batches(self._top_batches, schema=TOP_TOKENS_SCHEMA)
         return [pa.Table.from_batches(self._batches, schema=ENTROPY_SCHEMA),
-                pa.Table.from_pylist(self._prompts, schema=PROMPTS_SCHEMA), top]
+                pa.Table.from_batches(self._prompt_batches, schema=PROMPTS_SCHEMA), top]
 
     def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
-               tables: list[pa.Table], prompts: list[dict[str, Any]]) -> ManifestEntry:
-        rows, info = tables[0], self.info
+               tables: list[pa.Table], ids: list[int], seq: int) -> ManifestEntry:
+        rows, prompts, info = tables[0], tables[1], self.info
         values = rows.column("entropy").to_numpy()
         return ManifestEntry(
             run_id=info.run_id, model=info.model, shard=info.shard, n_shards=info.n_shards,
-            seq=self._seq, entropy_file=files["entropy"], prompts_file=files["prompts"],
+            seq=seq, entropy_file=files["entropy"], prompts_file=files["prompts"],
             top_tokens_file=files.get("top_tokens"),
             n_top_rows=0 if tables[2] is None else tables[2].num_rows, n_rows=rows.num_rows,
-            n_prompts=len(prompts),
-            n_tokens=sum(p["n_tokens"] for p in prompts), n_nan=int(np.isnan(values).sum()),
-            n_inf=int(np.isinf(values).sum()),
-            prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
+            n_prompts=len(ids), n_tokens=int(pc.sum(prompts["n_tokens"]).as_py() or 0),
+            n_nan=int(np.isnan(values).sum()), n_inf=int(np.isinf(values).sum()),
+            prompt_ids=tuple(sorted(ids)), committed_at=now(),
             checksums={f: s for f, (s, _) in sums.items()},
             sizes={f: n for f, (_, n) in sums.items()},
-            metadata_fields=metadata.field_types(metadata.decode(p["metadata"])
-                                                 for p in prompts))
+            metadata_fields=_metadata_fields(prompts))
+
+
+def _metadata_fields(prompts: pa.Table) -> dict[str, str]:
+    """`metadata.field_types` of the prompts rows' metadata (JSON texts; nulls skipped)."""
+    if metadata.METADATA_COLUMN not in prompts.column_names:  # a schema-2 prompts table
+        return {}
+    texts = prompts[metadata.METADATA_COLUMN].drop_null().to_pylist()
+    return metadata.field_types(metadata.decode(text) for text in texts)
+
+
+def _prompt_rows(prompts: Sequence[Any], n_tokens: Sequence[int],
+                 prompt_token_ids: Sequence[Sequence[int]], source: str) -> pa.RecordBatch:
+    """The PROMPTS_SCHEMA rows of profiled prompts (`corpus.Prompt`s), built column-wise."""
+    lengths = np.fromiter((len(ids) for ids in prompt_token_ids), dtype=np.int32,
+                          count=len(prompt_token_ids))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(chain.from_iterable(prompt_token_ids), dtype=np.int32,
+                       count=int(offsets[-1]))
+    columns = {
+        "prompt_id": pa.array([p.prompt_id for p in prompts], pa.int32()),
+        "text": pa.array([p.text for p in prompts], pa.string()),
+        "prompt_token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "n_tokens": pa.array(np.asarray(n_tokens, dtype=np.int32)),
+        "source": pa.repeat(pa.scalar(source, pa.string()), len(prompts)),
+        "source_line": pa.array([p.source_line for p in prompts], pa.int32()),
+        "metadata": pa.array([metadata.encode(p.metadata) for p in prompts], pa.string()),
+    }
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in PROMPTS_SCHEMA],
+                                      schema=PROMPTS_SCHEMA)
 
 
 _RANGE = re.compile(r"p(\d+)-(\d+)")
@@ -521,27 +629,31 @@ class WorkerWriter(RunWriter):
     def __init__(self, store: Store, info: RunInfo) -> None:  # no lock or registration
         self.store, self.info = store, info
         self.rows_per_part = self.flush_seconds = math.inf  # a part ends at commit() only
+        self._start_encoders(1)
         self.done: set[int] = set()
         self.entries: list[ManifestEntry] = []
         self._seq = 0  # named parts have no sequence number
-        self._recorded = self._record_state()  # the record is the driver's: never written
         self._reset()
         self._last_commit = time.monotonic()
 
-    def _commit(self, tables: list[pa.Table], prompts: list[dict[str, Any]]) -> None:
+    def _commit(self, tables: list[pa.Table], ids: list[int], seq: int) -> None:
+        del seq  # a named part has no sequence number: its entry says 0
         with commit_lock(self.store, self.stage, self.info):
             self._check_running()
-            held = self._committed_among({p["prompt_id"] for p in prompts})
+            held = self._committed_among(set(ids))
             if held:
                 drop = pa.array(sorted(held), pa.int32())
                 tables = [None if t is None else
                           t.filter(pc.invert(pc.is_in(t["prompt_id"], value_set=drop)))
                           for t in tables]
-                prompts = [p for p in prompts if p["prompt_id"] not in held]
-            if prompts:
-                ids = sorted(p["prompt_id"] for p in prompts)
+                ids = [i for i in ids if i not in held]
+            if ids:
+                ids = sorted(ids)
                 name = f"p{ids[0]:09d}-{ids[-1]:09d}"
-                self.entries.append(self._write_part(name, tables, prompts))
+                self.entries.append(self._write_part(name, tables, ids, 0))
+
+    def _prepare_record(self) -> None:
+        """Nothing: the record is the driver's, never written here."""
 
     def _check_running(self) -> None:
         """StoreError unless the driver's record of this shard still says "running"."""
@@ -583,27 +695,33 @@ class GenerationWriter(PartWriter):
     part_options = (_PLAIN_OPTIONS,)
     info: GenerationInfo
 
+    def _reset(self) -> None:
+        super()._reset()
+        self._rows: list[dict[str, Any]] = []
+
     def add(self, prompt: Any, prompt_token_ids: Sequence[int],
             continuation_token_ids: Sequence[int], continuation_text: str) -> None:
         """Buffer one prompt's continuation; commits a part when a threshold is reached."""
         self._check_new([prompt.prompt_id])
-        self._append([{
+        self._rows.append({
             "prompt_id": prompt.prompt_id, "text": prompt.text,
             "source_line": prompt.source_line,
             "prompt_token_ids": [int(t) for t in prompt_token_ids],
             "continuation_token_ids": [int(t) for t in continuation_token_ids],
-            "continuation_text": continuation_text, "generator": self.info.generator}], 1)
+            "continuation_text": continuation_text, "generator": self.info.generator})
+        self._append([prompt.prompt_id], 1)
 
     def _tables(self) -> list[pa.Table]:
-        return [pa.Table.from_pylist(self._prompts, schema=CONTINUATIONS_SCHEMA)]
+        return [pa.Table.from_pylist(self._rows, schema=CONTINUATIONS_SCHEMA)]
 
     def _entry(self, files: dict[str, str], sums: dict[str, tuple[str, int]],
-               tables: list[pa.Table], prompts: list[dict[str, Any]]) -> GenerationEntry:
+               tables: list[pa.Table], ids: list[int], seq: int) -> GenerationEntry:
         info = self.info
+        new_tokens = pc.list_value_length(tables[0]["continuation_token_ids"])
         return GenerationEntry(
             run_id=info.run_id, model=info.model, shard=info.shard, n_shards=info.n_shards,
-            seq=self._seq, continuations_file=files["continuations"], n_prompts=len(prompts),
-            n_tokens=sum(len(p["continuation_token_ids"]) for p in prompts),
-            prompt_ids=tuple(sorted(p["prompt_id"] for p in prompts)), committed_at=now(),
+            seq=seq, continuations_file=files["continuations"], n_prompts=len(ids),
+            n_tokens=int(pc.sum(new_tokens).as_py() or 0),
+            prompt_ids=tuple(sorted(ids)), committed_at=now(),
             checksums={f: s for f, (s, _) in sums.items()},
             sizes={f: n for f, (_, n) in sums.items()})
