@@ -74,6 +74,8 @@ class Workload:
     n_rows: int  # profiled tokens per prompt (text mode: the text's tokens 1..T-1)
 
 
+MODES = ("host", "goal", "real", "slow disk")
+"""Device stub at 0 s, at the goal rate, the real model with near-free blocks, a slow disk."""
 WORKLOADS = {"long": Workload("long", 1000, 512), "short": Workload("short", 20_000, 32)}
 
 
@@ -175,12 +177,12 @@ def slow_disk(seconds_per_part: float):
 
 
 def store_run(model: Path, corpus: Path, store: Path, seconds_per_row: float | None,
-              seconds_per_part: float = 0.0) -> dict:
+              seconds_per_part: float = 0.0, threads: int = 1) -> dict:
     """One profile_corpus run into a fresh store; its figures. seconds_per_row: the stub
     device's time per row, or None for the real model with its blocks replaced by `Shift`
     (the forward and the lens then run for real, on this CPU); seconds_per_part: a slow
-    disk's extra time per file written."""
-    profiler = EntropyProfiler(str(model), threads=1)
+    disk's extra time per file written; threads: torch's threads."""
+    profiler = EntropyProfiler(str(model), threads=threads)
     stub = StubDevice(len(profiler.layer_indices), 1, seconds_per_row or 0.0)
     if seconds_per_row is None:
         for k in range(len(profiler.layers)):
@@ -239,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-disk", type=float, default=0.2,
                         help="seconds a slow disk adds to each file written ('slow disk' "
                              "mode, parts of 2^18 rows: the device runs ahead of the disk)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's threads (the 'real' mode's forward and lens)")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rows_out = []
     with tempfile.TemporaryDirectory(prefix="bench-host-") as tmp:
         folder = Path(tmp)
@@ -254,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             workload = WORKLOADS[name]
             corpus = write_corpus(folder, workload)
             for repeat in range(args.repeat):
-                for label, per_row, per_part in (("host", 0.0, 0.0),
-                                                 ("goal", 1 / args.device_rate, 0.0),
-                                                 ("real", None, 0.0),
-                                                 ("slow disk", 0.0, args.slow_disk)):
+                for label in args.modes:
+                    per_row, per_part = {"host": (0.0, 0.0), "goal": (1 / args.device_rate, 0.0),
+                                         "real": (None, 0.0),
+                                         "slow disk": (0.0, args.slow_disk)}[label]
                     store = folder / f"store-{name}-{label.replace(' ', '-')}-{repeat}"
-                    figures = store_run(model, corpus, store, per_row, per_part)
+                    figures = store_run(model, corpus, store, per_row, per_part, args.threads)
                     bare = bare_write(figures["rows"], N_BLOCKS + 1, folder)
                     figures.update(workload=name, mode=label, repeat=repeat,
                                    bare_rows_per_s=bare,
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(_line(figures), flush=True)
     meta = {"date": str(date.today()), "commit": commit(), "machine": platform.processor()
             or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "pyarrow": pa.__version__, "torch_threads": 1}
+            "pyarrow": pa.__version__, "torch_threads": args.threads}
     print(json.dumps(meta))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))

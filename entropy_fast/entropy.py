@@ -186,6 +186,24 @@ class Partials:
                    above=joined("above"), target_logit=target_logit,
                    **{name: joined(name) for name in _EXTRA_PARTS})
 
+    @classmethod
+    def cat_rows(cls, blocks: Sequence[Partials]) -> Partials:
+        """The Partials of consecutive row blocks, cut into the same parts, as one."""
+        if len(blocks) == 1:
+            return blocks[0]
+        first = blocks[0]
+
+        def joined(name: str, dim: int = 1) -> torch.Tensor | None:
+            values = [getattr(b, name) for b in blocks]
+            return None if values[0] is None else torch.cat(values, dim=dim)
+
+        return cls(m=joined("m"), s=joined("s"), u=joined("u"),
+                   d=tuple(torch.cat(ds, dim=1) for ds in zip(*(b.d for b in blocks),
+                                                               strict=True)),
+                   orders=first.orders, vocab=first.vocab, top=joined("top"),
+                   above=joined("above"), target_logit=joined("target_logit", dim=0),
+                   **{name: joined(name) for name in _EXTRA_PARTS})
+
     def merge(self) -> Partials:
         """One part (1 x n) holding the sums of all k, at the common maximum."""
         top_m, where = self.m.max(dim=0, keepdim=True)  # first maximal part: lowest token

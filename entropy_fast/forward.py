@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,17 +112,9 @@ def forward_rows(model: nn.Module, layers: nn.ModuleList, batch: Sequence[Teache
     states at the positions that predict each sequence's targets, the sequences' rows
     concatenated in batch order. The LM head never runs: the lens does its work.
     """
-    width = max(len(s.ids) - 1 for s in batch)  # the last token is never an input
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    positions = []
-    for row, seq in enumerate(batch):
-        n = len(seq.ids) - 1
-        input_ids[row, :n] = torch.tensor(seq.ids[:-1])
-        attention_mask[row, :n] = 1  # right padding: real tokens never see the pads
-        positions.append(torch.arange(seq.first_target - 1, n) + row * width)
+    input_ids, attention_mask, positions = _right_padded(batch, pad_id)
     device = next(model.parameters()).device
-    flat_positions = to_device(torch.cat(positions), device)
+    flat_positions = to_device(positions, device)
 
     def select(index: int, hidden: torch.Tensor) -> None:
         reduce(index, hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions))
@@ -128,6 +122,28 @@ def forward_rows(model: nn.Module, layers: nn.ModuleList, batch: Sequence[Teache
     with StateTap(layers, indices, select):
         model.base_model(input_ids=to_device(input_ids, device),
                          attention_mask=to_device(attention_mask, device), use_cache=False)
+
+
+def _right_padded(batch: Sequence[TeacherForced], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the batch right-padded (batch x width, int64; the
+    last token of a sequence is never an input), and the flat positions (into batch x
+    width) of the rows that predict each sequence's targets, in batch order. Built with
+    a few numpy calls rather than per sequence: a batch can hold thousands of short ones."""
+    lengths = np.fromiter((len(s.ids) - 1 for s in batch), dtype=np.int64, count=len(batch))
+    width = int(lengths.max())
+    ids = np.fromiter(chain.from_iterable(s.ids[:-1] for s in batch), dtype=np.int64,
+                      count=int(lengths.sum()))
+    real = np.arange(width) < lengths[:, None]  # right padding: real tokens never see pads
+    input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    input_ids[real] = ids
+    firsts = np.fromiter((s.first_target - 1 for s in batch), dtype=np.int64, count=len(batch))
+    counts = lengths - firsts
+    starts = np.arange(len(batch)) * width + firsts
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    positions = np.repeat(starts, counts) + offsets
+    return (torch.from_numpy(input_ids), torch.from_numpy(real.astype(np.int64)),
+            torch.from_numpy(positions))
 
 
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -152,14 +153,18 @@ def identify_norm(norm: nn.Module | None, width: int) -> NormSpec | None:
 class Lens:
     """The unembedding of one model: final norm, projection, head, logit transforms.
 
-    row_block x vocab_chunk: the torch backend's logit blocks (16 MB). 4096 x 1024 measured
-    best or within noise of it on the AVX2 CPU VM, 25-30% faster than 1024 x 8192 (the best
-    on an earlier AVX-512 VM): bench/bench_lens_cpu.py, bench/RESULTS.md. Fixed; set per
+    The torch backend's logit blocks are at most row_block x vocab_chunk, and at most
+    block_logits (1 MB of float32) in all: 1024-column chunks measured best or within noise
+    of it on the AVX2 CPU VM, 25-30% faster than 8192 (the best on an earlier AVX-512 VM),
+    and on SmolLM2's head blocks of 256 to 4096 rows ran within noise of each other; a
+    narrow head (V = 211) ran its GEMM 2.6x and its eager statistics 3x faster in blocks of
+    ~1,200 rows than of 4096 (bench/bench_lens_cpu.py, bench/RESULTS.md). Fixed; set per
     instance to change.
     """
 
     row_block: int = 4096
     vocab_chunk: int = 1024
+    block_logits: int = 1 << 18
 
     def __init__(self, head: nn.Module, norm: nn.Module | None = None,
                  projection: nn.Module | None = None, softcap: float | None = None,
@@ -446,8 +451,8 @@ class Lens:
         n_tokens = len(hidden) // groups
         by_group = hidden.view(groups, n_tokens, hidden.shape[-1])
         grouped_targets = None if targets is None else targets.view(groups, n_tokens)
-        parts, orders = [], tilted_orders(alphas)
-        step = max(self.row_block // groups, 1)
+        blocks, block_targets, kls, orders = [], [], [], tilted_orders(alphas)
+        step = max(self.block_rows() // groups, 1)
         for start in range(0, max(n_tokens, 1), step):  # one empty block for no rows
             rows = by_group[:, start:start + step].reshape(-1, hidden.shape[-1])
             rows = rows if normed else self.normalize(rows)
@@ -455,11 +460,28 @@ class Lens:
                            else grouped_targets[:, start:start + step].reshape(-1))
             partials = self._stream_partials(rows, orders, row_targets, with_top_token,
                                              top_k, online_kl)
-            stats = finalize(partials, alphas, row_targets)
             if kl_groups and not online_kl:
-                stats.kl_to_final = self._linear_kl(rows, log_partition(partials), kl_groups)
-            parts.append(stats)
-        return _concat(parts, groups)
+                kls.append(self._linear_kl(rows, log_partition(partials), kl_groups))
+            blocks.append(partials)
+            block_targets.append(row_targets)
+        # one merge and finalize for every block: their cost per call is a few dozen small
+        # ops, which blocks of a few hundred rows would otherwise pay each
+        stats = finalize(Partials.cat_rows(blocks), alphas,
+                         None if targets is None else torch.cat(block_targets))
+        if kls:
+            stats.kl_to_final = torch.cat(kls)
+        if groups == 1:
+            return stats
+        sizes = [len(p.m[0]) for p in blocks]
+        offsets = [0, *itertools.accumulate(sizes)]
+        return _concat([stats.rows(slice(a, b)) for a, b in itertools.pairwise(offsets)],
+                       groups)
+
+    def block_rows(self) -> int:
+        """Rows per token block of the torch backend: as many as keep a block's logits
+        (rows x chunk) within `block_logits`, at most `row_block`."""
+        width = min(self.vocab_size, self.vocab_chunk)
+        return max(1, min(self.row_block, self.block_logits // width))
 
     def _linear_kl(self, normed_rows: torch.Tensor, lse: torch.Tensor,
                    groups: int) -> torch.Tensor:
