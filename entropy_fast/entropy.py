@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -398,29 +399,41 @@ class ChunkMoments:
     Eager torch walks a chunk once per elementwise op (max, sub, exp, sum, mul, sum); on
     CPU that costs as much again as the GEMM that made the chunk. torch.compile fuses them
     into two passes over the chunk (bench/RESULTS.md: statistics from ~1.4x to ~0.2x of the
-    GEMM on SmolLM2's head, at ~1 min of one-time compilation per process), so CPU chunks
-    of at least `min_elements` logits (128 rows of the lens's 1024-column chunks) use it
-    when `compile` is on. The first compilation that fails with one of compile_errors()
-    warns once, records the error in `failure` and turns compilation off for this object;
-    every later call runs eager.
+    GEMM on SmolLM2's head), so CPU chunks of at least `min_elements` logits (128 rows of
+    the lens's 1024-column chunks) use it when `compile` is on.
+
+    Compiling costs ~5 s per process (importing dynamo, tracing; the inductor cache warm)
+    and ~1 min with a cold cache. With `background`, the first eligible block starts it on
+    a thread of its own and every block runs eager until the compiled code is ready, so a
+    run's first batch never waits for it and a short run never pays it in full (the eager
+    operators release the GIL, so the compiling thread's Python runs beside them).
+
+    The first compilation that fails with one of compile_errors() warns once, records the
+    error in `failure` and turns compilation off for this object; every later call runs
+    eager. Any other error of the compiled code is a bug and propagates (from a background
+    compilation: at the next call).
     """
 
     def __init__(self, compile: bool, min_elements: int = 1 << 17,
-                 compiler: Callable = torch.compile) -> None:
+                 compiler: Callable = torch.compile, background: bool = False) -> None:
         self.compile = compile
         self.min_elements = min_elements
+        self.background = background
         self.failure: str | None = None
         self._compiler = compiler
         self._compiled: Callable | None = None
+        self._builder: threading.Thread | None = None
+        self._build_error: BaseException | None = None
 
     @classmethod
     def from_environment(cls) -> ChunkMoments:
-        """Compilation on unless ENTROPY_FAST_COMPILE=0, and where dynamo runs at all."""
+        """Compilation on (in the background) unless ENTROPY_FAST_COMPILE=0, and where
+        dynamo runs at all."""
         wanted = os.environ.get("ENTROPY_FAST_COMPILE", "1") != "0"
-        return cls(compile=wanted and torch._dynamo.is_dynamo_supported())
+        return cls(compile=wanted and torch._dynamo.is_dynamo_supported(), background=True)
 
     def uses_compiled(self, logits: torch.Tensor) -> bool:
-        """Whether this block goes through torch.compile."""
+        """Whether this block is one that goes through torch.compile (once compiled)."""
         return (self.compile and logits.device.type == "cpu"
                 and logits.numel() >= self.min_elements)
 
@@ -429,18 +442,53 @@ class ChunkMoments:
         """(m, S, U, (D_a per order)) of one (n x chunk) block, each (n,), relative to m;
         with kl_groups = G (rows: G layer groups of the same tokens, the final layer
         last) also T of every row (module docstring)."""
-        if not self.uses_compiled(logits):
+        if not self.uses_compiled(logits) or (
+                self.background and not self._built(logits, orders, kl_groups)):
             return _eager_chunk_moments(logits, orders, kl_groups)
         try:
             if self._compiled is None:
                 self._compiled = self._compiler(_eager_chunk_moments, dynamic=True)
             return self._compiled(logits, orders, kl_groups)
         except compile_errors() as error:
-            self.compile, self.failure = False, f"{error!r:.300}"
-            warnings.warn(f"torch.compile of the lens statistics failed ({self.failure}); "
-                          "using eager torch from now on (ENTROPY_FAST_COMPILE=0 skips it)",
-                          stacklevel=2)
+            self._give_up(error)
             return _eager_chunk_moments(logits, orders, kl_groups)
+
+    def _built(self, logits: torch.Tensor, orders: tuple[float, ...], kl_groups: int) -> bool:
+        """Whether the background compilation has ended, starting it on this block (read
+        only) at the first call. Its error is handled here: a compile error turns
+        compilation off (this block runs eager), any other is raised."""
+        if self._builder is None:  # compiled under the caller's grad mode (thread-local),
+            # or its guards would fail on the caller's thread and compile there again
+            arguments = (logits, orders, kl_groups, torch.is_grad_enabled())
+            self._builder = threading.Thread(target=self._build, args=arguments,
+                                             name="lens-statistics-compile", daemon=True)
+            self._builder.start()
+            return False
+        if self._builder.is_alive():
+            return False
+        error, self._build_error = self._build_error, None
+        if error is not None and isinstance(error, compile_errors()):
+            self._give_up(error)
+            return False
+        if error is not None:
+            raise error
+        return True
+
+    def _build(self, logits: torch.Tensor, orders: tuple[float, ...], kl_groups: int,
+               grad: bool) -> None:
+        try:
+            compiled = self._compiler(_eager_chunk_moments, dynamic=True)
+            with torch.set_grad_enabled(grad):
+                compiled(logits, orders, kl_groups)
+            self._compiled = compiled
+        except BaseException as error:  # handed to the caller's thread by `_built`
+            self._build_error = error
+
+    def _give_up(self, error: BaseException) -> None:
+        self.compile, self.failure = False, f"{error!r:.300}"
+        warnings.warn(f"torch.compile of the lens statistics failed ({self.failure}); "
+                      "using eager torch from now on (ENTROPY_FAST_COMPILE=0 skips it)",
+                      stacklevel=3)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 finalize (shared by both lens backends), and the torch.compile switch of the chunk sums."""
 
 import math
+import threading
 import warnings
 
 import pytest
@@ -206,3 +207,57 @@ def test_environment_switch(value, compiles, monkeypatch):
         monkeypatch.setenv("ENTROPY_FAST_COMPILE", value)
     assert ChunkMoments.from_environment().compile is (
         compiles and torch._dynamo.is_dynamo_supported())
+
+
+def gated_compiler(gate: threading.Event, calls: list, fail: Exception | None = None):
+    """A stand-in for torch.compile whose compilation (the first call of the compiled
+    function) waits for `gate`; later calls are counted in `calls` by thread name."""
+    def compile_(fn, **kwargs):
+        def run(*args):
+            if not calls:
+                gate.wait(10)
+                if fail is not None:
+                    raise fail
+            calls.append(threading.current_thread().name)
+            return fn(*args)
+        return run
+    return compile_
+
+
+def test_background_compilation_runs_eager_until_the_compiled_code_is_ready():
+    gate, calls = threading.Event(), []
+    moments = ChunkMoments(compile=True, min_elements=0, background=True,
+                           compiler=gated_compiler(gate, calls))
+    logits, orders = chunk_logits(), (2.0,)
+    eager = EAGER(logits, orders)
+    for _ in range(3):  # compiling: eager numbers, nothing compiled runs on this thread
+        got = moments(logits, orders)
+        assert all(torch.equal(a, b) for a, b in zip((*got[:3], *got[3]),
+                                                     (*eager[:3], *eager[3]), strict=True))
+    assert calls == [] and moments._builder.name == "lens-statistics-compile"
+    gate.set()
+    moments._builder.join(10)
+    assert calls == ["lens-statistics-compile"]
+    moments(logits, orders)
+    assert calls == ["lens-statistics-compile", threading.current_thread().name]
+
+
+def test_a_background_compile_error_warns_at_the_next_call_and_a_bug_propagates():
+    import torch._dynamo.exc
+
+    logits, gate = chunk_logits(), threading.Event()
+    gate.set()
+    failed = torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no cc"), None)
+    moments = ChunkMoments(compile=True, min_elements=0, background=True,
+                           compiler=gated_compiler(gate, [], failed))
+    moments(logits, ())
+    moments._builder.join(10)
+    with pytest.warns(UserWarning, match="no cc"):
+        moments(logits, ())
+    assert moments.compile is False and "no cc" in moments.failure
+    buggy = ChunkMoments(compile=True, min_elements=0, background=True,
+                         compiler=gated_compiler(gate, [], IndexError("a bug")))
+    buggy(logits, ())
+    buggy._builder.join(10)
+    with pytest.raises(IndexError, match="a bug"):
+        buggy(logits, ())

@@ -325,7 +325,7 @@ class PartWriter:
             self._commit_part(tables, ids, self._seq)
             return
         while len(self._in_flight) >= self._encoders:
-            self._settle(self._in_flight.popleft())
+            self._in_flight.popleft().result()
         self._in_flight.append(self._pool.submit(self._commit_part, tables, ids, self._seq))
 
     def _prepare_record(self) -> None:
@@ -338,16 +338,12 @@ class PartWriter:
         """Commit what is buffered and wait until every part in flight is committed."""
         self.commit()
         while self._in_flight:
-            self._settle(self._in_flight.popleft())
+            self._in_flight.popleft().result()
 
     def _raise_failed(self) -> None:
         """Raise the error of a part in flight that failed (its prompts stay pending)."""
         while self._in_flight and self._in_flight[0].done():
-            self._settle(self._in_flight.popleft())
-
-    @staticmethod
-    def _settle(part: Future) -> None:
-        part.result()
+            self._in_flight.popleft().result()
 
     def _commit_part(self, tables: list[pa.Table], ids: list[int], seq: int) -> None:
         try:
@@ -384,7 +380,7 @@ class PartWriter:
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / f"{self.info.shard_key}-{name}.json", entry.to_json())
         fsync_dir(folder)
-        with self._done_lock:
+        with self._done_lock:  # parts in flight end on their own threads
             self.done.update(ids)
         self._step("entry")
         return entry
@@ -439,7 +435,7 @@ class PartWriter:
             failure = err
         while self._in_flight:
             try:
-                self._settle(self._in_flight.popleft())
+                self._in_flight.popleft().result()
             except BaseException as err:
                 failure = failure or err
         if self._pool is not None:
