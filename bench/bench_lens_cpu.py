@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         row["floor_s"] = best_of(lambda lens=lens, h=hidden: floor(lens, h, 4096), args.reps)
         for rb in args.row_blocks:
             for vc in args.vocab_chunks:
-                lens.row_block, lens.vocab_chunk = rb, vc
+                # blocks of exactly rb x vc (block_logits would shrink a narrow one)
+                lens.row_block, lens.vocab_chunk, lens.block_logits = rb, vc, rb * vc
                 t = best_of(lambda lens=lens, h=hidden: lens.statistics(h, (1.0,), backend="torch"),
                             args.reps)
                 row["grid_s"][f"{rb}x{vc}"] = t
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"({gflop / t:.0f} GFLOP/s)", flush=True)
         best = min(row["grid_s"], key=row["grid_s"].get)
         lens.row_block, lens.vocab_chunk = (int(v) for v in best.split("x"))
+        lens.block_logits = lens.row_block * lens.vocab_chunk
         row["best"] = best
         row["default_s"] = row["grid_s"].get("1024x4096", float("nan"))
         row["best_3_orders_all_stats_s"] = best_of(

@@ -153,18 +153,20 @@ def identify_norm(norm: nn.Module | None, width: int) -> NormSpec | None:
 class Lens:
     """The unembedding of one model: final norm, projection, head, logit transforms.
 
-    The torch backend's logit blocks are at most row_block x vocab_chunk, and at most
-    block_logits (1 MB of float32) in all: 1024-column chunks measured best or within noise
-    of it on the AVX2 CPU VM, 25-30% faster than 8192 (the best on an earlier AVX-512 VM),
-    and on SmolLM2's head blocks of 256 to 4096 rows ran within noise of each other; a
-    narrow head (V = 211) ran its GEMM 2.6x and its eager statistics 3x faster in blocks of
-    ~1,200 rows than of 4096 (bench/bench_lens_cpu.py, bench/RESULTS.md). Fixed; set per
-    instance to change.
+    The torch backend's logit blocks are row_block x vocab_chunk at most: 1024-column
+    chunks measured best or within noise of it on the AVX2 CPU VM, 25-30% faster than 8192
+    (the best on an earlier AVX-512 VM). A narrow head has fewer rows per block, as many as
+    keep the block's logits within block_logits (1 MB of float32) but at least
+    min_block_rows: a 211-token head ran its GEMM 2.6x and its eager statistics 3x faster
+    in blocks of ~1,200 rows than of 4096, while on SmolLM2's head 256-row blocks ran at 2
+    threads 1.5x slower than 1024 to 4096 (bench/bench_lens_cpu.py, bench/RESULTS.md).
+    Fixed; set per instance to change.
     """
 
     row_block: int = 4096
     vocab_chunk: int = 1024
     block_logits: int = 1 << 18
+    min_block_rows: int = 1024
 
     def __init__(self, head: nn.Module, norm: nn.Module | None = None,
                  projection: nn.Module | None = None, softcap: float | None = None,
@@ -478,10 +480,9 @@ class Lens:
                        groups)
 
     def block_rows(self) -> int:
-        """Rows per token block of the torch backend: as many as keep a block's logits
-        (rows x chunk) within `block_logits`, at most `row_block`."""
+        """Rows per token block of the torch backend (see the class docstring)."""
         width = min(self.vocab_size, self.vocab_chunk)
-        return max(1, min(self.row_block, self.block_logits // width))
+        return min(self.row_block, max(self.min_block_rows, self.block_logits // width))
 
     def _linear_kl(self, normed_rows: torch.Tensor, lse: torch.Tensor,
                    groups: int) -> torch.Tensor:
