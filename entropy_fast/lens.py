@@ -158,8 +158,9 @@ class Lens:
     (the best on an earlier AVX-512 VM). A narrow head has fewer rows per block, as many as
     keep the block's logits within block_logits (1 MB of float32) but at least
     min_block_rows: a 211-token head ran its GEMM 2.6x and its eager statistics 3x faster
-    in blocks of ~1,200 rows than of 4096, while on SmolLM2's head 256-row blocks ran at 2
-    threads 1.5x slower than 1024 to 4096 (bench/bench_lens_cpu.py, bench/RESULTS.md).
+    in blocks of ~1,200 rows than of 4096, while on SmolLM2's head 256-row blocks made text
+    mode 1.24x the forward + head-GEMM floor at 2 threads against ~1.0x with 1024 to 4096
+    (bench/bench_lens_cpu.py, bench/bench_profiler_cpu.py, bench/RESULTS.md).
     Fixed; set per instance to change.
     """
 
@@ -466,8 +467,8 @@ class Lens:
                 kls.append(self._linear_kl(rows, log_partition(partials), kl_groups))
             blocks.append(partials)
             block_targets.append(row_targets)
-        # one merge and finalize for every block: their cost per call is a few dozen small
-        # ops, which blocks of a few hundred rows would otherwise pay each
+        # one merge and finalize for all blocks: a few dozen small ops that every block of
+        # a narrow head would otherwise pay (~25% of its lens time on the bench's 211 tokens)
         stats = finalize(Partials.cat_rows(blocks), alphas,
                          None if targets is None else torch.cat(block_targets))
         if kls:
