@@ -468,7 +468,7 @@ class Lens:
             blocks.append(partials)
             block_targets.append(row_targets)
         # one merge and finalize for all blocks: a few dozen small ops that every block of
-        # a narrow head would otherwise pay (~25% of its lens time on the bench's 211 tokens)
+        # a narrow head would otherwise pay (~20% of its lens time on the bench's 211 tokens)
         stats = finalize(Partials.cat_rows(blocks), alphas,
                          None if targets is None else torch.cat(block_targets))
         if kls:
