@@ -172,38 +172,21 @@ class Partials:
     @classmethod
     def cat(cls, parts: Sequence[Partials]) -> Partials:
         """The parts of several Partials of the same rows, in vocabulary order, as one."""
-        first = parts[0]
         target_logit = None
-        if first.target_logit is not None:
+        if parts[0].target_logit is not None:
             target_logit = torch.stack([p.target_logit for p in parts]).sum(0)
-
-        def joined(name: str) -> torch.Tensor | None:
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.cat(values)
-
-        return cls(m=joined("m"), s=joined("s"), u=joined("u"),
-                   d=tuple(torch.cat(ds) for ds in zip(*(p.d for p in parts), strict=True)),
-                   orders=first.orders, vocab=sum(p.vocab for p in parts), top=joined("top"),
-                   above=joined("above"), target_logit=target_logit,
-                   **{name: joined(name) for name in _EXTRA_PARTS})
+        return cls(**_joined(parts, dim=0), vocab=sum(p.vocab for p in parts),
+                   target_logit=target_logit)
 
     @classmethod
     def cat_rows(cls, blocks: Sequence[Partials]) -> Partials:
         """The Partials of consecutive row blocks, cut into the same parts, as one."""
         if len(blocks) == 1:
             return blocks[0]
-        first = blocks[0]
-
-        def joined(name: str, dim: int = 1) -> torch.Tensor | None:
-            values = [getattr(b, name) for b in blocks]
-            return None if values[0] is None else torch.cat(values, dim=dim)
-
-        return cls(m=joined("m"), s=joined("s"), u=joined("u"),
-                   d=tuple(torch.cat(ds, dim=1) for ds in zip(*(b.d for b in blocks),
-                                                               strict=True)),
-                   orders=first.orders, vocab=first.vocab, top=joined("top"),
-                   above=joined("above"), target_logit=joined("target_logit", dim=0),
-                   **{name: joined(name) for name in _EXTRA_PARTS})
+        target_logit = None
+        if blocks[0].target_logit is not None:
+            target_logit = torch.cat([b.target_logit for b in blocks])
+        return cls(**_joined(blocks, dim=1), vocab=blocks[0].vocab, target_logit=target_logit)
 
     def merge(self) -> Partials:
         """One part (1 x n) holding the sums of all k, at the common maximum."""
@@ -241,6 +224,20 @@ class Partials:
 
 
 _EXTRA_PARTS = ("top_values", "top_ids", "final_m", "final_s", "kl_t")
+
+
+def _joined(partials: Sequence[Partials], dim: int) -> dict:
+    """The per-part fields of several Partials concatenated on `dim` (0: parts, 1: rows),
+    with their orders; vocab and target_logit are left to the caller."""
+    def joined(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in partials]
+        return None if values[0] is None else torch.cat(values, dim=dim)
+
+    return dict(m=joined("m"), s=joined("s"), u=joined("u"),
+                d=tuple(torch.cat(ds, dim=dim) for ds in zip(*(p.d for p in partials),
+                                                            strict=True)),
+                orders=partials[0].orders, top=joined("top"), above=joined("above"),
+                **{name: joined(name) for name in _EXTRA_PARTS})
 NO_TOKEN = torch.iinfo(torch.int64).max
 """The token id of a top-k slot that no token fills (a part with fewer than K tokens)."""
 
@@ -467,12 +464,12 @@ class ChunkMoments:
         if self._builder.is_alive():
             return False
         error, self._build_error = self._build_error, None
-        if error is not None and isinstance(error, compile_errors()):
+        if error is None:
+            return True
+        if isinstance(error, compile_errors()):
             self._give_up(error)
             return False
-        if error is not None:
-            raise error
-        return True
+        raise error
 
     def _build(self, logits: torch.Tensor, orders: tuple[float, ...], kl_groups: int,
                grad: bool) -> None:
